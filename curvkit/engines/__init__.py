@@ -1,0 +1,1 @@
+"""Engines: per-parameter square-root factors of the GGN (:mod:`curvkit.engines.factor`)."""

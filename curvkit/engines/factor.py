@@ -1,0 +1,99 @@
+r"""Square-root factors of one parameter's GGN block: the interface between engines and quantities.
+
+For a parameter :math:`\theta_p` with :math:`D_p` entries, a batch of :math:`N` samples and
+:math:`K` backpropagated columns per sample (the columns of the loss Hessian's square root,
+or the loss gradient), the factor is the matrix
+
+.. math::
+
+    V_p = \big[ v_{k,n} \big]_{k < K,\, n < N} \in \mathbb{R}^{D_p \times K N},
+    \qquad v_{k,n} = J_{\theta_p} f_n^\top s_{n,k},
+
+so that the parameter's GGN block is :math:`V_p V_p^\top`. Engines hand out factors; quantities
+(``ggn``, ``directional``) only ever call the methods below, so a structured factor (a Linear
+layer's Kronecker form) and a materialised one are interchangeable.
+
+Shape conventions, used by every implementation:
+
+- column coefficients and products with :math:`V_p^\top` have shape ``[K, N, J]``;
+- vectors in parameter space are stacked along a leading axis: ``[J, *param_shape]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+class Factor(ABC):
+    """The square-root factor :math:`V_p` of one parameter, with columns indexed by ``(k, n)``."""
+
+    def __init__(self, param_shape: torch.Size, num_columns: int, num_samples: int) -> None:
+        self.param_shape = torch.Size(param_shape)
+        self.num_columns = num_columns
+        self.num_samples = num_samples
+
+    @abstractmethod
+    def diag(self) -> Tensor:
+        r"""Return :math:`\sum_{k,n} v_{k,n} \odot v_{k,n}`, shaped like the parameter."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        r"""Return :math:`V_p^\top V_p` with shape ``[K, N, K, N]``."""
+
+    @abstractmethod
+    def t_mat(self, mat: Tensor) -> Tensor:
+        r"""Return :math:`V_p^\top M` for ``mat`` ``[J, *param_shape]``, shape ``[K, N, J]``."""
+
+    @abstractmethod
+    def mat(self, coefficients: Tensor) -> Tensor:
+        r"""Return :math:`V_p c` for ``coefficients`` ``[K, N, J]``, shape ``[J, *param_shape]``."""
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """Return the materialised columns, shape ``[K, N, *param_shape]``."""
+
+    @abstractmethod
+    def select(self, start: int, stop: int) -> Factor:
+        """Return the factor made of the columns ``start <= k < stop`` (all samples)."""
+
+
+class DenseFactor(Factor):
+    """A factor whose columns are held in memory as one tensor ``[K, N, *param_shape]``.
+
+    The generic per-module rule, shared parameters and the BackPACK engine produce these.
+    """
+
+    def __init__(self, columns: Tensor, param_shape: torch.Size) -> None:
+        param_shape = torch.Size(param_shape)
+        if columns.dim() < 2 or columns.shape[2:] != param_shape:
+            raise ValueError(
+                f"columns must have shape [K, N, *{tuple(param_shape)}], got {tuple(columns.shape)}"
+            )
+        super().__init__(param_shape, columns.shape[0], columns.shape[1])
+        self.columns = columns
+
+    def _flat(self) -> Tensor:
+        return self.columns.flatten(start_dim=2)
+
+    def diag(self) -> Tensor:  # noqa: D102
+        return self.columns.square().sum(dim=(0, 1))
+
+    def gram(self) -> Tensor:  # noqa: D102
+        flat = self._flat()
+        return torch.einsum("knd,lmd->knlm", flat, flat)
+
+    def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
+        return torch.einsum("knd,jd->knj", self._flat(), mat.flatten(start_dim=1))
+
+    def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
+        out = torch.einsum("knd,knj->jd", self._flat(), coefficients)
+        return out.reshape(coefficients.shape[-1], *self.param_shape)
+
+    def dense(self) -> Tensor:  # noqa: D102
+        return self.columns
+
+    def select(self, start: int, stop: int) -> DenseFactor:  # noqa: D102
+        return DenseFactor(self.columns[start:stop], self.param_shape)

@@ -1,0 +1,1 @@
+"""Batched numerical operations that know nothing of models."""

@@ -1,0 +1,1 @@
+"""Optimizers: the MultiOptimizer family, per-parameter optimizers and curvature-based steps."""
