@@ -1,0 +1,562 @@
+r"""Output-space curvature: square roots of the loss Hessian with the reduction folded in.
+
+For a batch of :math:`N` samples with model outputs :math:`f_n` and a batch loss
+:math:`L = \sum_n r\, \ell_n(f_n)` (reduction factor :math:`r`: 1 for ``reduction="sum"``, the
+inverse batch normalisation for ``"mean"``), the Hessian of :math:`L` with respect to the outputs is
+block diagonal over samples, with blocks
+
+.. math::
+
+    H_n = \frac{\partial^2 L}{\partial f_n^2} = S_n S_n^\top,
+
+and :func:`hessian_sqrt` returns the square roots :math:`S_n` stacked as one tensor ``S`` of shape
+``[K, *outputs.shape]``: ``S[k, n]`` is the :math:`k`-th column of :math:`S_n`, shaped like one
+sample's output. The engines push these :math:`K` columns back through the network to form the
+square-root factor of the generalised Gauss-Newton matrix.
+
+Supported losses:
+
+- :class:`torch.nn.MSELoss`, :class:`torch.nn.CrossEntropyLoss` (``weight``, ``ignore_index``,
+  ``label_smoothing``; class-index or class-probability targets; outputs ``[N, C]`` or
+  ``[N, C, d_1, ...]``) and :class:`torch.nn.BCEWithLogitsLoss` (``weight``, ``pos_weight``) with
+  ``reduction="mean"`` or ``"sum"``: exact closed forms, and Monte-Carlo square roots that sample
+  targets from the model's predictive distribution.
+- Any other callable ``loss_fn(outputs, targets) -> scalar`` (including the other ``torch.nn``
+  losses) that is a sum or a mean of independent, twice-differentiable per-sample terms:
+  per-sample Hessians by batched Hessian-vector products of the batch loss, then a symmetric
+  eigendecomposition.
+- Refused with an explanation: ``reduction="none"``; :class:`torch.nn.NLLLoss` and
+  :class:`torch.nn.KLDivLoss`, which are linear in their input, so that their Hessian and hence
+  their GGN is zero (put the ``log_softmax`` into the loss: use ``CrossEntropyLoss`` on logits).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["hessian_sqrt", "normalization"]
+
+LossFunction = Callable[[Tensor, Any], Tensor]
+
+_LINEAR_IN_INPUT = (nn.NLLLoss, nn.KLDivLoss)
+
+
+def hessian_sqrt(
+    loss_fn: LossFunction,
+    outputs: Tensor,
+    targets: Any,
+    *,
+    mc_samples: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Square root of the per-sample output Hessians of a batch loss, reduction folded in.
+
+    Returns ``S`` of shape ``[K, *outputs.shape]`` such that for every sample :math:`n`
+
+    .. math::
+
+        \sum_{k} S_{k,n} S_{k,n}^\top = \frac{\partial^2 L}{\partial f_n^2},
+        \qquad L = \texttt{loss\_fn(outputs, targets)},
+
+    exactly for ``mc_samples == 0`` and in expectation (unbiased) with :math:`K` = ``mc_samples``
+    otherwise. Closed forms, with :math:`r` the reduction factor:
+
+    - ``MSELoss``: :math:`H_n = 2 r I`, so :math:`S_n = \sqrt{2r}\, I` (:math:`K` = entries per
+      sample; :math:`r = 1/\texttt{outputs.numel()}` for ``"mean"``).
+    - ``CrossEntropyLoss`` on logits, per position :math:`j` with probabilities
+      :math:`p = \mathrm{softmax}(f_{n,:,j})`: :math:`H = a\, r\, (\mathrm{diag}(p) - p p^\top)`,
+      where :math:`a = (1-\varepsilon) w_{y} + \tfrac{\varepsilon}{C} \sum_c w_c` for class index
+      :math:`y` (:math:`a = 0` where :math:`y` is ``ignore_index``) and
+      :math:`a = \sum_c w_c \tilde q_c`, :math:`\tilde q = (1-\varepsilon) q + \varepsilon / C`, for
+      class probabilities :math:`q` (:math:`w`: class weights, :math:`\varepsilon`: label
+      smoothing). Since :math:`\sum_c p_c = 1`, the :math:`C` columns
+      :math:`\sqrt{a r p_c}\, (e_c - p)` are an exact square root. Positions of a spatial output
+      are independent, so each position gets its own :math:`C` columns, zero elsewhere:
+      :math:`K = C \prod_i d_i` and ``S`` holds :math:`N C^2 (\prod_i d_i)^2` numbers. For large
+      spatial outputs that is prohibitive: use ``mc_samples``, whose columns cover all positions
+      at once (:math:`K` = ``mc_samples``).
+    - ``BCEWithLogitsLoss``: with :math:`\sigma = \mathrm{sigmoid}(f)`, weight :math:`w` and
+      positive weight :math:`w_+`, the loss
+      :math:`-w [w_+ y \log\sigma + (1-y)\log(1-\sigma)]` has the diagonal Hessian
+      :math:`h = r\, w\, (w_+ y + 1 - y)\, \sigma (1-\sigma)`, so
+      :math:`S_n = \mathrm{diag}(\sqrt h)`.
+
+    Monte-Carlo square roots (``mc_samples = M > 0``) sample targets from the model's predictive
+    distribution: for cross-entropy :math:`\hat y \sim \mathrm{Categorical}(p)` independently per
+    position and column :math:`\sqrt{a r / M}\, (p - e_{\hat y})`; for BCE
+    :math:`\hat y \sim \mathrm{Bernoulli}(\sigma)` per entry and column
+    :math:`\sqrt{r w (w_+ y + 1 - y) / M}\, (\hat y - \sigma)`; for MSE column
+    :math:`\sqrt{2r/M}\, z` with :math:`z \sim \mathcal N(0, I)`. In each case
+    :math:`\mathbb E[S_n S_n^\top] = H_n`.
+
+    Any other loss takes the generic path: the gradient :math:`g = \partial L / \partial f` is
+    differentiated once more along the :math:`D` unit vectors of one sample's output, all samples at
+    once (one batched backward pass), which yields every :math:`H_n` because the per-sample terms
+    are independent. Then :math:`H_n = U \Lambda U^\top` and :math:`S_n = U \Lambda_+^{1/2}`
+    (:math:`K = D`); negative eigenvalues (a non-convex loss) are clamped to zero with a
+    :class:`RuntimeWarning`. With ``mc_samples = M > 0`` the generic square root is sketched:
+    :math:`S_n Z / \sqrt M` with a Gaussian :math:`Z \in \mathbb R^{D \times M}`, unbiased too.
+    The generic path assumes, and cannot check, that sample :math:`n`'s loss depends on
+    :math:`f_n` only.
+
+    Args:
+        loss_fn: ``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss`` (closed forms), or any
+            callable ``loss_fn(outputs, targets)`` returning the scalar batch loss.
+        outputs: Model outputs, batch dimension first. Never differentiated through: the function
+            detaches them.
+        targets: The targets as ``loss_fn`` takes them.
+        mc_samples: Number of Monte-Carlo columns; ``0`` (default) for the exact square root.
+        generator: Random number generator for the Monte-Carlo samples (on the outputs' device);
+            the global one if ``None``. Unused when ``mc_samples == 0``.
+
+    Returns:
+        ``S`` with shape ``[K, *outputs.shape]``, dtype and device of ``outputs``.
+
+    Raises:
+        TypeError: If ``outputs`` is not a floating tensor, ``mc_samples`` not an integer or
+            ``generator`` not a :class:`torch.Generator`.
+        ValueError: For ``reduction="none"``, ``NLLLoss``/``KLDivLoss``, outputs without a batch
+            dimension, targets whose shape or values do not fit the outputs, negative weights or
+            probabilities (a Hessian that is not positive semi-definite), ``mc_samples < 0``, or a
+            generic loss that does not return a scalar.
+    """
+    _check_loss(loss_fn)
+    _check_outputs(outputs)
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
+        raise TypeError(f"mc_samples must be an int, got {type(mc_samples).__name__}")
+    if mc_samples < 0:
+        raise ValueError(
+            f"mc_samples must be 0 (exact square root) or a positive number of Monte-Carlo "
+            f"samples, got {mc_samples}"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    outputs = outputs.detach()
+
+    if _is_exactly(loss_fn, nn.MSELoss):
+        _check_same_shape(loss_fn, outputs, targets)
+        return _mse_sqrt(loss_fn, outputs, mc_samples, generator)
+    if _is_exactly(loss_fn, nn.BCEWithLogitsLoss):
+        _check_same_shape(loss_fn, outputs, targets)
+        return _bce_sqrt(loss_fn, outputs, targets.detach(), mc_samples, generator)
+    if _is_exactly(loss_fn, nn.CrossEntropyLoss):
+        scale = _cross_entropy_scale(loss_fn, outputs, targets)
+        return _cross_entropy_sqrt(outputs, scale, mc_samples, generator)
+    return _generic_sqrt(loss_fn, outputs, targets, mc_samples, generator)
+
+
+def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+    r"""The normalisation :math:`Z` that turns the batch loss into the plain sum of its terms.
+
+    :math:`Z L` is the sum of the per-sample (per-entry, per-target) terms, so that batches
+    :math:`b` combine exactly into :math:`L = \sum_b Z_b L_b / \sum_b Z_b`:
+
+    - ``reduction="sum"``: :math:`Z = 1`;
+    - ``MSELoss`` and ``BCEWithLogitsLoss`` with ``"mean"``: :math:`Z` = ``outputs.numel()``;
+    - ``CrossEntropyLoss`` with ``"mean"``: the number of non-ignored targets, or, with class
+      weights, the sum of the weights of the non-ignored target classes; for class-probability
+      targets the number of positions :math:`N \prod_i d_i`;
+    - any other loss: the loss is evaluated on the whole batch and on each sample alone (a batch
+      of one, ``outputs[n:n+1]`` and ``targets[n:n+1]``); :math:`Z = 1` if the batch loss is the
+      sum of the single-sample losses, :math:`Z = N` if it is their mean. ``torch.nn`` losses
+      are taken at their ``reduction`` (``"mean"``: :math:`Z = N`, the mean over samples of
+      per-sample means) without evaluation.
+
+    Args:
+        loss_fn: The loss, as for :func:`hessian_sqrt`.
+        outputs: Model outputs, batch dimension first.
+        targets: The targets as ``loss_fn`` takes them.
+
+    Returns:
+        :math:`Z` as a 0-dim tensor with the outputs' dtype and device. It is 0 for a
+        ``CrossEntropyLoss`` mean over a batch whose targets are all ignored.
+
+    Raises:
+        TypeError: If ``outputs`` is not a floating tensor.
+        ValueError: For the losses :func:`hessian_sqrt` refuses, mismatched targets, or a generic
+            loss that is neither the sum nor the mean of its single-sample values (or whose
+            single-sample values are all zero, so that sum and mean cannot be told apart).
+    """
+    _check_loss(loss_fn)
+    _check_outputs(outputs)
+    outputs = outputs.detach()
+    reduction = getattr(loss_fn, "reduction", None)
+
+    if _is_exactly(loss_fn, nn.MSELoss) or _is_exactly(loss_fn, nn.BCEWithLogitsLoss):
+        _check_same_shape(loss_fn, outputs, targets)
+        count = outputs.numel() if reduction == "mean" else 1
+        return torch.tensor(count, dtype=outputs.dtype, device=outputs.device)
+    if _is_exactly(loss_fn, nn.CrossEntropyLoss):
+        _, total = _cross_entropy_factor(loss_fn, outputs, targets)
+        if reduction == "sum":
+            return torch.ones((), dtype=outputs.dtype, device=outputs.device)
+        return total
+    if _is_torch_loss(loss_fn) and reduction in ("sum", "mean"):
+        count = outputs.shape[0] if reduction == "mean" else 1
+        return torch.tensor(count, dtype=outputs.dtype, device=outputs.device)
+    return _probe_normalization(loss_fn, outputs, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _is_exactly(loss_fn: LossFunction, cls: type[nn.Module]) -> bool:
+    """Whether ``loss_fn`` computes ``cls``'s loss: an instance whose ``forward`` is not overridden.
+
+    A subclass with its own ``forward`` may compute anything and takes the generic path.
+    """
+    return isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
+
+
+def _is_torch_loss(loss_fn: LossFunction) -> bool:
+    """Whether ``loss_fn`` is one of ``torch.nn``'s own losses, which honour their ``reduction``."""
+    return isinstance(loss_fn, nn.Module) and type(loss_fn).__module__.startswith("torch.nn.")
+
+
+def _check_loss(loss_fn: LossFunction) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(loss_fn, _LINEAR_IN_INPUT):
+        raise ValueError(
+            f"{type(loss_fn).__name__} is linear in its input (log-probabilities), so its Hessian "
+            f"and the GGN are zero. Have the model output logits and use nn.CrossEntropyLoss "
+            f"(or nn.BCEWithLogitsLoss for binary targets), which contains the log-softmax."
+        )
+    reduction = getattr(loss_fn, "reduction", None)
+    if (
+        isinstance(loss_fn, nn.Module)
+        and reduction is not None
+        and reduction not in ("mean", "sum")
+    ):
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction={reduction!r}) does not return a scalar batch "
+            f"loss; use reduction='mean' or reduction='sum'."
+        )
+
+
+def _check_outputs(outputs: Tensor) -> None:
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"outputs must be a torch.Tensor, got {type(outputs).__name__}")
+    if not outputs.is_floating_point():
+        raise TypeError(f"outputs must be a floating-point tensor, got dtype {outputs.dtype}")
+    if outputs.dim() == 0 or outputs.shape[0] == 0:
+        raise ValueError(
+            f"outputs must have a non-empty batch dimension first, got shape {tuple(outputs.shape)}"
+        )
+
+
+def _check_same_shape(loss_fn: nn.Module, outputs: Tensor, targets: Any) -> None:
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{type(loss_fn).__name__} needs targets as a tensor, got {type(targets).__name__}"
+        )
+    if targets.shape != outputs.shape:
+        raise ValueError(
+            f"{type(loss_fn).__name__} needs targets of the outputs' shape {tuple(outputs.shape)}, "
+            f"got {tuple(targets.shape)} (broadcasting targets would mix samples)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# MSE
+
+
+def _mse_sqrt(
+    loss_fn: nn.MSELoss, outputs: Tensor, mc_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    scale = 2.0 / outputs.numel() if loss_fn.reduction == "mean" else 2.0
+    num_samples, sample_shape = outputs.shape[0], outputs.shape[1:]
+    dim = math.prod(sample_shape)
+    if mc_samples > 0:
+        noise = torch.randn(
+            mc_samples,
+            *outputs.shape,
+            generator=generator,
+            dtype=outputs.dtype,
+            device=outputs.device,
+        )
+        return noise.mul_(math.sqrt(scale / mc_samples))
+    eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device).mul_(math.sqrt(scale))
+    return eye.unsqueeze(1).expand(dim, num_samples, dim).reshape(dim, *outputs.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# BCE with logits
+
+
+def _bce_sqrt(
+    loss_fn: nn.BCEWithLogitsLoss,
+    outputs: Tensor,
+    targets: Tensor,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    targets = targets.to(outputs.dtype)
+    # d^2/df^2 of -w [w+ y log s + (1 - y) log(1 - s)] = w (w+ y + 1 - y) s (1 - s)
+    factor = torch.ones_like(outputs)
+    for name, weight in (("weight", loss_fn.weight), ("pos_weight", loss_fn.pos_weight)):
+        if (
+            weight is not None
+            and torch.broadcast_shapes(weight.shape, outputs.shape) != outputs.shape
+        ):
+            raise ValueError(
+                f"BCEWithLogitsLoss {name} of shape {tuple(weight.shape)} does not broadcast to "
+                f"the outputs' shape {tuple(outputs.shape)}"
+            )
+    if loss_fn.weight is not None:
+        factor = factor * loss_fn.weight.detach().to(outputs)
+    if loss_fn.pos_weight is not None:
+        pos_weight = loss_fn.pos_weight.detach().to(outputs)
+        factor = factor * (pos_weight * targets + 1 - targets)
+    if (factor < 0).any():
+        raise ValueError(
+            "BCEWithLogitsLoss with negative weight, pos_weight or targets outside [0, 1] has a "
+            "Hessian that is not positive semi-definite; its square root does not exist."
+        )
+    if loss_fn.reduction == "mean":
+        factor = factor / outputs.numel()
+    prob = torch.sigmoid(outputs)
+    num_samples, sample_shape = outputs.shape[0], outputs.shape[1:]
+    if mc_samples > 0:
+        sampled = torch.bernoulli(prob.expand(mc_samples, *outputs.shape), generator=generator)
+        return (sampled - prob).mul_((factor / mc_samples).sqrt())
+    diagonal = (factor * prob * (1 - prob)).sqrt().reshape(num_samples, -1)
+    dim = diagonal.shape[1]
+    sqrt = torch.diag_embed(diagonal).permute(2, 0, 1)  # [D, N, D]: column k is diagonal[:, k] e_k
+    return sqrt.reshape(dim, num_samples, *sample_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+
+
+def _cross_entropy_factor(
+    loss_fn: nn.CrossEntropyLoss, outputs: Tensor, targets: Any
+) -> tuple[Tensor, Tensor]:
+    """Per-position Hessian scale ``a`` (shape ``[N, d...]``) and the mean's normaliser.
+
+    The loss per position is ``a * logsumexp(f) - (linear in f)``, so its Hessian is
+    ``a (diag(p) - p p^T)``.
+    """
+    if outputs.dim() < 2:
+        raise ValueError(
+            f"CrossEntropyLoss outputs must have shape [N, C] or [N, C, d1, ...], got "
+            f"{tuple(outputs.shape)}; for one unbatched sample pass outputs.unsqueeze(0)"
+        )
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"CrossEntropyLoss needs targets as a tensor, got {type(targets).__name__}")
+    num_classes = outputs.shape[1]
+    smoothing = loss_fn.label_smoothing
+    weight = loss_fn.weight
+    weight = (
+        torch.ones(num_classes, dtype=outputs.dtype, device=outputs.device)
+        if weight is None
+        else weight.detach().to(outputs)
+    )
+    if (weight < 0).any():
+        raise ValueError(
+            "CrossEntropyLoss with negative class weights has a Hessian that is not positive "
+            "semi-definite; its square root does not exist."
+        )
+    position_shape = outputs.shape[:1] + outputs.shape[2:]
+
+    if targets.is_floating_point():
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"CrossEntropyLoss with class-probability targets needs targets of the outputs' "
+                f"shape {tuple(outputs.shape)}, got {tuple(targets.shape)}"
+            )
+        probs = targets.detach().to(outputs)
+        if (probs < 0).any():
+            raise ValueError(
+                "CrossEntropyLoss with negative target probabilities has a Hessian that is not "
+                "positive semi-definite; its square root does not exist."
+            )
+        smoothed = (1 - smoothing) * probs + smoothing / num_classes
+        weight_view = weight.reshape(num_classes, *([1] * (outputs.dim() - 2)))
+        factor = (smoothed * weight_view).sum(dim=1)
+        total = torch.tensor(factor.numel(), dtype=outputs.dtype, device=outputs.device)
+        return factor, total
+
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(
+            f"CrossEntropyLoss targets must be class indices (an integer tensor) or class "
+            f"probabilities (a floating tensor), got dtype {targets.dtype}"
+        )
+    if targets.shape != position_shape:
+        raise ValueError(
+            f"CrossEntropyLoss with class-index targets needs targets of shape "
+            f"{tuple(position_shape)} for outputs of shape {tuple(outputs.shape)}, got "
+            f"{tuple(targets.shape)}"
+        )
+    targets = targets.detach().to(device=outputs.device, dtype=torch.int64)
+    kept = targets != loss_fn.ignore_index
+    if ((targets < 0) | (targets >= num_classes))[kept].any():
+        raise ValueError(
+            f"CrossEntropyLoss targets must be class indices in [0, {num_classes}) or "
+            f"ignore_index={loss_fn.ignore_index}"
+        )
+    target_weight = torch.where(kept, weight[targets.where(kept, 0)], 0)
+    factor = (1 - smoothing) * target_weight + (smoothing / num_classes) * weight.sum() * kept
+    return factor, target_weight.sum()
+
+
+def _cross_entropy_scale(loss_fn: nn.CrossEntropyLoss, outputs: Tensor, targets: Any) -> Tensor:
+    """Per-position ``a * r``, the Hessian scale with the reduction folded in: ``[N, d...]``."""
+    factor, total = _cross_entropy_factor(loss_fn, outputs, targets)
+    if loss_fn.reduction == "sum":
+        return factor
+    # All targets ignored: torch's mean is 0/0 = nan. Zero curvature lets such a batch, weighted by
+    # its normalization() of 0, contribute nothing when batches are combined.
+    return factor / total if total > 0 else torch.zeros_like(factor)
+
+
+def _cross_entropy_sqrt(
+    outputs: Tensor, scale: Tensor, mc_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    num_samples, num_classes = outputs.shape[:2]
+    spatial_shape = outputs.shape[2:]
+    num_positions = math.prod(spatial_shape)
+    # class dimension last, positions flattened: [N, P, C]
+    prob = torch.softmax(outputs, dim=1).movedim(1, -1).reshape(num_samples, num_positions, -1)
+    scale = scale.reshape(num_samples, num_positions, 1)
+
+    if mc_samples > 0:
+        sampled = torch.multinomial(
+            prob.reshape(-1, num_classes), mc_samples, replacement=True, generator=generator
+        )  # [N * P, M]
+        onehot = nn.functional.one_hot(sampled.t(), num_classes).to(outputs.dtype)
+        columns = prob - onehot.reshape(mc_samples, num_samples, num_positions, num_classes)
+        columns = columns * (scale / mc_samples).sqrt()  # [M, N, P, C]
+        return columns.movedim(-1, 2).reshape(mc_samples, *outputs.shape)
+
+    # column c at position j: sqrt(a r p_c) (e_c - p), nonzero at position j only
+    eye = torch.eye(num_classes, dtype=outputs.dtype, device=outputs.device)
+    local = (eye.reshape(num_classes, 1, 1, num_classes) - prob) * (scale * prob).sqrt().movedim(
+        -1, 0
+    ).unsqueeze(-1)  # [C(k), N, P, C]
+    sqrt = outputs.new_zeros(num_classes, num_positions, num_samples, num_classes, num_positions)
+    sqrt.diagonal(dim1=1, dim2=4).copy_(local.permute(0, 1, 3, 2))
+    return sqrt.reshape(num_classes * num_positions, *outputs.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# any other loss
+
+
+def _evaluate(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return the scalar batch loss (a sum or mean over samples), got {shape}"
+        )
+    return loss.reshape(())
+
+
+def _per_sample_hessians(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+    """Blocks ``d^2 L / d f_n^2``, shape ``[N, D, D]``, from ``D`` batched Hessian-vector products.
+
+    Because sample ``n``'s term depends on ``f_n`` only, the product of the full Hessian with the
+    vector that is ``e_d`` in every sample is ``H_n e_d`` in every sample.
+    """
+    num_samples = outputs.shape[0]
+    dim = math.prod(outputs.shape[1:])
+    with torch.enable_grad():
+        outputs = outputs.detach().requires_grad_(True)
+        loss = _evaluate(loss_fn, outputs, targets)
+        if loss.grad_fn is None:
+            return outputs.new_zeros(num_samples, dim, dim)
+        (grad,) = torch.autograd.grad(loss, outputs, create_graph=True)
+        if grad.grad_fn is None:  # the loss is piecewise linear in the outputs
+            return outputs.new_zeros(num_samples, dim, dim)
+        eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device)
+        directions = eye.unsqueeze(1).expand(dim, num_samples, dim).reshape(dim, *outputs.shape)
+        try:
+            (products,) = torch.autograd.grad(
+                grad, outputs, directions, is_grads_batched=True, materialize_grads=True
+            )
+        except RuntimeError:
+            # an operation without a batching rule: one backward pass per direction instead
+            products = torch.stack(
+                [
+                    torch.autograd.grad(
+                        grad, outputs, direction, retain_graph=True, materialize_grads=True
+                    )[0]
+                    for direction in directions
+                ]
+            )
+    hessians = products.detach().reshape(dim, num_samples, dim).transpose(0, 1)
+    return (hessians + hessians.transpose(1, 2)) / 2
+
+
+def _generic_sqrt(
+    loss_fn: LossFunction,
+    outputs: Tensor,
+    targets: Any,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    hessians = _per_sample_hessians(loss_fn, outputs, targets)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessians)
+    dim = hessians.shape[-1]
+    # eigh's backward error on a positive semi-definite matrix is ~ dim * eps * |H|
+    tolerance = 10 * dim * torch.finfo(outputs.dtype).eps * eigenvalues.abs().amax()
+    most_negative = eigenvalues.amin()
+    if most_negative < -tolerance:
+        warnings.warn(
+            f"The loss is not convex in the outputs: its per-sample output Hessians have negative "
+            f"eigenvalues (down to {most_negative.item():.3g}); they are clamped to zero, so the "
+            f"square root gives the nearest positive semi-definite Hessian, not the Hessian.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    sqrt = eigenvectors * eigenvalues.clamp(min=0).sqrt().unsqueeze(1)  # [N, D(entry), D(column)]
+    if mc_samples > 0:
+        sketch = torch.randn(
+            dim, mc_samples, generator=generator, dtype=outputs.dtype, device=outputs.device
+        )
+        sqrt = sqrt @ sketch.div_(math.sqrt(mc_samples))
+    return sqrt.permute(2, 0, 1).reshape(sqrt.shape[-1], *outputs.shape)
+
+
+def _probe_normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+    num_samples = outputs.shape[0]
+    if not isinstance(targets, Tensor) or targets.dim() == 0 or targets.shape[0] != num_samples:
+        raise ValueError(
+            f"normalization() tells sum from mean by evaluating the loss on single samples, which "
+            f"needs targets as a tensor with the outputs' batch size {num_samples} first"
+        )
+    with torch.no_grad():
+        batch = _evaluate(loss_fn, outputs, targets)
+        singles = torch.stack(
+            [_evaluate(loss_fn, outputs[n : n + 1], targets[n : n + 1]) for n in range(num_samples)]
+        ).to(outputs.dtype)
+    one = torch.ones((), dtype=outputs.dtype, device=outputs.device)
+    if num_samples == 1:
+        return one
+    scale = singles.abs().sum()
+    if scale == 0:
+        raise ValueError(
+            "normalization() cannot tell whether the loss sums or averages over samples: every "
+            "single-sample loss is zero. Evaluate it on a batch with a nonzero loss."
+        )
+    tolerance = math.sqrt(torch.finfo(outputs.dtype).eps) * scale
+    total = singles.sum()
+    if (batch - total).abs() <= tolerance:
+        return one
+    if (batch * num_samples - total).abs() <= tolerance:
+        return one * num_samples
+    raise ValueError(
+        f"The batch loss ({batch.item():.6g}) is neither the sum ({total.item():.6g}) nor the mean "
+        f"({(total / num_samples).item():.6g}) of the losses of its single samples, so batches "
+        f"cannot be combined exactly and the per-sample Hessians are not independent. curvkit "
+        f"needs a loss that sums or averages independent per-sample terms."
+    )
