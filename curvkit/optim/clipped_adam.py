@@ -1,0 +1,129 @@
+"""Adam with element-wise gradient clipping and a learning rate that decays every step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class ClippedAdam(Optimizer):
+    r"""Adam whose gradient entries are clipped and whose learning rate decays geometrically.
+
+    At step :math:`k` every group's learning rate is first multiplied by ``lrd``, so after
+    :math:`k` steps it is :math:`\mathrm{lr}\cdot\mathrm{lrd}^k`. The gradient is clamped entry by
+    entry to :math:`[-c, c]` with :math:`c` = ``clip_norm`` (the name is Pyro's; the clipping is
+    element-wise, not of the norm), the L2 penalty added, and then Adam's update of Kingma and Ba
+    (Algorithm 1) follows:
+
+    .. math::
+        m_k = \beta_1 m_{k-1} + (1-\beta_1) g_k, \quad
+        v_k = \beta_2 v_{k-1} + (1-\beta_2) u_k^2, \quad
+        x_k = x_{k-1} - \frac{\mathrm{lr}_k}{1-\beta_1^k}
+              \frac{m_k}{\sqrt{v_k} / \sqrt{1-\beta_2^k} + \epsilon}
+
+    with :math:`u_k = g_k`, or :math:`u_k = g_k - m_k` for ``centered_variance=True``. With
+    ``lrd=1`` and a ``clip_norm`` larger than every gradient entry this is exactly
+    :class:`torch.optim.Adam`. The gradient in ``.grad`` is never modified.
+
+    Args:
+        params: Tensors or dicts of parameter groups, as for any :class:`torch.optim.Optimizer`.
+        lr: Learning rate before the first decay.
+        betas: Decay rates :math:`(\beta_1, \beta_2)` of the moving averages of the gradient and
+            of its square.
+        eps: :math:`\epsilon`, added to the denominator for numerical stability.
+        weight_decay: Coefficient of the L2 penalty added to the gradient.
+        clip_norm: Bound :math:`c > 0` of every gradient entry.
+        lrd: Factor in :math:`(0, 1]` multiplying the learning rate at every step.
+        centered_variance: Average the squared deviation of the gradient from its moving mean
+            instead of the squared gradient.
+        differentiable: Keep the update in autograd's graph, so that the new parameter values
+            are differentiable with respect to the gradient (parameters must then not be leaves
+            that require grad).
+
+    Raises:
+        ValueError: If a hyperparameter is out of its range.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip_norm: float = 10.0,
+        lrd: float = 1.0,
+        *,
+        centered_variance: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}.")
+        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}.")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+        if not clip_norm > 0.0:
+            raise ValueError(f"clip_norm must be > 0, got {clip_norm}.")
+        if not 0.0 < lrd <= 1.0:
+            raise ValueError(f"lrd must be in (0, 1], got {lrd}.")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "clip_norm": clip_norm,
+            "lrd": lrd,
+            "centered_variance": centered_variance,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Perform one update of every parameter that has a gradient.
+
+        Args:
+            closure: Optional function that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None without one.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for group in self.param_groups:
+                group["lr"] *= group["lrd"]
+                for param in group["params"]:
+                    if param.grad is not None:
+                        self._update(param, group)
+        return loss
+
+    def _update(self, param: Tensor, group: dict[str, Any]) -> None:
+        if param.grad.is_sparse:
+            raise TypeError("ClippedAdam does not support sparse gradients.")
+        beta1, beta2 = group["betas"]
+        grad = param.grad.clamp(-group["clip_norm"], group["clip_norm"])
+        if group["weight_decay"] != 0.0:
+            grad = grad + group["weight_decay"] * param
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = state["step"]
+        exp_avg = state["exp_avg"].lerp(grad, 1.0 - beta1)
+        deviation = grad - exp_avg if group["centered_variance"] else grad
+        exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul(deviation, deviation, value=1.0 - beta2)
+        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+        denominator = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**step)).add(group["eps"])
+        param.addcdiv_(exp_avg, denominator, value=-group["lr"] / (1.0 - beta1**step))
