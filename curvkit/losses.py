@@ -264,6 +264,13 @@ def _check_same_shape(loss_fn: nn.Module, outputs: Tensor, targets: Any) -> None
         )
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    if len(shape) > len(target):
+        return False
+    trailing = target[len(target) - len(shape) :]
+    return all(size in (1, goal) for size, goal in zip(shape, trailing, strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # MSE
 
@@ -302,10 +309,7 @@ def _bce_sqrt(
     # d^2/df^2 of -w [w+ y log s + (1 - y) log(1 - s)] = w (w+ y + 1 - y) s (1 - s)
     factor = torch.ones_like(outputs)
     for name, weight in (("weight", loss_fn.weight), ("pos_weight", loss_fn.pos_weight)):
-        if (
-            weight is not None
-            and torch.broadcast_shapes(weight.shape, outputs.shape) != outputs.shape
-        ):
+        if weight is not None and not _broadcasts_to(weight.shape, outputs.shape):
             raise ValueError(
                 f"BCEWithLogitsLoss {name} of shape {tuple(weight.shape)} does not broadcast to "
                 f"the outputs' shape {tuple(outputs.shape)}"
