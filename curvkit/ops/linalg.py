@@ -1,0 +1,192 @@
+r"""Batched linear algebra on the rightmost two dimensions, in closed form for small matrices.
+
+Every function acts on a batch of matrices of shape ``(..., D, D)`` and works on any device and
+dtype: no tensor is created on the default device. The 1x1, 2x2 and 3x3 cases use closed formulas
+built from elementwise operations over the batch, which beats a loop of LAPACK calls by a wide
+margin when the batch holds millions of tiny matrices.
+
+The symmetric 3x3 eigenvalues use the trigonometric formula (Smith, 1961): with
+:math:`q = \operatorname{tr}(H) / 3`, :math:`p^2 = \|H - qI\|_F^2 / 6` and
+:math:`\det(H - qI) = 2 p^3 \cos(3\varphi)`, the eigenvalues are
+:math:`q + 2p \cos(\varphi + 2\pi k / 3)` for :math:`k = 0, 1, 2`. The angle is taken with
+``atan2`` rather than ``acos(det / (2 p^3))``, so a multiple of the identity (:math:`p = 0`) gives
+exact eigenvalues and finite gradients instead of a division by zero.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["determinant_3d", "eig_3d", "inv3d", "rinverse"]
+
+
+def _check_square(M: Tensor, name: str, size: int | None = None) -> None:
+    if not isinstance(M, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(M).__name__}.")
+    if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(
+            f"{name} must be a batch of square matrices of shape (..., D, D), got shape "
+            f"{tuple(M.shape)}."
+        )
+    if size is not None and M.shape[-1] != size:
+        raise ValueError(
+            f"{name} must have shape (..., {size}, {size}), got shape {tuple(M.shape)}."
+        )
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """Square root of a nonnegative tensor whose gradient is 0 (not inf or NaN) where ``x == 0``."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), 0.0)
+
+
+def determinant_3d(H: Tensor) -> Tensor:
+    r"""Determinants of a batch of 3x3 matrices, by cofactor expansion along the first row.
+
+    Args:
+        H: Matrices of shape ``(..., 3, 3)``.
+
+    Returns:
+        The determinants, of shape ``H.shape[:-2]``.
+
+    Raises:
+        TypeError: If ``H`` is not a tensor.
+        ValueError: If ``H`` is not of shape ``(..., 3, 3)``.
+    """
+    _check_square(H, "H", 3)
+    return (
+        H[..., 0, 0] * (H[..., 1, 1] * H[..., 2, 2] - H[..., 1, 2] * H[..., 2, 1])
+        - H[..., 0, 1] * (H[..., 1, 0] * H[..., 2, 2] - H[..., 1, 2] * H[..., 2, 0])
+        + H[..., 0, 2] * (H[..., 1, 0] * H[..., 2, 1] - H[..., 1, 1] * H[..., 2, 0])
+    )
+
+
+def eig_3d(H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Eigenvalues of a batch of symmetric 3x3 matrices, in closed form, in ascending order.
+
+    Only the symmetric part :math:`(H + H^\top) / 2` is used. The result is exact for multiples
+    of the identity; elsewhere its absolute error is a few units of rounding times
+    :math:`\|H\|`, growing to about :math:`\sqrt{\epsilon}\,\|H\|` where two eigenvalues nearly
+    coincide (the trigonometric formula is ill-conditioned there, the eigenvalues are not).
+
+    Args:
+        H: Symmetric matrices of shape ``(..., 3, 3)``.
+
+    Returns:
+        A tuple ``(smallest, middle, largest)`` of tensors of shape ``H.shape[:-2]``.
+
+    Raises:
+        TypeError: If ``H`` is not a tensor.
+        ValueError: If ``H`` is not of shape ``(..., 3, 3)``.
+    """
+    _check_square(H, "H", 3)
+    h01 = (H[..., 0, 1] + H[..., 1, 0]) / 2
+    h02 = (H[..., 0, 2] + H[..., 2, 0]) / 2
+    h12 = (H[..., 1, 2] + H[..., 2, 1]) / 2
+    q = (H[..., 0, 0] + H[..., 1, 1] + H[..., 2, 2]) / 3
+    s00, s11, s22 = H[..., 0, 0] - q, H[..., 1, 1] - q, H[..., 2, 2] - q
+    p2 = (s00.square() + s11.square() + s22.square() + 2 * (h01**2 + h02**2 + h12**2)) / 6
+    # det(H - qI) = 2 p^3 cos(3 phi) and sqrt(4 p^6 - det^2) = 2 p^3 sin(3 phi).
+    det_s = (
+        s00 * (s11 * s22 - h12**2) - h01 * (h01 * s22 - h12 * h02) + h02 * (h01 * h12 - s11 * h02)
+    )
+    sin_part = _safe_sqrt((4 * p2**3 - det_s**2).clamp(min=0))
+    degenerate = (sin_part == 0) & (det_s == 0)
+    cos_part = torch.where(degenerate, torch.ones_like(det_s), det_s)
+    phi = torch.atan2(sin_part, cos_part) / 3
+    two_p = 2 * _safe_sqrt(p2)
+    largest = q + two_p * torch.cos(phi)
+    smallest = q + two_p * torch.cos(phi + 2 * math.pi / 3)
+    middle = 3 * q - largest - smallest
+    return smallest, middle, largest
+
+
+def _inverse_2d(M: Tensor, sym: bool) -> Tensor:
+    m00, m11 = M[..., 0, 0], M[..., 1, 1]
+    if sym:
+        m01 = m10 = (M[..., 0, 1] + M[..., 1, 0]) / 2
+    else:
+        m01, m10 = M[..., 0, 1], M[..., 1, 0]
+    det = m00 * m11 - m01 * m10
+    adjugate = torch.stack([m11, -m01, -m10, m00], dim=-1)
+    return (adjugate / det.unsqueeze(-1)).unflatten(-1, (2, 2))
+
+
+def inv3d(H: Tensor, sym: bool = False) -> Tensor:
+    r"""Inverses of a batch of 3x3 matrices: :math:`H^{-1} = \mathrm{adj}(H) / \det H`.
+
+    Args:
+        H: Matrices of shape ``(..., 3, 3)``.
+        sym: If ``True``, ``H`` is taken to be symmetric: only its symmetric part
+            :math:`(H + H^\top) / 2` is used and the result is exactly symmetric.
+
+    Returns:
+        The inverses, of shape ``(..., 3, 3)``; a singular matrix gives ``inf`` or ``nan``
+        entries.
+
+    Raises:
+        TypeError: If ``H`` is not a tensor.
+        ValueError: If ``H`` is not of shape ``(..., 3, 3)``.
+    """
+    _check_square(H, "H", 3)
+    h00, h11, h22 = H[..., 0, 0], H[..., 1, 1], H[..., 2, 2]
+    if sym:
+        h01 = h10 = (H[..., 0, 1] + H[..., 1, 0]) / 2
+        h02 = h20 = (H[..., 0, 2] + H[..., 2, 0]) / 2
+        h12 = h21 = (H[..., 1, 2] + H[..., 2, 1]) / 2
+    else:
+        h01, h10 = H[..., 0, 1], H[..., 1, 0]
+        h02, h20 = H[..., 0, 2], H[..., 2, 0]
+        h12, h21 = H[..., 1, 2], H[..., 2, 1]
+    c00 = h11 * h22 - h12 * h21
+    c01 = h02 * h21 - h01 * h22
+    c02 = h01 * h12 - h02 * h11
+    c11 = h00 * h22 - h02 * h20
+    c12 = h02 * h10 - h00 * h12
+    c22 = h00 * h11 - h01 * h10
+    if sym:
+        c10, c20, c21 = c01, c02, c12
+    else:
+        c10 = h12 * h20 - h10 * h22
+        c20 = h10 * h21 - h11 * h20
+        c21 = h01 * h20 - h00 * h21
+    det = h00 * c00 + h01 * c10 + h02 * c20
+    adjugate = torch.stack([c00, c01, c02, c10, c11, c12, c20, c21, c22], dim=-1)
+    return (adjugate / det.unsqueeze(-1)).unflatten(-1, (3, 3))
+
+
+def rinverse(M: Tensor, sym: bool = False) -> Tensor:
+    r"""Inverses of a batch of square matrices on the rightmost two dimensions.
+
+    Sizes 1, 2 and 3 use closed formulas (reciprocal, adjugate); larger sizes use
+    :func:`torch.linalg.inv`.
+
+    Args:
+        M: Matrices of shape ``(..., D, D)``.
+        sym: If ``True``, ``M`` is taken to be symmetric: only its symmetric part
+            :math:`(M + M^\top) / 2` is used and the result is exactly symmetric.
+
+    Returns:
+        The inverses, of shape ``(..., D, D)``. A singular matrix gives ``inf`` or ``nan``
+        entries for ``D <= 3`` and raises :class:`torch.linalg.LinAlgError` from
+        :func:`torch.linalg.inv` for ``D >= 4``.
+
+    Raises:
+        TypeError: If ``M`` is not a tensor.
+        ValueError: If ``M`` is not of shape ``(..., D, D)`` or has ``D == 0``.
+    """
+    _check_square(M, "M")
+    size = M.shape[-1]
+    if size == 0:
+        raise ValueError("M must hold matrices of size at least 1x1, got shape (..., 0, 0).")
+    if size == 1:
+        return M.reciprocal()
+    if size == 2:
+        return _inverse_2d(M, sym)
+    if size == 3:
+        return inv3d(M, sym)
+    if sym:
+        inverse = torch.linalg.inv((M + M.mT) / 2)
+        return (inverse + inverse.mT) / 2
+    return torch.linalg.inv(M)
