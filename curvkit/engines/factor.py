@@ -97,3 +97,92 @@ class DenseFactor(Factor):
 
     def select(self, start: int, stop: int) -> DenseFactor:  # noqa: D102
         return DenseFactor(self.columns[start:stop], self.param_shape)
+
+
+class ZeroFactor(Factor):
+    """A factor whose columns are all zero: the parameter does not influence the outputs.
+
+    Nothing of size ``K N D_p`` is held; :meth:`dense` materialises zeros on demand.
+    """
+
+    def __init__(
+        self,
+        param_shape: torch.Size,
+        num_columns: int,
+        num_samples: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(param_shape, num_columns, num_samples)
+        self.dtype = dtype
+        self.device = device
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def diag(self) -> Tensor:  # noqa: D102
+        return self._zeros(*self.param_shape)
+
+    def gram(self) -> Tensor:  # noqa: D102
+        k, n = self.num_columns, self.num_samples
+        return self._zeros(k, n, k, n)
+
+    def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
+        return self._zeros(self.num_columns, self.num_samples, mat.shape[0])
+
+    def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
+        return self._zeros(coefficients.shape[-1], *self.param_shape)
+
+    def dense(self) -> Tensor:  # noqa: D102
+        return self._zeros(self.num_columns, self.num_samples, *self.param_shape)
+
+    def select(self, start: int, stop: int) -> ZeroFactor:  # noqa: D102
+        num_columns = len(range(self.num_columns)[start:stop])
+        return ZeroFactor(
+            self.param_shape, num_columns, self.num_samples, dtype=self.dtype, device=self.device
+        )
+
+
+class SumFactor(Factor):
+    r"""The factor :math:`V_p = \sum_u V_p^{(u)}` of a parameter used several times.
+
+    Each use :math:`u` (a module called twice, a weight shared by two modules) contributes its
+    own factor; the columns add up *before* anything is squared. The linear methods
+    (:meth:`t_mat`, :meth:`mat`) add the parts' results; the quadratic ones (:meth:`diag`,
+    :meth:`gram`) go through the summed dense columns.
+    """
+
+    def __init__(self, parts: list[Factor]) -> None:
+        if not parts:
+            raise ValueError("SumFactor needs at least one part")
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.param_shape, part.num_columns, part.num_samples) != (
+                first.param_shape,
+                first.num_columns,
+                first.num_samples,
+            ):
+                raise ValueError("all parts of a SumFactor must have the same shape")
+        super().__init__(first.param_shape, first.num_columns, first.num_samples)
+        self.parts = parts
+
+    def diag(self) -> Tensor:  # noqa: D102
+        return self.dense().square().sum(dim=(0, 1))
+
+    def gram(self) -> Tensor:  # noqa: D102
+        return DenseFactor(self.dense(), self.param_shape).gram()
+
+    def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
+        return sum(part.t_mat(mat) for part in self.parts[1:]) + self.parts[0].t_mat(mat)
+
+    def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
+        return sum(part.mat(coefficients) for part in self.parts[1:]) + self.parts[0].mat(
+            coefficients
+        )
+
+    def dense(self) -> Tensor:  # noqa: D102
+        return sum(part.dense() for part in self.parts[1:]) + self.parts[0].dense()
+
+    def select(self, start: int, stop: int) -> SumFactor:  # noqa: D102
+        return SumFactor([part.select(start, stop) for part in self.parts])

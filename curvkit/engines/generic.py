@@ -1,0 +1,140 @@
+r"""The generic rule: per-sample vector-Jacobian products of one module call with torch.func.
+
+For a call :math:`y = m(\theta; x)` whose output receives the backpropagated columns
+:math:`b_{k}` (shape of :math:`y`), the factor's columns are
+
+.. math::
+
+    v_{k,n} = \Big(\frac{\partial y_n}{\partial \theta}\Big)^\top b_{k,n},
+
+the vector-Jacobian product of the module applied to sample :math:`n` alone. The rule runs
+:func:`torch.func.vjp` of :func:`torch.func.functional_call` on a batch of one sample, maps it over
+the :math:`K` columns and the :math:`N` samples with :func:`torch.func.vmap`, and so needs only
+the module's own inputs: its memory is bounded by the module, not by the model.
+
+The sample axis of each input and output tensor is found from its shape (axis 0 of size
+:math:`N`; axis 1 for modules with ``batch_first=False``); tensors without it are shared by all
+samples. Recomputing the module on single samples also checks it: if the outputs differ from the
+batched call's, the module mixes samples (batch statistics, for instance) and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+from curvkit.engines.recording import ModuleCall
+
+__all__ = ["generic_columns"]
+
+
+def sample_axis(tensor: Tensor, num_samples: int, batch_first: bool = True) -> int | None:
+    """The axis of ``tensor`` that indexes samples, ``None`` if it is shared by all samples."""
+    if not batch_first and tensor.dim() >= 3 and tensor.shape[1] == num_samples:
+        return 1
+    if tensor.dim() >= 1 and tensor.shape[0] == num_samples:
+        return 0
+    return None
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-3
+
+
+def generic_columns(
+    call: ModuleCall,
+    named_params: dict[str, Tensor],
+    output_grads: list[Tensor | None],
+    num_samples: int,
+    *,
+    create_graph: bool,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample, per-column gradients of one module call with respect to some parameters.
+
+    Args:
+        call: The recorded call.
+        named_params: The parameters, by their names relative to ``call.module``.
+        output_grads: For every tensor leaf of ``call.output`` (in pytree order), the
+            backpropagated columns ``[K, *leaf.shape]``, or ``None`` where nothing flows back.
+        num_samples: The batch size :math:`N`.
+        create_graph: Whether the result must stay differentiable.
+        chunk_size: Samples processed at once (``None``: all).
+
+    Returns:
+        ``name -> [K, N, *param.shape]``.
+
+    Raises:
+        ValueError: If an output lacks a sample axis, or if recomputing the module on single
+            samples gives outputs other than the batched call's (the module mixes samples).
+    """
+    batch_first = getattr(call.module, "batch_first", True) is not False
+    input_leaves, input_spec = pytree.tree_flatten((call.args, call.kwargs))
+    batched = [
+        i
+        for i, leaf in enumerate(input_leaves)
+        if isinstance(leaf, Tensor) and sample_axis(leaf, num_samples, batch_first) is not None
+    ]
+    input_axes = [sample_axis(input_leaves[i], num_samples, batch_first) for i in batched]
+
+    output_leaves = pytree.tree_leaves(call.output)
+    tensor_positions = [i for i, leaf in enumerate(output_leaves) if isinstance(leaf, Tensor)]
+    pairs = zip(tensor_positions, output_grads, strict=True)
+    selected = [(pos, g) for pos, g in pairs if g is not None]
+    output_axes = []
+    for pos, _ in selected:
+        axis = sample_axis(output_leaves[pos], num_samples, batch_first)
+        if axis is None:
+            raise ValueError(
+                f"output {pos} of {type(call.module).__name__} has shape "
+                f"{tuple(output_leaves[pos].shape)} without an axis of size N={num_samples}; "
+                "the engine cannot split it into samples"
+            )
+        output_axes.append(axis)
+
+    def detach(t: Tensor) -> Tensor:
+        return t if create_graph else t.detach()
+
+    params = {name: detach(p) for name, p in named_params.items()}
+    constant_leaves = [detach(t) if isinstance(t, Tensor) else t for t in input_leaves]
+
+    def per_sample(sample_inputs: list[Tensor], cotangents: list[Tensor]):
+        leaves = list(constant_leaves)
+        for i, axis, value in zip(batched, input_axes, sample_inputs, strict=True):
+            leaves[i] = value.unsqueeze(axis)
+        args, kwargs = pytree.tree_unflatten(leaves, input_spec)
+
+        def run(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            out = pytree.tree_leaves(functional_call(call.module, p, args, kwargs))
+            pairs = zip(selected, output_axes, strict=True)
+            return tuple(out[pos].squeeze(axis) for (pos, _), axis in pairs)
+
+        outputs, vjp_fn = vjp(run, params)
+        (grads,) = vmap(vjp_fn)(tuple(cotangents))
+        return grads, outputs
+
+    sample_inputs = [detach(input_leaves[i]) for i in batched]
+    cotangents = [detach(g) for _, g in selected]
+    grads, recomputed = vmap(
+        per_sample,
+        in_dims=(input_axes, [axis + 1 for axis in output_axes]),
+        out_dims=(1, tuple(output_axes)),
+        randomness="different",
+        chunk_size=chunk_size,
+    )(sample_inputs, cotangents)
+
+    for (pos, _), value in zip(selected, recomputed, strict=True):
+        recorded = output_leaves[pos].detach()
+        scale = recorded.abs().max().item() if recorded.numel() else 0.0
+        if not torch.allclose(
+            value.detach(), recorded, rtol=0.0, atol=_tolerance(recorded.dtype) * max(scale, 1.0)
+        ):
+            raise ValueError(
+                f"{type(call.module).__name__} gives other outputs on single samples than on "
+                "the batch: its per-sample outputs are not independent (batch statistics, "
+                "dropout, ...). Call `model.eval()` first; curvature per sample needs a model "
+                "whose outputs do not mix samples."
+            )
+    return grads

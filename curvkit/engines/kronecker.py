@@ -1,0 +1,149 @@
+r"""Structured factors of Linear and convolution weights: sums of outer products.
+
+A Linear layer :math:`y_t = W x_t` applied at positions :math:`t` (a sequence axis, the pixels of
+an unfolded convolution, or several calls of a shared layer) has per-sample gradients
+
+.. math::
+
+    v_{k,n} = \sum_t b_{k,n,t} \otimes x_{n,t},
+
+with :math:`b_{k,n,t}` the backpropagated column at the output and :math:`x_{n,t}` the input.
+A grouped convolution is one such layer per group :math:`g`. :class:`KroneckerFactor` keeps
+:math:`b` (``[K, N, T, G, O]``) and :math:`x` (``[N, T, G, I]``) and evaluates the
+:class:`~curvkit.engines.factor.Factor` methods without forming :math:`v` where that is cheaper:
+
+- ``T == 1``: :math:`\operatorname{diag} = \sum_n (\sum_k b_{k,n}^2) \otimes x_n^2`, one
+  matmul of inner size :math:`N`; Gram :math:`= (B B^\top) \odot (X X^\top)`;
+- ``T > 1``: per method, the cheaper (in multiply-adds) of the structured contraction over pairs
+  of positions :math:`(t, s)` and of materialising :math:`v` in chunks of samples whose size
+  is bounded by ``max_chunk_bytes``;
+- :meth:`~KroneckerFactor.t_mat` and :meth:`~KroneckerFactor.mat` are single contractions
+  (:func:`torch.einsum` picks the order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvkit.engines.factor import Factor
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "KroneckerFactor"]
+
+#: Default bound on the bytes of an intermediate tensor a factor method materialises at once.
+DEFAULT_CHUNK_BYTES = 2**28
+
+
+class KroneckerFactor(Factor):
+    r"""The factor :math:`v_{k,n} = \sum_t b_{k,n,t} \otimes x_{n,t}` of a (grouped) weight.
+
+    Args:
+        output_grads: :math:`b`, shape ``[K, N, T, G, O]``.
+        inputs: :math:`x`, shape ``[N, T, G, I]``.
+        param_shape: The weight's shape; it has ``G * O * I`` entries, laid out as ``[G, O, I]``.
+        max_chunk_bytes: Bound on the bytes of the per-sample gradients or pairwise products
+            materialised at once.
+    """
+
+    def __init__(
+        self,
+        output_grads: Tensor,
+        inputs: Tensor,
+        param_shape: torch.Size,
+        *,
+        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if output_grads.dim() != 5 or inputs.dim() != 4:
+            raise ValueError("output_grads must be [K, N, T, G, O] and inputs [N, T, G, I]")
+        if output_grads.shape[1:4] != inputs.shape[:3]:
+            raise ValueError(
+                f"output_grads {tuple(output_grads.shape)} and inputs {tuple(inputs.shape)} "
+                "disagree on [N, T, G]"
+            )
+        k, n, _, g, o = output_grads.shape
+        if torch.Size(param_shape).numel() != g * o * inputs.shape[-1]:
+            raise ValueError(f"param_shape {tuple(param_shape)} does not hold G * O * I entries")
+        super().__init__(param_shape, k, n)
+        self.output_grads = output_grads
+        self.inputs = inputs
+        self.max_chunk_bytes = max_chunk_bytes
+
+    @classmethod
+    def concatenate(cls, factors: list[KroneckerFactor]) -> KroneckerFactor:
+        """The factor of a weight used by several calls: positions of all calls side by side."""
+        first = factors[0]
+        return cls(
+            torch.cat([f.output_grads for f in factors], dim=2),
+            torch.cat([f.inputs for f in factors], dim=1),
+            first.param_shape,
+            max_chunk_bytes=min(f.max_chunk_bytes for f in factors),
+        )
+
+    @property
+    def _sizes(self) -> tuple[int, int, int, int, int, int]:
+        k, n, t, g, o = self.output_grads.shape
+        return k, n, t, g, o, self.inputs.shape[-1]
+
+    def _sample_chunks(self, bytes_per_sample: int) -> list[slice]:
+        n = self.num_samples
+        step = max(1, min(n, self.max_chunk_bytes // max(bytes_per_sample, 1)))
+        return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+    def _per_sample(self, samples: slice) -> Tensor:
+        """:math:`v_{k,n}` for the given samples, shape ``[K, n, G, O, I]``."""
+        return torch.einsum(
+            "kntgo,ntgi->kngoi", self.output_grads[:, samples], self.inputs[samples]
+        )
+
+    def diag(self) -> Tensor:  # noqa: D102
+        k, _, t, g, o, i = self._sizes
+        b, x = self.output_grads, self.inputs
+        if t == 1:
+            out = torch.einsum("ngo,ngi->goi", b[:, :, 0].square().sum(dim=0), x[:, 0].square())
+            return out.reshape(self.param_shape)
+        itemsize = b.element_size()
+        materialise_cost = k * t * g * o * i
+        pairwise_cost = t * t * g * (k * o + o * i)
+        out = b.new_zeros(g, o, i)
+        if pairwise_cost < materialise_cost:
+            for s in self._sample_chunks(itemsize * t * t * g * (o + i)):
+                bb = torch.einsum("kntgo,knsgo->ngots", b[:, s], b[:, s])
+                xx = torch.einsum("ntgi,nsgi->ngits", x[s], x[s])
+                out = out + torch.einsum("ngots,ngits->goi", bb, xx)
+        else:
+            for s in self._sample_chunks(itemsize * k * g * o * i):
+                out = out + self._per_sample(s).square().sum(dim=(0, 1))
+        return out.reshape(self.param_shape)
+
+    def gram(self) -> Tensor:  # noqa: D102
+        k, n, t, g, o, i = self._sizes
+        b, x = self.output_grads, self.inputs
+        pairwise_cost = (k * n * t) ** 2 * g * o + (n * t) ** 2 * g * i + (k * n * t) ** 2 * g
+        materialise_cost = k * n * t * g * o * i + (k * n) ** 2 * g * o * i
+        if pairwise_cost <= materialise_cost:
+            bb = torch.einsum("kntgo,lmsgo->gkntlms", b, b)
+            xx = torch.einsum("ntgi,msgi->gntms", x, x)
+            return torch.einsum("gkntlms,gntms->knlm", bb, xx)
+        flat = self.dense().flatten(start_dim=2)
+        return torch.einsum("knd,lmd->knlm", flat, flat)
+
+    def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
+        _, _, _, g, o, i = self._sizes
+        m = mat.reshape(mat.shape[0], g, o, i)
+        return torch.einsum("kntgo,ntgi,jgoi->knj", self.output_grads, self.inputs, m)
+
+    def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
+        out = torch.einsum("knj,kntgo,ntgi->jgoi", coefficients, self.output_grads, self.inputs)
+        return out.reshape(coefficients.shape[-1], *self.param_shape)
+
+    def dense(self) -> Tensor:  # noqa: D102
+        per_sample = self._per_sample(slice(None))
+        return per_sample.reshape(self.num_columns, self.num_samples, *self.param_shape)
+
+    def select(self, start: int, stop: int) -> KroneckerFactor:  # noqa: D102
+        return KroneckerFactor(
+            self.output_grads[start:stop],
+            self.inputs,
+            self.param_shape,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
