@@ -35,12 +35,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["hessian_sqrt", "normalization"]
+__all__ = ["hessian_sqrt", "normalization", "sample_reduction"]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
 
@@ -162,11 +162,13 @@ def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tenso
     - ``CrossEntropyLoss`` with ``"mean"``: the number of non-ignored targets, or, with class
       weights, the sum of the weights of the non-ignored target classes; for class-probability
       targets the number of positions :math:`N \prod_i d_i`;
-    - any other loss: the loss is evaluated on the whole batch and on each sample alone (a batch
-      of one, ``outputs[n:n+1]`` and ``targets[n:n+1]``); :math:`Z = 1` if the batch loss is the
-      sum of the single-sample losses, :math:`Z = N` if it is their mean. ``torch.nn`` losses
-      are taken at their ``reduction`` (``"mean"``: :math:`Z = N`, the mean over samples of
-      per-sample means) without evaluation.
+    - any other loss: :math:`Z = 1` for a sum over samples and :math:`Z = N` for a mean over
+      samples, as :func:`sample_reduction` finds (for the other ``torch.nn`` losses
+      ``"mean"`` gives :math:`Z = N`, the mean over samples of per-sample means). A batch of one
+      has :math:`Z = 1` either way.
+
+    With ``reduction="mean"`` the loss of several batches is :math:`\sum_b Z_b L_b / \sum_b Z_b`;
+    with ``"sum"`` it is :math:`\sum_b Z_b L_b` (see :func:`sample_reduction`).
 
     Args:
         loss_fn: The loss, as for :func:`hessian_sqrt`.
@@ -197,10 +199,47 @@ def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tenso
         if reduction == "sum":
             return torch.ones((), dtype=outputs.dtype, device=outputs.device)
         return total
+    if outputs.shape[0] == 1:  # the sum and the mean of one term are the term
+        return torch.ones((), dtype=outputs.dtype, device=outputs.device)
+    count = outputs.shape[0] if sample_reduction(loss_fn, outputs, targets) == "mean" else 1
+    return torch.tensor(count, dtype=outputs.dtype, device=outputs.device)
+
+
+def sample_reduction(
+    loss_fn: LossFunction, outputs: Tensor, targets: Any
+) -> Literal["sum", "mean"]:
+    r"""Whether the batch loss sums or averages over its samples.
+
+    This decides how batches :math:`b` combine into the loss of all the data: for ``"mean"`` it is
+    :math:`\sum_b Z_b L_b / \sum_b Z_b`, for ``"sum"`` it is :math:`\sum_b L_b`
+    (:math:`Z_b` from :func:`normalization`, which is 1 for a sum). A weighted mean (class weights
+    or ``ignore_index`` of ``CrossEntropyLoss``) is a ``"mean"``.
+
+    ``torch.nn`` losses answer with their ``reduction``. Any other loss is evaluated on the whole
+    batch and on each sample alone (``outputs[n:n+1]``, ``targets[n:n+1]``; a batch of one is
+    duplicated first): the batch loss is either the sum or the mean of the single-sample losses.
+
+    Args:
+        loss_fn: The loss, as for :func:`hessian_sqrt`.
+        outputs: Model outputs, batch dimension first.
+        targets: The targets as ``loss_fn`` takes them.
+
+    Returns:
+        ``"sum"`` or ``"mean"``.
+
+    Raises:
+        TypeError: If ``outputs`` is not a floating tensor.
+        ValueError: For the losses :func:`hessian_sqrt` refuses; for a loss that is not a
+            ``torch.nn`` loss: targets that are not a tensor with the outputs' batch size, a batch
+            loss that is neither the sum nor the mean of its single-sample values, or
+            single-sample values that are all zero (sum and mean cannot be told apart).
+    """
+    _check_loss(loss_fn)
+    _check_outputs(outputs)
+    reduction = getattr(loss_fn, "reduction", None)
     if _is_torch_loss(loss_fn) and reduction in ("sum", "mean"):
-        count = outputs.shape[0] if reduction == "mean" else 1
-        return torch.tensor(count, dtype=outputs.dtype, device=outputs.device)
-    return _probe_normalization(loss_fn, outputs, targets)
+        return reduction
+    return _probe_reduction(loss_fn, outputs.detach(), targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,33 +570,40 @@ def _generic_sqrt(
     return sqrt.permute(2, 0, 1).reshape(sqrt.shape[-1], *outputs.shape)
 
 
-def _probe_normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+def _probe_reduction(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> str:
+    """Tell ``"sum"`` from ``"mean"`` by comparing the batch loss with its single-sample losses.
+
+    A batch of one is duplicated first: a sum doubles, a mean does not.
+    """
     num_samples = outputs.shape[0]
     if not isinstance(targets, Tensor) or targets.dim() == 0 or targets.shape[0] != num_samples:
         raise ValueError(
-            f"normalization() tells sum from mean by evaluating the loss on single samples, which "
-            f"needs targets as a tensor with the outputs' batch size {num_samples} first"
+            f"curvkit tells sum from mean by evaluating the loss on single samples, which needs "
+            f"targets as a tensor with the outputs' batch size {num_samples} first"
         )
+    if num_samples == 1:
+        outputs, targets = (
+            outputs.expand(2, *outputs.shape[1:]),
+            targets.expand(2, *targets.shape[1:]),
+        )
+        num_samples = 2
     with torch.no_grad():
-        batch = _evaluate(loss_fn, outputs, targets)
+        batch = _evaluate(loss_fn, outputs, targets).to(outputs.dtype)
         singles = torch.stack(
             [_evaluate(loss_fn, outputs[n : n + 1], targets[n : n + 1]) for n in range(num_samples)]
         ).to(outputs.dtype)
-    one = torch.ones((), dtype=outputs.dtype, device=outputs.device)
-    if num_samples == 1:
-        return one
     scale = singles.abs().sum()
     if scale == 0:
         raise ValueError(
-            "normalization() cannot tell whether the loss sums or averages over samples: every "
+            "curvkit cannot tell whether the loss sums or averages over samples: every "
             "single-sample loss is zero. Evaluate it on a batch with a nonzero loss."
         )
     tolerance = math.sqrt(torch.finfo(outputs.dtype).eps) * scale
     total = singles.sum()
     if (batch - total).abs() <= tolerance:
-        return one
+        return "sum"
     if (batch * num_samples - total).abs() <= tolerance:
-        return one * num_samples
+        return "mean"
     raise ValueError(
         f"The batch loss ({batch.item():.6g}) is neither the sum ({total.item():.6g}) nor the mean "
         f"({(total / num_samples).item():.6g}) of the losses of its single samples, so batches "

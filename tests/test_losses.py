@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvkit.losses import hessian_sqrt, normalization
+from curvkit.losses import hessian_sqrt, normalization, sample_reduction
 from curvkit.verify import reference_output_hessian
 
 DTYPE = torch.float64
@@ -419,6 +419,8 @@ def assert_batches_combine(loss_fn, outputs, targets, split: int, reduction: str
     losses = torch.stack([loss_fn(*part) for part in parts])
     whole_weight = normalization(loss_fn, outputs, targets)
     whole = loss_fn(outputs, targets)
+    assert sample_reduction(loss_fn, outputs, targets) == reduction
+    assert sample_reduction(loss_fn, outputs[:1], targets[:1]) == reduction
     assert torch.allclose((weights * losses).sum(), whole_weight * whole, rtol=1e-12, atol=0)
     if reduction == "mean":
         assert torch.allclose((weights * losses).sum() / weights.sum(), whole, rtol=1e-12, atol=0)
@@ -478,11 +480,22 @@ def test_normalization_values():
         assert value.dim() == 0 and value.dtype == torch.float32
 
 
+def test_sample_reduction_of_a_batch_of_one_duplicates_it():
+    outputs = torch.randn(1, 3, dtype=DTYPE)
+    targets = torch.randn(1, 3, dtype=DTYPE)
+    assert sample_reduction(log_cosh_sum, outputs, targets) == "sum"
+    assert sample_reduction(lambda o, t: log_cosh_sum(o, t) / len(o), outputs, targets) == "mean"
+    assert normalization(lambda o, t: log_cosh_sum(o, t) / len(o), outputs, targets) == 1
+    with pytest.raises(ValueError, match="cannot tell"):
+        sample_reduction(lambda o, t: (o - t).square().sum(), outputs, outputs.clone())
+
+
 def test_normalization_refuses_a_loss_that_is_neither_sum_nor_mean():
     outputs = torch.randn(4, 3, dtype=DTYPE)
     targets = torch.randn(4, 3, dtype=DTYPE)
-    with pytest.raises(ValueError, match="neither the sum"):
-        normalization(lambda o, t: (o - t).square().sum() / math.sqrt(o.shape[0]), outputs, targets)
+    for function in (normalization, sample_reduction):
+        with pytest.raises(ValueError, match="neither the sum"):
+            function(lambda o, t: (o - t).square().sum() / math.sqrt(len(o)), outputs, targets)
 
 
 def test_normalization_refuses_all_zero_single_losses():
@@ -506,7 +519,7 @@ OUTPUTS = torch.randn(3, 4, dtype=DTYPE)
 INDICES = torch.tensor([0, 3, 1])
 
 
-@pytest.mark.parametrize("function", [hessian_sqrt, normalization])
+@pytest.mark.parametrize("function", [hessian_sqrt, normalization, sample_reduction])
 @pytest.mark.parametrize(
     "loss_fn",
     [
@@ -521,7 +534,7 @@ def test_reduction_none_is_refused(function, loss_fn):
         function(loss_fn, OUTPUTS, targets)
 
 
-@pytest.mark.parametrize("function", [hessian_sqrt, normalization])
+@pytest.mark.parametrize("function", [hessian_sqrt, normalization, sample_reduction])
 @pytest.mark.parametrize("loss_fn", [nn.NLLLoss(), nn.KLDivLoss(reduction="batchmean")])
 def test_losses_linear_in_their_input_are_refused(function, loss_fn):
     with pytest.raises(ValueError, match=r"use nn\.CrossEntropyLoss"):
@@ -596,7 +609,7 @@ def test_cross_entropy_needs_a_batch_dimension():
         hessian_sqrt(nn.CrossEntropyLoss(), torch.randn(4, dtype=DTYPE), torch.tensor(1))
 
 
-@pytest.mark.parametrize("function", [hessian_sqrt, normalization])
+@pytest.mark.parametrize("function", [hessian_sqrt, normalization, sample_reduction])
 def test_bad_outputs_are_refused(function):
     with pytest.raises(TypeError, match="floating-point"):
         function(nn.MSELoss(), torch.ones(3, 2, dtype=torch.int64), torch.ones(3, 2))
@@ -620,7 +633,7 @@ def test_bad_monte_carlo_arguments_are_refused():
         hessian_sqrt(nn.MSELoss(), OUTPUTS, OUTPUTS, mc_samples=2, generator=0)
 
 
-@pytest.mark.parametrize("function", [hessian_sqrt, normalization])
+@pytest.mark.parametrize("function", [hessian_sqrt, normalization, sample_reduction])
 def test_generic_loss_must_return_a_scalar(function):
     with pytest.raises(ValueError, match="scalar batch loss"):
         function(lambda o, t: (o - t).square(), OUTPUTS, OUTPUTS)
