@@ -1,0 +1,370 @@
+r"""ViViT-compatible computations on BackPACK: drop-in replacements that run on torch 2.
+
+ViViT (``vivit-for-pytorch``) computes GGN eigenpairs, directional derivatives and damped Newton
+steps inside BackPACK's backward pass, but calls ``Tensor.symeig``, which torch 2 removed. The
+classes here keep ViViT's protocol and signatures, so that ViViT code runs with only its import
+changed::
+
+    computation = DirectionalDampedNewtonComputation()
+    group = {"params": params, "criterion": select, "damping": damping}
+    with backpack(*computation.get_extensions(),
+                  extension_hook=computation.get_extension_hook([group])):
+        loss.backward()
+    step = computation.get_result(group)
+
+BackPACK's extensions (``SqrtGGNExact``/``SqrtGGNMC`` for the GGN's square root, ``BatchGrad``
+for the per-sample gradients) produce the factors; the extension hook turns each parameter's
+factors into its Gram blocks as soon as BackPACK has processed the parameter, and runs a group's
+computation once all its parameters are done. The mathematics is curvkit's own
+(:mod:`curvkit.gram_eigen`), shared with the functional API (:mod:`curvkit.directional`), which
+needs neither BackPACK nor ``extend()`` and is faster.
+
+As in ViViT: the loss must use ``reduction="mean"`` (BackPACK's scaling conventions assume it),
+results are keyed by the group dict's identity, and the hook deletes the BackPACK quantities it
+consumed from the parameters. Beyond ViViT: ``"damping"`` may also be a number, Monte-Carlo
+directional derivatives accept any number of samples, eigenvalues that are numerically zero give
+zero directions instead of a division by zero, and invalid groups or criterion results raise
+clear errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor, nn
+
+from curvkit.engines.factor import DenseFactor
+from curvkit.gram_eigen import (
+    GramDirections,
+    damped_newton_coefficients,
+    directional_curvatures,
+    directional_gradients,
+    gram_directions,
+    resolve_damping,
+)
+from curvkit.groups import REQUIRED, normalize_param_groups
+
+__all__ = [
+    "DirectionalDampedNewtonComputation",
+    "DirectionalDerivativesComputation",
+    "EighComputation",
+    "EigvalshComputation",
+]
+
+
+def _sqrt_ggn_extension(subsampling: list[int] | None, mc_samples: int) -> BackpropExtension:
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
+        raise ValueError(
+            f"mc_samples must be 0 (exact GGN) or a positive number of samples, got {mc_samples!r}"
+        )
+    if mc_samples == 0:
+        return SqrtGGNExact(subsampling=subsampling)
+    return SqrtGGNMC(mc_samples=mc_samples, subsampling=subsampling)
+
+
+def _check_subsampling(subsampling: Sequence[int] | None, name: str) -> list[int] | None:
+    if subsampling is None:
+        return None
+    indices = list(subsampling)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+        raise ValueError(
+            f"{name} must be None or a non-empty list of sample indices, got {indices}"
+        )
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{name} holds repeated indices {indices}: list each sample once")
+    return indices
+
+
+class _GroupsComputation:
+    """Shared machinery: group validation, the per-parameter hook, group completion."""
+
+    #: Group options each subclass requires, besides ``"params"``.
+    _required_options: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        subsampling_ggn: Sequence[int] | None,
+        subsampling_grad: Sequence[int] | None,
+        mc_samples: int,
+        verbose: bool,
+        warn_small_eigvals: float,
+        with_gradients: bool,
+    ) -> None:
+        self._subsampling_ggn = _check_subsampling(subsampling_ggn, "subsampling")
+        self._subsampling_grad = _check_subsampling(subsampling_grad, "subsampling_grad")
+        self._sqrt_extension = _sqrt_ggn_extension(self._subsampling_ggn, mc_samples)
+        self._grad_extension = BatchGrad(subsampling=self._subsampling_grad)
+        self._with_gradients = with_gradients
+        self._verbose = verbose
+        self._warn_small_eigvals = warn_small_eigvals
+        self._results: dict[int, Any] = {}
+
+    def get_extensions(self) -> list[BackpropExtension]:
+        """Return the BackPACK extensions to pass to ``with backpack(...)``.
+
+        Returns:
+            The square-root GGN extension, preceded by ``BatchGrad`` where gradients are needed.
+        """
+        if self._with_gradients:
+            return [self._grad_extension, self._sqrt_extension]
+        return [self._sqrt_extension]
+
+    def get_extension_hook(self, param_groups: list[dict[str, Any]]) -> Callable[[nn.Module], None]:
+        """Return the hook to pass as ``with backpack(..., extension_hook=hook)``.
+
+        Args:
+            param_groups: Group dicts as for ``torch.optim``; each is one diagonal GGN block.
+                ``"params"`` is required, and ``"criterion"`` (a function from the ascending
+                Gram eigenvalues to the indices to keep) and ``"damping"`` (a number or a
+                function ``(evals, evecs, gammas, lambdas) -> Tensor [K]``) where the
+                computation needs them. Other keys (an optimizer's ``"lr"``) are ignored.
+
+        Returns:
+            The extension hook. After the backward pass, :meth:`get_result` gives each group's
+            result.
+
+        Raises:
+            ValueError: If a group lacks a required key, a parameter is in two groups, or a
+                parameter does not require grad.
+        """
+        param_groups = list(param_groups)
+        extra = {key: None for group in param_groups for key in group}
+        extra.pop("params", None)
+        defaults = {**extra, **dict.fromkeys(self._required_options, REQUIRED)}
+        groups = normalize_param_groups(param_groups, None, defaults)
+        pending = {
+            id(user_group): {id(p) for p in group["params"]}
+            for user_group, group in zip(param_groups, groups, strict=True)
+        }
+        group_of = {
+            id(p): (id(user_group), group)
+            for user_group, group in zip(param_groups, groups, strict=True)
+            for p in group["params"]
+        }
+        partial: dict[int, dict[str, Any]] = {}
+        batch_size: list[int] = []
+
+        def extension_hook(module: nn.Module) -> None:
+            if not batch_size and hasattr(module, "input0"):
+                batch_size.append(module.input0.shape[0])
+            for param in module.parameters(recurse=False):
+                if id(param) not in group_of:
+                    continue
+                key, group = group_of[id(param)]
+                if id(param) not in pending[key]:
+                    continue
+                if self._verbose:
+                    print(f"curvkit: Gram blocks of parameter {tuple(param.shape)} ({module})")
+                self._accumulate(partial.setdefault(key, {}), param)
+                pending[key].discard(id(param))
+                if not pending[key]:
+                    if self._verbose:
+                        print(f"curvkit: computing the result of group {key}")
+                    self._results[key] = self._finish(partial.pop(key), group, batch_size[0])
+
+        return extension_hook
+
+    def get_result(self, group: dict[str, Any]) -> Any:
+        """Return a group's result, after the backward pass.
+
+        Args:
+            group: The group dict, as passed to :meth:`get_extension_hook`.
+
+        Returns:
+            The group's result (see the subclass).
+
+        Raises:
+            KeyError: If there is no result for the group (not passed to the hook, or the
+                backward pass did not reach all its parameters).
+        """
+        try:
+            return self._results[id(group)]
+        except KeyError:
+            raise KeyError(
+                "No results available for this group: pass it to get_extension_hook and run "
+                "the backward pass inside `with backpack(...)` before asking for its result"
+            ) from None
+
+    def _accumulate(self, partial: dict[str, Any], param: Tensor) -> None:
+        savefield = self._sqrt_extension.savefield
+        sqrt = DenseFactor(getattr(param, savefield), param.shape)
+        partial["gram"] = partial.get("gram", 0) + sqrt.gram()
+        if self._keeps_factors():
+            partial.setdefault("factors", {})[id(param)] = sqrt
+        if self._with_gradients:
+            grads = getattr(param, self._grad_extension.savefield)
+            cross = sqrt.t_mat(grads).permute(2, 0, 1)
+            partial["grad_gram"] = partial.get("grad_gram", 0) + cross
+            delattr(param, self._grad_extension.savefield)
+        delattr(param, savefield)
+
+    def _keeps_factors(self) -> bool:
+        return False
+
+    def _directions(self, partial: dict[str, Any], group: dict[str, Any], n: int) -> GramDirections:
+        return gram_directions(
+            partial["gram"], n, group["criterion"], warn_below=self._warn_small_eigvals
+        )
+
+    def _finish(self, partial: dict[str, Any], group: dict[str, Any], batch_size: int) -> Any:
+        raise NotImplementedError
+
+
+class EigvalshComputation(_GroupsComputation):
+    """GGN eigenvalues of each group's block, ViViT's ``EigvalshComputation`` on torch 2.
+
+    The loss must use ``reduction="mean"``. ``get_result(group)`` returns all eigenvalues of the
+    group's Gram matrix (the GGN's nonzero eigenvalues and zeros), ascending.
+
+    Args:
+        subsampling: Indices of the samples forming the GGN; ``None`` for all.
+        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
+        verbose: Print what happens during the backward pass.
+        warn_small_eigvals: Unused (no eigenvectors); kept for ViViT's signature.
+    """
+
+    def __init__(
+        self,
+        subsampling: list[int] | None = None,
+        mc_samples: int = 0,
+        verbose: bool = False,
+        warn_small_eigvals: float = 1e-4,
+    ) -> None:
+        super().__init__(subsampling, None, mc_samples, verbose, warn_small_eigvals, False)
+
+    def get_extension(self) -> BackpropExtension:
+        """Return the BackPACK extension (ViViT's singular form)."""
+        return self._sqrt_extension
+
+    def _finish(self, partial: dict[str, Any], group: dict[str, Any], batch_size: int) -> Tensor:
+        gram = partial["gram"]
+        size = gram.shape[0] * gram.shape[1]
+        matrix = (batch_size / gram.shape[1]) * gram.reshape(size, size)
+        return torch.linalg.eigvalsh(0.5 * (matrix + matrix.T))
+
+
+class EighComputation(_GroupsComputation):
+    """Selected GGN eigenpairs of each group's block, ViViT's ``EighComputation`` on torch 2.
+
+    Groups need ``"criterion"``. The loss must use ``reduction="mean"``. ``get_result(group)``
+    returns ``(evals, evecs)``: the selected eigenvalues ``[K]`` and unit eigenvectors as one
+    tensor ``[K, *p.shape]`` per parameter.
+
+    Args:
+        subsampling: Indices of the samples forming the GGN; ``None`` for all.
+        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
+        verbose: Print what happens during the backward pass.
+        warn_small_eigvals: Warn if a selected eigenvalue's magnitude is below this value.
+    """
+
+    _required_options = ("criterion",)
+
+    def __init__(
+        self,
+        subsampling: list[int] | None = None,
+        mc_samples: int = 0,
+        verbose: bool = False,
+        warn_small_eigvals: float = 1e-4,
+    ) -> None:
+        super().__init__(subsampling, None, mc_samples, verbose, warn_small_eigvals, False)
+
+    def get_extension(self) -> BackpropExtension:
+        """Return the BackPACK extension (ViViT's singular form)."""
+        return self._sqrt_extension
+
+    def _keeps_factors(self) -> bool:
+        return True
+
+    def _finish(
+        self, partial: dict[str, Any], group: dict[str, Any], batch_size: int
+    ) -> tuple[Tensor, list[Tensor]]:
+        directions = self._directions(partial, group, batch_size)
+        coefficients = directions.evec_coefficients()
+        evecs = [partial["factors"][id(p)].mat(coefficients) for p in group["params"]]
+        norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
+        inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+        return directions.evals, [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
+
+
+class DirectionalDerivativesComputation(_GroupsComputation):
+    r"""Per-sample directional derivatives along GGN eigenvectors, ViViT's class on torch 2.
+
+    Groups need ``"criterion"``. The loss must use ``reduction="mean"``. ``get_result(group)``
+    returns ``(gammas, lambdas)``: :math:`\gamma_{n,k} = N \nabla L_n^\top e_k` ``[N_grad, K]``
+    and :math:`\lambda_{n,k} = N e_k^\top G(L_n) e_k` ``[N_ggn, K]`` (see
+    :mod:`curvkit.gram_eigen`).
+
+    Args:
+        subsampling_grad: Indices of the samples for the gradients; ``None`` for all.
+        subsampling_ggn: Indices of the samples forming the GGN; ``None`` for all.
+        mc_samples_ggn: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
+        verbose: Print what happens during the backward pass.
+        warn_small_eigvals: Warn if a selected eigenvalue's magnitude is below this value.
+    """
+
+    _required_options = ("criterion",)
+
+    def __init__(
+        self,
+        subsampling_grad: list[int] | None = None,
+        subsampling_ggn: list[int] | None = None,
+        mc_samples_ggn: int = 0,
+        verbose: bool = False,
+        warn_small_eigvals: float = 1e-4,
+    ) -> None:
+        super().__init__(
+            subsampling_ggn, subsampling_grad, mc_samples_ggn, verbose, warn_small_eigvals, True
+        )
+
+    def _finish(
+        self, partial: dict[str, Any], group: dict[str, Any], batch_size: int
+    ) -> tuple[Tensor, Tensor]:
+        directions = self._directions(partial, group, batch_size)
+        gammas = directional_gradients(directions, partial["grad_gram"])
+        return gammas, directional_curvatures(directions)
+
+
+class DirectionalDampedNewtonComputation(_GroupsComputation):
+    """Directionally damped Newton steps, ViViT's class on torch 2.
+
+    Groups need ``"criterion"`` and ``"damping"``. The loss must use ``reduction="mean"``.
+    ``get_result(group)`` returns the step as one tensor per parameter of the group.
+
+    Args:
+        subsampling_grad: Indices of the samples for the gradient; ``None`` for all.
+        subsampling_ggn: Indices of the samples forming the GGN; ``None`` for all.
+        mc_samples_ggn: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
+        verbose: Print what happens during the backward pass.
+        warn_small_eigvals: Warn if a selected eigenvalue's magnitude is below this value.
+    """
+
+    _required_options = ("criterion", "damping")
+
+    def __init__(
+        self,
+        subsampling_grad: list[int] | None = None,
+        subsampling_ggn: list[int] | None = None,
+        mc_samples_ggn: int = 0,
+        verbose: bool = False,
+        warn_small_eigvals: float = 1e-4,
+    ) -> None:
+        super().__init__(
+            subsampling_ggn, subsampling_grad, mc_samples_ggn, verbose, warn_small_eigvals, True
+        )
+
+    def _keeps_factors(self) -> bool:
+        return True
+
+    def _finish(
+        self, partial: dict[str, Any], group: dict[str, Any], batch_size: int
+    ) -> list[Tensor]:
+        directions = self._directions(partial, group, batch_size)
+        gammas = directional_gradients(directions, partial["grad_gram"])
+        lambdas = directional_curvatures(directions)
+        damping = resolve_damping(group["damping"], directions, gammas, lambdas)
+        coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
+        return [partial["factors"][id(p)].mat(coefficients)[0] for p in group["params"]]
