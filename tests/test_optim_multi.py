@@ -33,16 +33,16 @@ def _sgd():
 
 MEMBERS = {
     "sgd": (_sgd, 150),
-    "adam": (lambda: TorchMultiOptimizer(torch.optim.Adam, {"lr": 0.05}), 1200),
+    "adam": (lambda: TorchMultiOptimizer(torch.optim.Adam, {"lr": 0.05}), 500),
     "clipped_adam": (
         lambda: PerParamMultiOptimizer(
             PerParamOptim(
-                ClippedAdam, lambda name: {"lr": 0.1 if name == "a" else 0.05, "lrd": 0.995}
+                ClippedAdam, lambda name: {"lr": 0.1 if name == "a" else 0.2, "lrd": 0.995}
             )
         ),
-        1200,
+        500,
     ),
-    "adagrad_rmsprop": (lambda: TorchMultiOptimizer(AdagradRMSProp, {"eta": 1.0}), 2500),
+    "adagrad_rmsprop": (lambda: TorchMultiOptimizer(AdagradRMSProp, {"eta": 2.0}), 200),
     "scheduler": (
         lambda: PerParamMultiOptimizer(
             PerParamLRScheduler(
@@ -61,7 +61,7 @@ MEMBERS = {
                 (["c"], GradientDescent(0.2)),
             ]
         ),
-        1200,
+        500,
     ),
     "nested_mixed": (
         lambda: MixedMultiOptimizer(

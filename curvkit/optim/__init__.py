@@ -8,6 +8,7 @@ from curvkit.optim.multi import (
     PerParamMultiOptimizer,
     TorchMultiOptimizer,
 )
+from curvkit.optim.newton import Newton
 from curvkit.optim.per_param import PerParamLRScheduler, PerParamOptim
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ClippedAdam",
     "MixedMultiOptimizer",
     "MultiOptimizer",
+    "Newton",
     "PerParamLRScheduler",
     "PerParamMultiOptimizer",
     "PerParamOptim",
