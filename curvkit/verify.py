@@ -303,12 +303,12 @@ class ComparisonReport:
             for row in self.rows
         ]
 
-    def _summary(self) -> str:
+    def _summary(self) -> tuple[str, str]:
         num_passed = sum(row.passed for row in self.rows)
         return (
-            f"{num_passed}/{len(self.rows)} passed: |actual - expected| <= atol + rtol * "
-            f"|expected| elementwise, rtol={self.rtol:g}, atol={self.atol:g}; "
-            "rel error = max|actual - expected| / max|expected|"
+            f"{num_passed}/{len(self.rows)} passed with rtol={self.rtol:g}, atol={self.atol:g}",
+            "pass: |actual - expected| <= atol + rtol * |expected| elementwise; "
+            "rel error = max|actual - expected| / max|expected|",
         )
 
     def __str__(self) -> str:
@@ -323,7 +323,7 @@ class ComparisonReport:
             ).rstrip()
 
         rule = "  ".join("-" * w for w in widths)
-        return "\n".join([render(_HEADERS), rule, *map(render, table[1:]), self._summary()])
+        return "\n".join([render(_HEADERS), rule, *map(render, table[1:]), *self._summary()])
 
     def _repr_html_(self) -> str:
         header = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADERS)
@@ -337,7 +337,8 @@ class ComparisonReport:
             "<table>"
             f"<thead><tr>{header}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody>"
-            f"<caption style='caption-side: bottom'>{html.escape(self._summary())}</caption>"
+            "<caption style='caption-side: bottom'>"
+            f"{'<br>'.join(html.escape(line) for line in self._summary())}</caption>"
             "</table>"
         )
 
