@@ -377,6 +377,11 @@ def top_eigh(matrix: Tensor, k: int, *, max_dim: int | None = None) -> tuple[Ten
 
 def _check_indices(indices: Sequence[int] | Tensor, size: int, criterion: Criterion) -> list[int]:
     if isinstance(indices, Tensor):
+        if indices.dtype == torch.bool:
+            raise ValueError(
+                f"criterion {criterion!r} returned a boolean mask: it must return integer "
+                "indices, e.g. torch.nonzero(mask).flatten().tolist()"
+            )
         if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
             raise ValueError(
                 f"criterion {criterion!r} returned a tensor of dtype {indices.dtype} and shape "
