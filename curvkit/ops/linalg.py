@@ -18,7 +18,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["determinant_3d", "eig_3d", "inv3d", "rinverse"]
+__all__ = [
+    "determinant_3d",
+    "eig_3d",
+    "inv3d",
+    "rinverse",
+    "safe_sqrt",
+    "sym_adjugate_3x3",
+    "sym_eigvals_3x3",
+]
 
 
 def _check_square(M: Tensor, name: str, size: int | None = None) -> None:
@@ -35,10 +43,17 @@ def _check_square(M: Tensor, name: str, size: int | None = None) -> None:
         )
 
 
-def _safe_sqrt(x: Tensor) -> Tensor:
-    """Square root of a nonnegative tensor whose gradient is 0 (not inf or NaN) where ``x == 0``."""
+def safe_sqrt(x: Tensor) -> Tensor:
+    r"""Square root of a nonnegative tensor, with gradient 0 (not inf or NaN) where ``x == 0``.
+
+    Args:
+        x: A nonnegative tensor.
+
+    Returns:
+        :math:`\sqrt{x}`, elementwise.
+    """
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), 0.0)
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
 
 
 def determinant_3d(H: Tensor) -> Tensor:
@@ -62,6 +77,83 @@ def determinant_3d(H: Tensor) -> Tensor:
     )
 
 
+def sym_eigvals_3x3(
+    h00: Tensor, h11: Tensor, h22: Tensor, h01: Tensor, h02: Tensor, h12: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigenvalues of symmetric 3x3 matrices given by their six distinct entries, ascending.
+
+    The entries are broadcast against each other; this is the elementwise core of
+    :func:`eig_3d`, for callers that hold the entries as separate tensors.
+
+    Args:
+        h00: Entries :math:`H_{00}`.
+        h11: Entries :math:`H_{11}`.
+        h22: Entries :math:`H_{22}`.
+        h01: Entries :math:`H_{01} = H_{10}`.
+        h02: Entries :math:`H_{02} = H_{20}`.
+        h12: Entries :math:`H_{12} = H_{21}`.
+
+    Returns:
+        A tuple ``(smallest, middle, largest)``.
+    """
+    q = (h00 + h11 + h22) / 3
+    s00, s11, s22 = h00 - q, h11 - q, h22 - q
+    p2 = (s00.square() + s11.square() + s22.square() + 2 * (h01**2 + h02**2 + h12**2)) / 6
+    # det(H - qI) = 2 p^3 cos(3 phi) and sqrt(4 p^6 - det^2) = 2 p^3 sin(3 phi).
+    det_s = (
+        s00 * (s11 * s22 - h12**2) - h01 * (h01 * s22 - h12 * h02) + h02 * (h01 * h12 - s11 * h02)
+    )
+    sin_part = safe_sqrt((4 * p2**3 - det_s**2).clamp(min=0))
+    degenerate = (sin_part == 0) & (det_s == 0)
+    cos_part = torch.where(degenerate, 1.0, det_s)
+    phi = torch.atan2(sin_part, cos_part) / 3
+    two_p = 2 * safe_sqrt(p2)
+    largest = q + two_p * torch.cos(phi)
+    smallest = q + two_p * torch.cos(phi + 2 * math.pi / 3)
+    middle = 3 * q - largest - smallest
+    return smallest, middle, largest
+
+
+def sym_adjugate_3x3(
+    h00: Tensor, h11: Tensor, h22: Tensor, h01: Tensor, h02: Tensor, h12: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Adjugate and determinant of symmetric 3x3 matrices given by their six distinct entries.
+
+    The entries are broadcast against each other. :math:`H^{-1} = \mathrm{adj}(H) / \det H`.
+
+    Args:
+        h00: Entries :math:`H_{00}`.
+        h11: Entries :math:`H_{11}`.
+        h22: Entries :math:`H_{22}`.
+        h01: Entries :math:`H_{01} = H_{10}`.
+        h02: Entries :math:`H_{02} = H_{20}`.
+        h12: Entries :math:`H_{12} = H_{21}`.
+
+    Returns:
+        ``(c00, c11, c22, c01, c02, c12, det)``: the six distinct entries of the (symmetric)
+        adjugate, then the determinant.
+    """
+    c00 = h11 * h22 - h12 * h12
+    c11 = h00 * h22 - h02 * h02
+    c22 = h00 * h11 - h01 * h01
+    c01 = h02 * h12 - h01 * h22
+    c02 = h01 * h12 - h02 * h11
+    c12 = h01 * h02 - h00 * h12
+    det = h00 * c00 + h01 * c01 + h02 * c02
+    return c00, c11, c22, c01, c02, c12, det
+
+
+def _symmetric_entries_3x3(H: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (
+        H[..., 0, 0],
+        H[..., 1, 1],
+        H[..., 2, 2],
+        (H[..., 0, 1] + H[..., 1, 0]) / 2,
+        (H[..., 0, 2] + H[..., 2, 0]) / 2,
+        (H[..., 1, 2] + H[..., 2, 1]) / 2,
+    )
+
+
 def eig_3d(H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Eigenvalues of a batch of symmetric 3x3 matrices, in closed form, in ascending order.
 
@@ -81,25 +173,7 @@ def eig_3d(H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ValueError: If ``H`` is not of shape ``(..., 3, 3)``.
     """
     _check_square(H, "H", 3)
-    h01 = (H[..., 0, 1] + H[..., 1, 0]) / 2
-    h02 = (H[..., 0, 2] + H[..., 2, 0]) / 2
-    h12 = (H[..., 1, 2] + H[..., 2, 1]) / 2
-    q = (H[..., 0, 0] + H[..., 1, 1] + H[..., 2, 2]) / 3
-    s00, s11, s22 = H[..., 0, 0] - q, H[..., 1, 1] - q, H[..., 2, 2] - q
-    p2 = (s00.square() + s11.square() + s22.square() + 2 * (h01**2 + h02**2 + h12**2)) / 6
-    # det(H - qI) = 2 p^3 cos(3 phi) and sqrt(4 p^6 - det^2) = 2 p^3 sin(3 phi).
-    det_s = (
-        s00 * (s11 * s22 - h12**2) - h01 * (h01 * s22 - h12 * h02) + h02 * (h01 * h12 - s11 * h02)
-    )
-    sin_part = _safe_sqrt((4 * p2**3 - det_s**2).clamp(min=0))
-    degenerate = (sin_part == 0) & (det_s == 0)
-    cos_part = torch.where(degenerate, torch.ones_like(det_s), det_s)
-    phi = torch.atan2(sin_part, cos_part) / 3
-    two_p = 2 * _safe_sqrt(p2)
-    largest = q + two_p * torch.cos(phi)
-    smallest = q + two_p * torch.cos(phi + 2 * math.pi / 3)
-    middle = 3 * q - largest - smallest
-    return smallest, middle, largest
+    return sym_eigvals_3x3(*_symmetric_entries_3x3(H))
 
 
 def _inverse_2d(M: Tensor, sym: bool) -> Tensor:
@@ -130,27 +204,17 @@ def inv3d(H: Tensor, sym: bool = False) -> Tensor:
         ValueError: If ``H`` is not of shape ``(..., 3, 3)``.
     """
     _check_square(H, "H", 3)
-    h00, h11, h22 = H[..., 0, 0], H[..., 1, 1], H[..., 2, 2]
     if sym:
-        h01 = h10 = (H[..., 0, 1] + H[..., 1, 0]) / 2
-        h02 = h20 = (H[..., 0, 2] + H[..., 2, 0]) / 2
-        h12 = h21 = (H[..., 1, 2] + H[..., 2, 1]) / 2
-    else:
-        h01, h10 = H[..., 0, 1], H[..., 1, 0]
-        h02, h20 = H[..., 0, 2], H[..., 2, 0]
-        h12, h21 = H[..., 1, 2], H[..., 2, 1]
-    c00 = h11 * h22 - h12 * h21
-    c01 = h02 * h21 - h01 * h22
-    c02 = h01 * h12 - h02 * h11
-    c11 = h00 * h22 - h02 * h20
-    c12 = h02 * h10 - h00 * h12
-    c22 = h00 * h11 - h01 * h10
-    if sym:
-        c10, c20, c21 = c01, c02, c12
-    else:
-        c10 = h12 * h20 - h10 * h22
-        c20 = h10 * h21 - h11 * h20
-        c21 = h01 * h20 - h00 * h21
+        c00, c11, c22, c01, c02, c12, det = sym_adjugate_3x3(*_symmetric_entries_3x3(H))
+        adjugate = torch.stack([c00, c01, c02, c01, c11, c12, c02, c12, c22], dim=-1)
+        return (adjugate / det.unsqueeze(-1)).unflatten(-1, (3, 3))
+    h00, h01, h02 = H[..., 0, 0], H[..., 0, 1], H[..., 0, 2]
+    h10, h11, h12 = H[..., 1, 0], H[..., 1, 1], H[..., 1, 2]
+    h20, h21, h22 = H[..., 2, 0], H[..., 2, 1], H[..., 2, 2]
+    # Row i of the adjugate holds the cofactors of column i.
+    c00, c01, c02 = h11 * h22 - h12 * h21, h02 * h21 - h01 * h22, h01 * h12 - h02 * h11
+    c10, c11, c12 = h12 * h20 - h10 * h22, h00 * h22 - h02 * h20, h02 * h10 - h00 * h12
+    c20, c21, c22 = h10 * h21 - h11 * h20, h01 * h20 - h00 * h21, h00 * h11 - h01 * h10
     det = h00 * c00 + h01 * c10 + h02 * c20
     adjugate = torch.stack([c00, c01, c02, c10, c11, c12, c20, c21, c22], dim=-1)
     return (adjugate / det.unsqueeze(-1)).unflatten(-1, (3, 3))

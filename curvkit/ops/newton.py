@@ -54,7 +54,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvkit.ops.linalg import eig_3d, rinverse
+from curvkit.ops.linalg import safe_sqrt, sym_adjugate_3x3, sym_eigvals_3x3
 
 __all__ = [
     "newton_minimize",
@@ -106,16 +106,41 @@ def _check_inputs(loss: Tensor, x: Tensor, trust_radius: float | None, dim: int 
             )
 
 
-def _warn_if_not_finite(value: Tensor, name: str, advice: str) -> None:
-    if not bool(torch.isfinite(value).all()):
-        warnings.warn(f"newton_step: the {name} contains NaN or Inf; {advice}", stacklevel=4)
+def _warn_if_not_finite(g: Tensor, rows: list[Tensor], cov: Tensor) -> None:
+    # One reduction and one host sync on the common path; a false alarm from overflow in the
+    # sums is sorted out by the exact checks below.
+    total = g.sum() + cov.sum()
+    for row in rows:
+        total = total + row.sum()
+    if bool(torch.isfinite(total)):
+        return
+    culprits = [
+        name
+        for name, parts in (("gradient", [g]), ("Hessian", rows))
+        if not all(bool(torch.isfinite(part).all()) for part in parts)
+    ]
+    if culprits:
+        warnings.warn(
+            f"newton_step: the {' and the '.join(culprits)} contain NaN or Inf; check the loss "
+            f"and the current x.",
+            stacklevel=4,
+        )
+    elif not bool(torch.isfinite(cov).all()):
+        warnings.warn(
+            "newton_step: the covariance (inverse Hessian) contains NaN or Inf because the "
+            "Hessian is singular for some item; pass a trust_radius to regularise it.",
+            stacklevel=4,
+        )
 
 
-def _gradient_and_hessian(loss: Tensor, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-    r"""Gradient ``(..., D)`` and per-item Hessian ``(..., D, D)`` of a loss summed over the batch.
+def _gradient_and_hessian_rows(
+    loss: Tensor, x: Tensor, create_graph: bool
+) -> tuple[Tensor, list[Tensor]]:
+    r"""Gradient ``g`` of shape ``(..., D)`` and the rows of every item's Hessian.
 
-    Row ``i`` of every item's Hessian is the gradient of :math:`\sum_n g_{n,i}`, obtained with one
-    backward pass of the one-hot direction ``e_i`` (expanded, not materialised) through ``g``.
+    ``rows[i][..., j]`` is :math:`H_{ij}` of each item. Row ``i`` is the gradient of
+    :math:`\sum_n g_{n,i}`: one backward pass through ``g`` per coordinate, with the one-hot
+    direction ``e_i`` expanded over the batch rather than materialised.
     """
     (g,) = torch.autograd.grad(loss, x, create_graph=True, allow_unused=True)
     if g is None:
@@ -126,7 +151,7 @@ def _gradient_and_hessian(loss: Tensor, x: Tensor, create_graph: bool) -> tuple[
     dim = x.shape[-1]
     if not g.requires_grad:
         # The loss is linear in x: the Hessian vanishes.
-        return g, g.new_zeros(*g.shape, dim)
+        return g, [torch.zeros_like(g) for _ in range(dim)]
     basis = torch.eye(dim, dtype=g.dtype, device=g.device)
     rows = []
     for i in range(dim):
@@ -139,83 +164,152 @@ def _gradient_and_hessian(loss: Tensor, x: Tensor, create_graph: bool) -> tuple[
             allow_unused=True,
         )
         rows.append(torch.zeros_like(g) if row is None else row)
-    return g, torch.stack(rows, dim=-2)
+    return g, rows
 
 
-def _curvature_floor(H: Tensor) -> Tensor:
-    """Smallest curvature the dtype resolves at the scale of each ``H``, as a constant."""
-    with torch.no_grad():
-        scale = 1 + H.abs().sum(dim=(-2, -1))
-    return torch.finfo(H.dtype).eps * scale
+def _curvature_floor(abs_sum: Tensor) -> Tensor:
+    """Smallest curvature the dtype resolves at the scale ``abs_sum`` of a Hessian (a constant)."""
+    return torch.finfo(abs_sum.dtype).eps * (1 + abs_sum.detach())
 
 
-def _smallest_eigenvalue(H: Tensor) -> Tensor:
-    dim = H.shape[-1]
-    if dim == 2:
-        mean = (H[..., 0, 0] + H[..., 1, 1]) / 2
-        radius = torch.linalg.vector_norm(
-            torch.stack([(H[..., 0, 0] - H[..., 1, 1]) / 2, H[..., 0, 1]], dim=-1), dim=-1
-        )
-        return mean - radius
-    if dim == 3:
-        return eig_3d(H)[0]
-    return torch.linalg.eigvalsh(H)[..., 0]
+def _trust_shift(g: Tensor, lambda_min: Tensor, floor: Tensor, trust_radius: float) -> Tensor:
+    """The regulariser lambda for items whose Newton step is rejected (see the module doc)."""
+    return torch.maximum(torch.linalg.vector_norm(g, dim=-1) / trust_radius, floor) - lambda_min
+
+
+def _into_ball(dx: Tensor, trust_radius: float) -> Tensor:
+    """Scale steps longer than the radius (by rounding only, after regularisation) back onto it."""
+    norm = torch.linalg.vector_norm(dx, dim=-1, keepdim=True)
+    return torch.where(norm > trust_radius, dx * (trust_radius / norm), dx)
+
+
+def _solve_1d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
+    h = rows[0]
+    # Nonpositive curvature is floored: the step then runs to the trust region's boundary.
+    cov = torch.maximum(h, _curvature_floor(h.abs())).reciprocal()
+    dx = -g * cov
+    if trust_radius is not None:
+        dx = dx.clamp(min=-trust_radius, max=trust_radius)
+    return dx, cov.unsqueeze(-1)
+
+
+def _step_2d(
+    h00: Tensor, h11: Tensor, h01: Tensor, g0: Tensor, g1: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    inv_det = (h00 * h11 - h01 * h01).reciprocal()
+    return (h01 * g1 - h11 * g0) * inv_det, (h01 * g0 - h00 * g1) * inv_det, inv_det
+
+
+def _solve_2d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
+    h00, h11 = rows[0][..., 0], rows[1][..., 1]
+    h01 = (rows[0][..., 1] + rows[1][..., 0]) / 2
+    g0, g1 = g[..., 0], g[..., 1]
+    dx0, dx1, inv_det = _step_2d(h00, h11, h01, g0, g1)
+    dx = torch.stack([dx0, dx1], dim=-1)
+    if trust_radius is not None:
+        half_gap = safe_sqrt(((h00 - h11) / 2).square() + h01.square())
+        lambda_min = (h00 + h11) / 2 - half_gap
+        acceptable = (lambda_min > 0) & (dx0.square() + dx1.square() <= trust_radius**2)
+        if not bool(acceptable.all()):
+            floor = _curvature_floor(h00.abs() + h11.abs() + 2 * h01.abs())
+            shift = _trust_shift(g, lambda_min, floor, trust_radius)
+            shift = torch.where(acceptable, 0.0, shift)
+            h00, h11 = h00 + shift, h11 + shift
+            dx0, dx1, inv_det = _step_2d(h00, h11, h01, g0, g1)
+            dx = _into_ball(torch.stack([dx0, dx1], dim=-1), trust_radius)
+    off = -h01 * inv_det
+    cov = torch.stack([h11 * inv_det, off, off, h00 * inv_det], dim=-1).unflatten(-1, (2, 2))
+    return dx, cov
+
+
+def _step_3d(
+    entries: tuple[Tensor, ...], g0: Tensor, g1: Tensor, g2: Tensor
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    c00, c11, c22, c01, c02, c12, det = sym_adjugate_3x3(*entries)
+    minus_inv_det = -det.reciprocal()
+    dx = torch.stack(
+        [
+            (c00 * g0 + c01 * g1 + c02 * g2) * minus_inv_det,
+            (c01 * g0 + c11 * g1 + c12 * g2) * minus_inv_det,
+            (c02 * g0 + c12 * g1 + c22 * g2) * minus_inv_det,
+        ],
+        dim=-1,
+    )
+    return dx, (c00, c11, c22, c01, c02, c12), -minus_inv_det
+
+
+def _solve_3d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
+    h00, h11, h22 = rows[0][..., 0], rows[1][..., 1], rows[2][..., 2]
+    h01 = (rows[0][..., 1] + rows[1][..., 0]) / 2
+    h02 = (rows[0][..., 2] + rows[2][..., 0]) / 2
+    h12 = (rows[1][..., 2] + rows[2][..., 1]) / 2
+    g0, g1, g2 = g[..., 0], g[..., 1], g[..., 2]
+    dx, adjugate, inv_det = _step_3d((h00, h11, h22, h01, h02, h12), g0, g1, g2)
+    if trust_radius is not None:
+        lambda_min = sym_eigvals_3x3(h00, h11, h22, h01, h02, h12)[0]
+        acceptable = (lambda_min > 0) & (dx.square().sum(-1) <= trust_radius**2)
+        if not bool(acceptable.all()):
+            abs_sum = h00.abs() + h11.abs() + h22.abs() + 2 * (h01.abs() + h02.abs() + h12.abs())
+            shift = _trust_shift(g, lambda_min, _curvature_floor(abs_sum), trust_radius)
+            shift = torch.where(acceptable, 0.0, shift)
+            shifted = (h00 + shift, h11 + shift, h22 + shift, h01, h02, h12)
+            dx, adjugate, inv_det = _step_3d(shifted, g0, g1, g2)
+            dx = _into_ball(dx, trust_radius)
+    c00, c11, c22, c01, c02, c12 = (c * inv_det for c in adjugate)
+    cov = torch.stack([c00, c01, c02, c01, c11, c12, c02, c12, c22], dim=-1).unflatten(-1, (3, 3))
+    return dx, cov
 
 
 def _symmetric_inverse(H: Tensor) -> Tensor:
-    if H.shape[-1] <= 3:
-        return rinverse(H, sym=True)
-    # inv_ex: a singular matrix must give a warning below, not stop the whole batch.
+    # inv_ex: a singular item must give a warning, not stop the whole batch.
     inverse = torch.linalg.inv_ex(H)[0]
     return (inverse + inverse.mT) / 2
 
 
-def _solve_1d(g: Tensor, H: Tensor, trust_radius: float | None) -> tuple[Tensor, Tensor]:
-    # Nonpositive curvature is floored: the step then runs to the trust region's boundary.
-    cov = H.clamp(min=_curvature_floor(H)[..., None, None]).reciprocal()
-    dx = -g * cov.squeeze(-1)
-    if trust_radius is not None:
-        dx = dx.clamp(min=-trust_radius, max=trust_radius)
-    return dx, cov
-
-
-def _solve(g: Tensor, H: Tensor, trust_radius: float | None) -> tuple[Tensor, Tensor]:
-    """Step ``dx`` and covariance ``cov`` from the gradient and the symmetric Hessian, D >= 2."""
+def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
+    dim = g.shape[-1]
+    H = torch.stack(rows, dim=-2)
+    H = (H + H.mT) / 2
     cov = _symmetric_inverse(H)
     dx = -(cov @ g.unsqueeze(-1)).squeeze(-1)
     if trust_radius is None:
         return dx, cov
-    lambda_min = _smallest_eigenvalue(H)
-    acceptable = (lambda_min > 0) & (torch.linalg.vector_norm(dx, dim=-1) <= trust_radius)
+    with torch.no_grad():
+        positive_definite = torch.linalg.cholesky_ex(H.detach()).info == 0
+    acceptable = positive_definite & (torch.linalg.vector_norm(dx, dim=-1) <= trust_radius)
     if bool(acceptable.all()):
         return dx, cov
-    target = torch.maximum(torch.linalg.vector_norm(g, dim=-1) / trust_radius, _curvature_floor(H))
-    shift = torch.where(acceptable, 0.0, target - lambda_min)
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    cov = _symmetric_inverse(H + shift[..., None, None] * eye)
-    dx = -(cov @ g.unsqueeze(-1)).squeeze(-1)
-    # Rounding in lambda_min can leave ||dx|| a hair above the radius: scale it back.
-    norm = torch.linalg.vector_norm(dx, dim=-1, keepdim=True)
-    dx = torch.where(norm > trust_radius, dx * (trust_radius / norm), dx)
-    return dx, cov
+    # The eigenvalues (LAPACK, costly) are needed only for the items whose step is rejected.
+    batch_shape = g.shape[:-1]
+    H, g, cov, dx = (
+        H.reshape(-1, dim, dim),
+        g.reshape(-1, dim),
+        cov.reshape(-1, dim, dim),
+        dx.reshape(-1, dim),
+    )
+    rejected = (~acceptable).reshape(-1).nonzero().squeeze(-1)
+    H_rejected, g_rejected = H[rejected], g[rejected]
+    lambda_min = torch.linalg.eigvalsh(H_rejected)[..., 0]
+    floor = _curvature_floor(H_rejected.abs().sum((-2, -1)))
+    shift = _trust_shift(g_rejected, lambda_min, floor, trust_radius)
+    eye = torch.eye(dim, dtype=H.dtype, device=H.device)
+    cov_rejected = _symmetric_inverse(H_rejected + shift[:, None, None] * eye)
+    dx_rejected = -(cov_rejected @ g_rejected.unsqueeze(-1)).squeeze(-1)
+    cov = cov.index_put((rejected,), cov_rejected)
+    dx = dx.index_put((rejected,), _into_ball(dx_rejected, trust_radius))
+    return dx.reshape(*batch_shape, dim), cov.reshape(*batch_shape, dim, dim)
+
+
+_SOLVERS = {1: _solve_1d, 2: _solve_2d, 3: _solve_3d}
 
 
 def _newton_step(
     loss: Tensor, x: Tensor, trust_radius: float | None, dim: int | None, create_graph: bool
 ) -> tuple[Tensor, Tensor]:
     _check_inputs(loss, x, trust_radius, dim)
-    g, H = _gradient_and_hessian(loss, x, create_graph)
-    _warn_if_not_finite(g, "gradient", "check the loss and the current x.")
-    _warn_if_not_finite(H, "Hessian", "check the loss and the current x.")
-    if x.shape[-1] == 1:
-        dx, cov = _solve_1d(g, H, trust_radius)
-    else:
-        dx, cov = _solve(g, (H + H.mT) / 2, trust_radius)
-    _warn_if_not_finite(
-        cov,
-        "covariance (inverse Hessian)",
-        "the Hessian is singular for some item; pass a trust_radius to regularise it.",
-    )
+    g, rows = _gradient_and_hessian_rows(loss, x, create_graph)
+    dx, cov = _SOLVERS.get(x.shape[-1], _solve_nd)(g, rows, trust_radius)
+    _warn_if_not_finite(g, rows, cov)
     return x.detach() + dx, cov
 
 
