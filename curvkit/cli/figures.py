@@ -1,0 +1,125 @@
+"""The figures of ``curvkit demo``: GGN spectrum, per-layer diagonal, training curves.
+
+matplotlib is an optional dependency (the ``demo`` extra); figures are drawn on
+:class:`matplotlib.figure.Figure` objects directly, so no pyplot state or display is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curvkit.cli._common import CommandError
+
+#: One colour per optimiser, the same in every figure.
+COLOURS = {"damped Newton": "#d1495b", "Adam": "#00798c"}
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise CommandError(
+            "the demo's figures need matplotlib: pip install 'curvkit[demo]' (or pass --no-figures)"
+        ) from error
+    return Figure(figsize=(width, height), dpi=120, layout="constrained")
+
+
+def plot_spectrum(
+    spectra: Mapping[str, Sequence[float]], num_directions: int, num_samples: int, path: Path
+) -> None:
+    """Plot GGN eigenvalues, largest first, on a log scale.
+
+    Args:
+        spectra: Eigenvalues per label (e.g. at initialisation and after training).
+        num_directions: How many of the largest eigenvalues the damped Newton steps use; shaded.
+        num_samples: The batch size the GGN was computed on (for the title).
+        path: Where to write the PNG.
+    """
+    figure = _figure(6.4, 4.0)
+    axes = figure.add_subplot()
+    for (label, values), style in zip(spectra.items(), ("-", "--"), strict=False):
+        ordered = np.sort(np.asarray(values, dtype=float))[::-1]
+        ordered = ordered[ordered > 0]
+        axes.plot(np.arange(1, len(ordered) + 1), ordered, style, lw=1.8, label=label)
+    axes.axvspan(0.5, num_directions + 0.5, color="0.85", zorder=0)
+    axes.text(
+        num_directions + 1.5,
+        0.02,
+        f"top {num_directions}: the damped Newton directions",
+        transform=axes.get_xaxis_transform(),
+        fontsize=9,
+        color="0.3",
+    )
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("rank of the eigenvalue (1 = largest)")
+    axes.set_ylabel("GGN eigenvalue")
+    axes.set_title(f"Spectrum of the GGN on a batch of {num_samples} samples")
+    axes.grid(True, which="major", alpha=0.4)
+    axes.legend()
+    figure.savefig(path)
+
+
+def plot_diagonal(diagonal: Mapping[str, np.ndarray], path: Path) -> None:
+    """Plot the distribution of the GGN diagonal's entries for each parameter tensor.
+
+    Args:
+        diagonal: The diagonal's entries per parameter name.
+        path: Where to write the PNG.
+    """
+    figure = _figure(6.4, 4.0)
+    axes = figure.add_subplot()
+    names = list(diagonal)
+    floor = min(float(v[v > 0].min()) for v in diagonal.values() if (v > 0).any())
+    logs = [
+        np.log10(np.maximum(np.asarray(v, dtype=float).ravel(), floor)) for v in diagonal.values()
+    ]
+    axes.boxplot(logs, whis=(0, 100), widths=0.6)
+    axes.set_xticks(range(1, len(names) + 1), [f"{n}\n({diagonal[n].size})" for n in names])
+    axes.set_xlabel("parameter tensor (number of entries)")
+    axes.set_ylabel("log10 of the GGN diagonal entry")
+    axes.set_title("Exact GGN diagonal over the training set, per parameter")
+    axes.grid(True, axis="y", alpha=0.4)
+    figure.savefig(path)
+
+
+def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
+    """Plot training loss and test accuracy per epoch, one line per optimiser.
+
+    Args:
+        histories: Per optimiser, lists ``train_loss`` and ``test_accuracy`` (epoch 0 first).
+        path: Where to write the PNG.
+    """
+    figure = _figure(9.0, 3.6)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for name, history in histories.items():
+        epochs = np.arange(len(history["train_loss"]))
+        colour = COLOURS.get(name)
+        loss_axes.plot(epochs, history["train_loss"], "o-", ms=3, color=colour, label=name)
+        accuracy = 100 * np.asarray(history["test_accuracy"])
+        accuracy_axes.plot(epochs, accuracy, "o-", ms=3, color=colour, label=name)
+    loss_axes.set_yscale("log")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("training loss (cross-entropy)")
+    loss_axes.set_title("Training loss")
+    accuracy_axes.set_xlabel("epoch")
+    accuracy_axes.set_ylabel("test accuracy (%)")
+    accuracy_axes.set_ylim(0, 100)
+    accuracy_axes.set_title("Test accuracy")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(True, alpha=0.4)
+        axes.legend()
+    figure.savefig(path)
+
+
+def require_matplotlib() -> None:
+    """Fail early, before any work, if the figures cannot be drawn.
+
+    Raises:
+        CommandError: If matplotlib is not installed.
+    """
+    _figure(1, 1)

@@ -1,0 +1,322 @@
+r"""``curvkit verify``: every curvature quantity against plain autograd, on a model zoo.
+
+For each model of :mod:`curvkit.cli.zoo` the dense references are built once from
+:mod:`curvkit.verify` (dense GGN, output Hessians) and from plain ``torch.autograd`` (per-sample
+gradients :math:`\nabla L_n`, Jacobian-vector products), and every quantity of curvkit is
+compared with them. Errors are relative to the largest reference entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import curvkit
+from curvkit import losses, verify
+from curvkit.cli._common import (
+    DTYPES,
+    add_device_dtype_options,
+    format_table,
+    resolve_device,
+)
+from curvkit.cli.zoo import Case, model_zoo
+from curvkit.directional import damped_newton_step, directional_derivatives, ggn_eigh, top_k
+from curvkit.ggn import (
+    GGNOperator,
+    diag_ggn,
+    gauss_newton_diagonal,
+    ggn_columns,
+    ggn_matrix,
+    ggn_vector_product,
+)
+
+#: Tolerance per dtype, relative to the largest reference entry.
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
+#: Eigenvector-based quantities lose accuracy with the eigengap: a looser factor in float32.
+EIGEN_FACTOR = {torch.float64: 1.0, torch.float32: 10.0}
+NUM_DIRECTIONS = 3
+DAMPING = 0.5
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``verify`` subcommand.
+
+    Args:
+        subparsers: The main parser's subcommands.
+    """
+    parser = subparsers.add_parser(
+        "verify",
+        help="check every curvature quantity against plain autograd on a model zoo",
+        description=(
+            "Compare every curvature quantity of curvkit (output Hessian square roots, GGN "
+            "diagonal, GGN-vector products, columns, dense GGN, linear operator, eigenpairs, "
+            "directional derivatives, damped Newton steps) with references from plain autograd, "
+            "on small models: MLP, CNN, residual network, LayerNorm + attention, embedding. "
+            "Prints a pass/fail table; exit code 1 on any mismatch. Run it on a new GPU or torch "
+            "version."
+        ),
+    )
+    add_device_dtype_options(parser, default_dtype="float64")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.set_defaults(handler=run, command="verify")
+
+
+@dataclass
+class Result:
+    """One row of the table."""
+
+    model: str
+    quantity: str
+    max_rel_error: float
+    passed: bool
+    note: str = ""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every check and print the table.
+
+    Args:
+        args: The parsed options of ``curvkit verify``.
+
+    Returns:
+        0 if every check passed, 1 otherwise.
+    """
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    tolerance = TOLERANCES[dtype]
+    print(
+        f"curvkit {curvkit.__version__} verify | torch {torch.__version__} | {device} "
+        f"{args.dtype} | tolerance {tolerance:g} relative to the largest reference entry",
+        flush=True,
+    )
+    start = time.perf_counter()
+    results: list[Result] = []
+    for case in model_zoo(device, dtype, args.seed):
+        results.extend(check_case(case, tolerance, EIGEN_FACTOR[dtype] * tolerance))
+    print(
+        format_table(
+            ["model", "quantity", "max rel error", "result"],
+            [
+                [
+                    r.model,
+                    r.quantity,
+                    "-" if r.note else f"{r.max_rel_error:.1e}",
+                    ("pass" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""),
+                ]
+                for r in results
+            ],
+        )
+    )
+    failed = [r for r in results if not r.passed]
+    print(
+        f"{len(results) - len(failed)}/{len(results)} checks passed in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    return 1 if failed else 0
+
+
+def check_case(case: Case, tolerance: float, eigen_tolerance: float) -> list[Result]:
+    """Compare each quantity with its reference on one model.
+
+    A quantity that raises is a failed check (the error is printed), never an aborted run.
+
+    Args:
+        case: The model, loss and batch.
+        tolerance: Relative tolerance of the quantities linear in the GGN.
+        eigen_tolerance: Relative tolerance of the eigenvector-based quantities.
+
+    Returns:
+        One result per quantity.
+    """
+    references = _References(case)
+    checks: list[tuple[str, Callable[[], tuple[Tensor, Tensor]], float]] = [
+        ("output Hessian square root", references.output_hessian, tolerance),
+        ("GGN diagonal", references.diagonal, tolerance),
+        ("GGN diagonal, 2 batches", references.diagonal_two_batches, tolerance),
+        ("GGN-vector product", references.vector_product, tolerance),
+        ("GGN columns", references.columns, tolerance),
+        ("dense GGN", references.matrix, tolerance),
+        ("GGNOperator @ matrix", references.operator, tolerance),
+        (f"top-{NUM_DIRECTIONS} eigenvalues", references.eigenvalues, eigen_tolerance),
+        (f"top-{NUM_DIRECTIONS} eigenvectors", references.eigenvectors, eigen_tolerance),
+        ("directional gradients", references.gammas, eigen_tolerance),
+        ("directional curvatures", references.lambdas, eigen_tolerance),
+        ("damped Newton step", references.damped_newton_step, eigen_tolerance),
+    ]
+    if isinstance(case.loss_fn, nn.MSELoss):
+        checks.insert(2, ("Gauss-Newton diagonal", references.gauss_newton_diagonal, tolerance))
+    results = []
+    for quantity, compute, tol in checks:
+        try:
+            actual, expected = compute()
+        except Exception as error:
+            traceback.print_exc()
+            results.append(Result(case.name, quantity, float("nan"), False, type(error).__name__))
+            continue
+        atol = tol * expected.abs().max().item()
+        [row] = verify.compare(actual, expected, rtol=0.0, atol=atol, names=[quantity]).rows
+        results.append(Result(case.name, quantity, row.max_rel_error, row.passed))
+    return results
+
+
+class _References:
+    """curvkit's results and their autograd references for one case, as ``(actual, expected)``.
+
+    The dense GGN and the eigendecomposition are computed once and shared by the checks.
+    """
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.batch = (case.inputs, case.targets)
+        self.params = [p for p in case.model.parameters() if p.requires_grad]
+        self.ggn = verify.reference_ggn(case.model, case.loss_fn, case.inputs, case.targets)
+        self.evals, self.evecs = torch.linalg.eigh(self.ggn)
+        self.group = {
+            "params": self.params,
+            "criterion": top_k(NUM_DIRECTIONS),
+            "damping": DAMPING,
+        }
+        self.generator = torch.Generator().manual_seed(0)
+
+    def _random(self, *shape: int) -> Tensor:
+        sample = torch.randn(*shape, generator=self.generator, dtype=torch.float64)
+        return sample.to(device=self.ggn.device, dtype=self.ggn.dtype)
+
+    def output_hessian(self) -> tuple[Tensor, Tensor]:
+        case = self.case
+        with torch.no_grad():
+            outputs = case.model(case.inputs)
+        sqrt = losses.hessian_sqrt(case.loss_fn, outputs, case.targets).flatten(start_dim=2)
+        hessians = torch.einsum("knc,knd->ncd", sqrt, sqrt)
+        reference = verify.reference_output_hessian(case.loss_fn, outputs, case.targets)
+        return hessians, reference.reshape(hessians.shape)
+
+    def diagonal(self) -> tuple[Tensor, Tensor]:
+        return _flat(diag_ggn(self.case.model, self.case.loss_fn, self.batch)), (
+            self.ggn.diagonal()
+        )
+
+    def diagonal_two_batches(self) -> tuple[Tensor, Tensor]:
+        split = max(1, len(self.case.targets) // 2)
+        halves = [
+            (self.case.inputs[:split], self.case.targets[:split]),
+            (self.case.inputs[split:], self.case.targets[split:]),
+        ]
+        return _flat(diag_ggn(self.case.model, self.case.loss_fn, halves)), (self.ggn.diagonal())
+
+    def gauss_newton_diagonal(self) -> tuple[Tensor, Tensor]:
+        case = self.case
+        diagonal = gauss_newton_diagonal(case.model, case.loss_fn, case.inputs, case.targets)
+        return _flat(diagonal), self.ggn.diagonal()
+
+    def vector_product(self) -> tuple[Tensor, Tensor]:
+        vector = self._random(self.ggn.shape[0])
+        product = ggn_vector_product(self.case.model, self.case.loss_fn, self.batch, vector)
+        return product, self.ggn @ vector
+
+    def columns(self) -> tuple[Tensor, Tensor]:
+        dim = self.ggn.shape[0]
+        indices = sorted({0, dim // 3, dim // 2, dim - 1})
+        columns = dict(ggn_columns(self.case.model, self.case.loss_fn, self.batch, indices=indices))
+        return torch.stack([columns[i] for i in indices]), self.ggn[:, indices].T
+
+    def matrix(self) -> tuple[Tensor, Tensor]:
+        return ggn_matrix(self.case.model, self.case.loss_fn, self.batch), self.ggn
+
+    def operator(self) -> tuple[Tensor, Tensor]:
+        operator = GGNOperator(self.case.model, self.case.loss_fn, self.batch)
+        matrix = self._random(self.ggn.shape[0], 3)
+        return operator @ matrix, self.ggn @ matrix
+
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        [(evals, evecs)] = ggn_eigh(self.case.model, self.case.loss_fn, self.batch, [self.group])
+        return evals, torch.cat([e.flatten(start_dim=1) for e in evecs], dim=1).T
+
+    def eigenvalues(self) -> tuple[Tensor, Tensor]:
+        return self._eigh()[0], self.evals[-NUM_DIRECTIONS:]
+
+    def eigenvectors(self) -> tuple[Tensor, Tensor]:
+        # Eigenvectors are defined up to sign: compare the projector onto their span.
+        _, evecs = self._eigh()
+        reference = self.evecs[:, -NUM_DIRECTIONS:]
+        return evecs @ evecs.T, reference @ reference.T
+
+    def _directional_reference(self) -> tuple[Tensor, Tensor]:
+        """Reference gammas and lambdas along curvkit's own eigenvectors (signs agree)."""
+        case = self.case
+        _, evecs = self._eigh()
+        num_samples = len(case.targets)
+        gammas = num_samples * self._sample_gradients() @ evecs
+        tangents = self._output_tangents(evecs)  # [K, N, C]
+        with torch.no_grad():
+            outputs = case.model(case.inputs)
+        hessians = verify.reference_output_hessian(case.loss_fn, outputs, case.targets)
+        hessians = hessians.reshape(num_samples, tangents.shape[2], tangents.shape[2])
+        lambdas = num_samples * torch.einsum("knc,ncd,knd->nk", tangents, hessians, tangents)
+        return gammas, lambdas
+
+    def gammas(self) -> tuple[Tensor, Tensor]:
+        [(gammas, _)] = directional_derivatives(
+            self.case.model, self.case.loss_fn, self.batch, [self.group]
+        )
+        return gammas, self._directional_reference()[0]
+
+    def lambdas(self) -> tuple[Tensor, Tensor]:
+        [(_, lambdas)] = directional_derivatives(
+            self.case.model, self.case.loss_fn, self.batch, [self.group]
+        )
+        return lambdas, self._directional_reference()[1]
+
+    def damped_newton_step(self) -> tuple[Tensor, Tensor]:
+        case = self.case
+        [step] = damped_newton_step(case.model, case.loss_fn, self.batch, [self.group])
+        loss = case.loss_fn(case.model(case.inputs), case.targets)
+        gradient = _flat(torch.autograd.grad(loss, self.params))
+        evals, evecs = self.evals[-NUM_DIRECTIONS:], self.evecs[:, -NUM_DIRECTIONS:]
+        return _flat(step), evecs @ (-(evecs.T @ gradient) / (evals + DAMPING))
+
+    def _sample_gradients(self) -> Tensor:
+        r""":math:`\nabla L_n` for each sample, ``[N, D]``: the batch loss's gradient through f_n.
+
+        The loss is a sum of per-sample terms, so backpropagating only sample n's rows of
+        :math:`\partial L / \partial f` gives the gradient of its contribution :math:`L_n`.
+        """
+        case = self.case
+        outputs = case.model(case.inputs)
+        (output_grad,) = torch.autograd.grad(case.loss_fn(outputs, case.targets), outputs)
+        eye = torch.eye(len(case.targets), device=outputs.device, dtype=outputs.dtype)
+        masks = eye.reshape(*eye.shape, *[1] * (outputs.dim() - 1))
+        grads = torch.autograd.grad(
+            outputs, self.params, grad_outputs=masks * output_grad, is_grads_batched=True
+        )
+        return torch.cat([g.flatten(start_dim=1) for g in grads], dim=1)
+
+    def _output_tangents(self, directions: Tensor) -> Tensor:
+        r"""Jacobian-vector products :math:`J e_k` of the outputs, ``[K, N, C]``.
+
+        By the double-vjp trick: :math:`J e = \partial_w \langle J^\top w, e \rangle`.
+        """
+        case = self.case
+        outputs = case.model(case.inputs)
+        dual = torch.zeros_like(outputs, requires_grad=True)
+        pullback = torch.autograd.grad(outputs, self.params, dual, create_graph=True)
+        sizes = [p.numel() for p in self.params]
+        tangents = []
+        for direction in directions.T:
+            pieces = [
+                piece.reshape(p.shape)
+                for piece, p in zip(direction.split(sizes), self.params, strict=True)
+            ]
+            (tangent,) = torch.autograd.grad(pullback, dual, pieces, retain_graph=True)
+            tangents.append(tangent.flatten(start_dim=1))
+        return torch.stack(tangents)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
