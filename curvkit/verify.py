@@ -158,7 +158,8 @@ def reference_per_sample_gradients(
     """Gradients of ``loss_fn`` on each sample alone (a batch of one), by a loop over the samples.
 
     For a ``mean`` reduction this is the gradient of the sample's own (mean-reduced) loss, not its
-    share :math:`1/N` of the batch loss's gradient.
+    share :math:`1/N` of the batch loss's gradient; a sample whose loss is undefined alone (an
+    ignored target of ``CrossEntropyLoss(reduction="mean")``: 0/0) gets NaN, as ``loss_fn`` does.
 
     Args:
         model: The network; ``model(inputs)`` gives the outputs.

@@ -631,3 +631,14 @@ def test_results_do_not_depend_on_the_chunking_of_unit_vectors(monkeypatch):
     ]
     for a, b in zip(chunked, whole, strict=True):
         assert_close(a, b)
+
+
+def test_references_follow_the_model_dtype():
+    model, loss_fn, x, y = case("mlp-mse", 3, "mean")
+    ggn64 = reference_ggn(model, loss_fn, x, y)
+    model32, x32, y32 = model.float(), x.float(), y.float()
+    ggn32 = reference_ggn(model32, loss_fn, x32, y32)
+    assert ggn32.dtype == torch.float32
+    assert reference_hessian(model32, loss_fn, x32, y32).dtype == torch.float32
+    assert reference_output_hessian(loss_fn, model32(x32), y32).dtype == torch.float32
+    torch.testing.assert_close(ggn32.double(), ggn64, rtol=1e-5, atol=1e-6)
