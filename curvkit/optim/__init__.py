@@ -2,6 +2,7 @@
 
 from curvkit.optim.adagrad_rmsprop import AdagradRMSProp
 from curvkit.optim.clipped_adam import ClippedAdam
+from curvkit.optim.damped_newton import DampedNewton
 from curvkit.optim.multi import (
     MixedMultiOptimizer,
     MultiOptimizer,
@@ -14,6 +15,7 @@ from curvkit.optim.per_param import PerParamLRScheduler, PerParamOptim
 __all__ = [
     "AdagradRMSProp",
     "ClippedAdam",
+    "DampedNewton",
     "MixedMultiOptimizer",
     "MultiOptimizer",
     "Newton",
