@@ -121,8 +121,9 @@ def _warn_if_not_finite(g: Tensor, rows: list[Tensor], cov: Tensor) -> None:
     ]
     if culprits:
         warnings.warn(
-            f"newton_step: the {' and the '.join(culprits)} contain NaN or Inf; check the loss "
-            f"and the current x.",
+            f"newton_step: the {' and the '.join(culprits)} "
+            f"{'contain' if len(culprits) > 1 else 'contains'} NaN or Inf; check the loss and "
+            f"the current x.",
             stacklevel=4,
         )
     elif not bool(torch.isfinite(cov).all()):
