@@ -7,6 +7,14 @@ from curvkit.directional import (
     ggn_eigh,
     top_k,
 )
+from curvkit.ggn import (
+    GGNOperator,
+    diag_ggn,
+    gauss_newton_diagonal,
+    ggn_columns,
+    ggn_matrix,
+    ggn_vector_product,
+)
 from curvkit.vivit import (
     DirectionalDampedNewtonComputation,
     DirectionalDerivativesComputation,
@@ -21,9 +29,15 @@ __all__ = [
     "DirectionalDerivativesComputation",
     "EighComputation",
     "EigvalshComputation",
+    "GGNOperator",
     "damped_newton_step",
     "default_criterion",
+    "diag_ggn",
     "directional_derivatives",
+    "gauss_newton_diagonal",
+    "ggn_columns",
     "ggn_eigh",
+    "ggn_matrix",
+    "ggn_vector_product",
     "top_k",
 ]

@@ -3,9 +3,10 @@ r"""Data handling shared by the curvature quantities: batches, datasets, ranks, 
 A quantity's ``data`` argument is either one batch ``(inputs, targets)`` (``inputs`` a tensor or a
 tuple of tensors, ``targets`` a tensor) or any iterable of such batches, such as a
 :class:`torch.utils.data.DataLoader`. For an iterable, a quantity is the curvature of the whole
-dataset's loss. With :math:`Z_b` the normalization of batch :math:`b`
-(:func:`curvkit.losses.normalization`: the factor that turns the reduced batch loss :math:`L_b`
-into the plain sum of its per-sample terms),
+dataset's loss, the loss of one batch made of all the data. For a loss that sums over samples
+(``reduction="sum"``) that is :math:`L = \sum_b L_b`. For a loss that averages, with :math:`Z_b`
+the normalization of batch :math:`b` (:func:`curvkit.losses.normalization`: the factor that turns
+the reduced batch loss :math:`L_b` into the plain sum of its per-sample terms),
 
 .. math::
 
@@ -14,9 +15,10 @@ into the plain sum of its per-sample terms),
     Q(L) = \frac{\sum_b Z_b\, Q(L_b)}{\sum_b Z_b}
 
 for every quantity :math:`Q` that is linear in the loss (GGN diagonal, products, columns, dense
-matrix). This equals the quantity of one batch made of all the data, for ``mean`` and ``sum``
-reductions and batches of unequal size alike. When a :mod:`torch.distributed` process group is
-initialised, the sums over batches run over the batches of every rank.
+matrix), batches of unequal size and weighted cross-entropy alike. When a
+:mod:`torch.distributed` process group is initialised, the sums over batches run over the
+batches of every rank (the quantities and normalizations are summed with ``all_reduce`` before
+dividing), so that each rank gets the quantity of all ranks' data.
 
 The helpers here are written for any quantity computed batch by batch:
 :func:`dataset_average` does the loop, the weighting, the all-reduce and the progress bar.
@@ -46,7 +48,7 @@ def is_batch(data: Any) -> bool:
     """Return whether ``data`` is one batch ``(inputs, targets)`` rather than a collection of them.
 
     A batch is a tuple or list of length two whose second entry is a tensor and whose first entry
-    is a tensor or a tuple of tensors.
+    is a tensor or a tuple (or list, as a DataLoader collates tuples) of tensors.
     """
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         return False
@@ -58,7 +60,9 @@ def _is_inputs(inputs: Any) -> bool:
     if isinstance(inputs, Tensor):
         return True
     return (
-        isinstance(inputs, tuple) and len(inputs) > 0 and all(isinstance(x, Tensor) for x in inputs)
+        isinstance(inputs, (tuple, list))
+        and len(inputs) > 0
+        and all(isinstance(x, Tensor) for x in inputs)
     )
 
 
@@ -204,11 +208,14 @@ def dataset_average(
     description: str = "batches",
     passes: int = 1,
 ) -> list[Tensor]:
-    r"""Compute a quantity linear in the loss on the whole dataset's loss, across ranks.
+    r"""Compute a quantity linear in the loss for the whole dataset's loss, across ranks.
 
     For one batch and no process group, this is ``batch_quantity(inputs, targets)``'s list.
-    Otherwise, it is :math:`\sum_b Z_b Q_b / \sum_b Z_b` with :math:`Z_b` from
-    :func:`curvkit.losses.normalization`, the sums running over the batches of every rank.
+    Otherwise, it is :math:`\sum_b Z_b Q_b / Z` with :math:`Z_b` from
+    :func:`curvkit.losses.normalization`, :math:`Z = \sum_b Z_b` for a loss that averages over
+    samples and :math:`Z = 1` for one that sums (:func:`curvkit.losses.sample_reduction`), the
+    sums running over the batches of every rank: the quantity of the loss of one batch made of
+    all the data.
 
     Args:
         loss_fn: The loss, as passed to the quantity.
@@ -224,8 +231,8 @@ def dataset_average(
         The quantity of the dataset's loss, a list of tensors like ``batch_quantity``'s.
 
     Raises:
-        ValueError: If the total normalization is zero (every target ignored), or the batches
-            return quantities of different shapes.
+        ValueError: If the total normalization of a mean is zero (every target ignored), or the
+            batches return quantities of different shapes.
     """
     world = distributed_world()
     if is_batch(data) and world == 1:
@@ -236,6 +243,7 @@ def dataset_average(
     show = show_progress(progress, total_batches)
     accumulated: list[Tensor] | None = None
     normalizer: Tensor | None = None
+    reduction: str | None = None
     for inputs, targets in tqdm(
         batches(data, passes=passes),
         total=total_batches,
@@ -244,10 +252,12 @@ def dataset_average(
         leave=False,
     ):
         outputs, quantity = batch_quantity(inputs, targets)
-        weight = losses.normalization(loss_fn, outputs, targets)
+        weight = losses.normalization(loss_fn, outputs, targets).detach()
+        if reduction is None:
+            reduction = losses.sample_reduction(loss_fn, outputs, targets)
         if accumulated is None:
             accumulated = [weight.to(q.dtype) * q for q in quantity]
-            normalizer = weight.detach().to(device=quantity[0].device, dtype=quantity[0].dtype)
+            normalizer = weight.to(device=quantity[0].device, dtype=torch.float64)
             continue
         if [q.shape for q in quantity] != [a.shape for a in accumulated]:
             raise ValueError(
@@ -257,15 +267,27 @@ def dataset_average(
         accumulated = [
             a + weight.to(q.dtype) * q for a, q in zip(accumulated, quantity, strict=True)
         ]
-        normalizer = normalizer + weight.to(normalizer.dtype)
+        normalizer = normalizer + weight.to(torch.float64)
     assert accumulated is not None and normalizer is not None  # batches() raises on empty data
-    normalizer = normalizer.reshape(1).clone()
+    # [normalizer, ranks whose loss sums, ranks whose loss averages], summed over ranks.
+    totals = torch.stack(
+        [
+            normalizer,
+            torch.tensor(reduction == "sum", dtype=normalizer.dtype, device=normalizer.device),
+            torch.tensor(reduction == "mean", dtype=normalizer.dtype, device=normalizer.device),
+        ]
+    )
     if world > 1:
         accumulated = [a.clone() for a in accumulated]
-        all_reduce_sum_([*accumulated, normalizer])
-    if normalizer.item() == 0:
+        all_reduce_sum_([*accumulated, totals])
+    normalizer, summing, averaging = totals.tolist()
+    if summing and averaging:
+        raise ValueError("the ranks disagree on whether loss_fn sums or averages over samples")
+    if summing:
+        return accumulated
+    if normalizer == 0:
         raise ValueError(
             "the loss normalization of the data sums to zero (every target ignored?); "
             "the dataset's loss is undefined"
         )
-    return [a / normalizer.reshape(()) for a in accumulated]
+    return [a / normalizer for a in accumulated]
