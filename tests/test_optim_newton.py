@@ -134,6 +134,8 @@ def test_invalid_trust_radii_raise(trust_radii, error):
 
 def test_loss_errors():
     params = COUPLED.start()
+    with pytest.raises(ValueError, match=r"trust_radii names \['bb'\]"):
+        Newton(trust_radii={"bb": 1.0}).step(COUPLED.loss(params), params)
     with pytest.raises(ValueError, match="scalar"):
         Newton().step(params["b"].sum(0), params)
     with pytest.raises(TypeError, match="dict name -> tensor"):

@@ -71,9 +71,21 @@ class Newton(MultiOptimizer):
 
         Returns:
             A dict name -> ``x.detach() + dx``.
+
+        Raises:
+            ValueError: If ``trust_radii`` names a parameter that is not in ``params`` (a
+                misspelt name would otherwise silently leave a parameter without its trust
+                region).
         """
         check_loss(loss)
+        params = check_params(params)
+        unknown = set(self.trust_radii) - set(params)
+        if unknown:
+            raise ValueError(
+                f"trust_radii names {sorted(unknown)}, which are not among the parameters "
+                f"{sorted(params)}."
+            )
         return {
             name: newton_step(loss, value, self.trust_radii.get(name))[0]
-            for name, value in check_params(params).items()
+            for name, value in params.items()
         }
