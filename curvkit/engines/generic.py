@@ -100,7 +100,7 @@ def generic_columns(
     params = {name: detach(p) for name, p in named_params.items()}
     constant_leaves = [detach(t) if isinstance(t, Tensor) else t for t in input_leaves]
 
-    def per_sample(sample_inputs: list[Tensor], cotangents: list[Tensor]):
+    def per_sample(sample_inputs: list[Tensor], cotangents: list[Tensor], batched_columns: bool):
         leaves = list(constant_leaves)
         for i, axis, value in zip(batched, input_axes, sample_inputs, strict=True):
             leaves[i] = value.unsqueeze(axis)
@@ -112,18 +112,38 @@ def generic_columns(
             return tuple(out[pos].squeeze(axis) for (pos, _), axis in pairs)
 
         outputs, vjp_fn = vjp(run, params)
-        (grads,) = vmap(vjp_fn)(tuple(cotangents))
-        return grads, outputs
+        if batched_columns:
+            (grads,) = vmap(vjp_fn)(tuple(cotangents))
+            return grads, outputs
+        per_column = [vjp_fn(tuple(c[k] for c in cotangents))[0] for k in range(num_columns)]
+        return {name: torch.stack([g[name] for g in per_column]) for name in params}, outputs
 
     sample_inputs = [detach(input_leaves[i]) for i in batched]
     cotangents = [detach(g) for _, g in selected]
-    grads, recomputed = vmap(
-        per_sample,
-        in_dims=(input_axes, [axis + 1 for axis in output_axes]),
-        out_dims=(1, tuple(output_axes)),
-        randomness="different",
-        chunk_size=chunk_size,
-    )(sample_inputs, cotangents)
+    num_columns = cotangents[0].shape[0]
+    if create_graph:
+        # torch.func's batching rules do not carry the derivatives of an enclosing autograd
+        # graph correctly for every operator (layer_norm in torch 2.13), so loop instead.
+        results = [
+            per_sample(
+                [x.select(axis, n) for x, axis in zip(sample_inputs, input_axes, strict=True)],
+                [g.select(axis + 1, n) for g, axis in zip(cotangents, output_axes, strict=True)],
+                False,
+            )
+            for n in range(num_samples)
+        ]
+        grads = {name: torch.stack([r[0][name] for r in results], dim=1) for name in params}
+        recomputed = [
+            torch.stack([r[1][j] for r in results], dim=axis) for j, axis in enumerate(output_axes)
+        ]
+    else:
+        grads, recomputed = vmap(
+            lambda inputs, columns: per_sample(inputs, columns, True),
+            in_dims=(input_axes, [axis + 1 for axis in output_axes]),
+            out_dims=(1, tuple(output_axes)),
+            randomness="different",
+            chunk_size=chunk_size,
+        )(sample_inputs, cotangents)
 
     for (pos, _), value in zip(selected, recomputed, strict=True):
         recorded = output_leaves[pos].detach()

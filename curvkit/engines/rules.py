@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,16 +31,21 @@ def _is_plain(module: nn.Module, base: type[nn.Module], *methods: str) -> bool:
     )
 
 
-def _single_input(call: ModuleCall) -> Tensor | None:
+def _single_input(call: ModuleCall, create_graph: bool) -> Tensor | None:
+    """The call's only input; detached unless the factors must stay differentiable."""
     if len(call.args) == 1 and not call.kwargs and isinstance(call.args[0], Tensor):
-        return call.args[0]
+        return call.args[0] if create_graph else call.args[0].detach()
     return None
 
 
 def _linear(
-    call: ModuleCall, output_grad: Tensor, num_samples: int, max_chunk_bytes: int
+    call: ModuleCall,
+    output_grad: Tensor,
+    num_samples: int,
+    max_chunk_bytes: int,
+    create_graph: bool,
 ) -> dict[str, Factor] | None:
-    x = _single_input(call)
+    x = _single_input(call, create_graph)
     module = call.module
     if x is None or x.dim() < 2:
         return None
@@ -60,43 +64,54 @@ def _linear(
     return factors
 
 
-def _unfold(x: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
-    """The patches a convolution multiplies with its weight, shape ``[N, C * kernel, T]``."""
+def _patches(x: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
+    """The input patches a convolution multiplies with its weight, shape ``[N, T, G, I]``.
+
+    ``T`` counts output positions, ``G`` groups, ``I = C / G * prod(kernel_size)`` in the
+    order of the weight's entries. The patches are a strided view of the (padded) input, copied
+    once into this layout; ``F.unfold`` would be slower and exists for 2d only.
+    """
     pads = module._reversed_padding_repeated_twice
     if any(pads):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pads, mode=mode)
-    nd = len(module.kernel_size)
-    if nd == 1:
-        return F.unfold(
-            x.unsqueeze(2),
-            (1, *module.kernel_size),
-            dilation=(1, *module.dilation),
-            stride=(1, *module.stride),
-        )
-    if nd == 2:
-        return F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    # No unfold for 3d: a grouped convolution with one-hot kernels extracts the patches.
-    channels = x.shape[1]
-    kernel_volume = math.prod(module.kernel_size)
-    eye = torch.eye(kernel_volume, dtype=x.dtype, device=x.device)
-    one_hot = eye.reshape(kernel_volume, 1, *module.kernel_size).repeat(channels, 1, 1, 1, 1)
-    patches = F.conv3d(x, one_hot, stride=module.stride, dilation=module.dilation, groups=channels)
-    return patches.flatten(start_dim=2)
+    n, channels, *size = x.shape
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    out_size = [
+        (s - d * (k - 1) - 1) // st + 1
+        for s, k, d, st in zip(size, kernel, dilation, stride, strict=True)
+    ]
+    spatial_strides = x.stride()[2:]
+    view = x.as_strided(
+        (n, channels, *kernel, *out_size),
+        (
+            x.stride(0),
+            x.stride(1),
+            *(st * d for st, d in zip(spatial_strides, dilation, strict=True)),
+            *(st * s for st, s in zip(spatial_strides, stride, strict=True)),
+        ),
+        x.storage_offset(),
+    )
+    nd = len(kernel)
+    order = (0, *range(2 + nd, 2 + 2 * nd), 1, *range(2, 2 + nd))
+    return view.permute(order).reshape(n, math.prod(out_size), module.groups, -1)
 
 
 def _conv(
-    call: ModuleCall, output_grad: Tensor, num_samples: int, max_chunk_bytes: int
+    call: ModuleCall,
+    output_grad: Tensor,
+    num_samples: int,
+    max_chunk_bytes: int,
+    create_graph: bool,
 ) -> dict[str, Factor] | None:
-    x = _single_input(call)
+    x = _single_input(call, create_graph)
     module = call.module
     nd = len(module.kernel_size)
     if x is None or x.dim() != nd + 2 or x.shape[0] != num_samples:
         return None
     k = output_grad.shape[0]
     groups = module.groups
-    patches = _unfold(x, module)  # [N, C * kernel, T]
-    patches = patches.reshape(num_samples, groups, -1, patches.shape[-1]).permute(0, 3, 1, 2)
+    patches = _patches(x, module)
     b = output_grad.reshape(k, num_samples, groups, module.out_channels // groups, -1)
     b = b.permute(0, 1, 4, 2, 3)
     if b.shape[2] != patches.shape[1]:
@@ -112,16 +127,20 @@ def _conv(
 
 
 def _structured(
-    call: ModuleCall, output_grads: list[Tensor | None], num_samples: int, max_chunk_bytes: int
+    call: ModuleCall,
+    output_grads: list[Tensor | None],
+    num_samples: int,
+    max_chunk_bytes: int,
+    create_graph: bool,
 ) -> dict[str, Factor] | None:
     module = call.module
     if not isinstance(call.output, Tensor) or output_grads[0] is None:
         return None
     if _is_plain(module, nn.Linear, "forward"):
-        return _linear(call, output_grads[0], num_samples, max_chunk_bytes)
+        return _linear(call, output_grads[0], num_samples, max_chunk_bytes, create_graph)
     for base in _CONV_CLASSES:
         if _is_plain(module, base, "forward", "_conv_forward"):
-            return _conv(call, output_grads[0], num_samples, max_chunk_bytes)
+            return _conv(call, output_grads[0], num_samples, max_chunk_bytes, create_graph)
     return None
 
 
@@ -150,7 +169,7 @@ def factors_for_call(
     """
     if all(g is None for g in output_grads):
         return {}
-    structured = _structured(call, output_grads, num_samples, max_chunk_bytes)
+    structured = _structured(call, output_grads, num_samples, max_chunk_bytes, create_graph)
     if structured is not None and set(call.params.values()) <= structured.keys():
         return {index: structured[name] for index, name in call.params.items()}
     named = {name: params[index] for index, name in call.params.items()}
