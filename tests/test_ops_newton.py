@@ -232,6 +232,34 @@ def test_newton_minimize_converges_on_a_non_quadratic_convex_loss(dim, trust_rad
         torch.testing.assert_close(actual[i], expected, rtol=1e-9, atol=1e-12)
 
 
+def test_newton_minimize_covariance_has_the_total_derivative():
+    # log det of the covariance at the mode, as a Laplace evidence uses it, vs finite differences.
+    theta = torch.randn(4, 3, dtype=DTYPE, generator=generator(100)).requires_grad_()
+    x0 = torch.zeros(4, 3, dtype=DTYPE)
+
+    def log_det_cov(t):
+        _, cov = newton_minimize(lambda x: item_loss(x, t).sum(), x0)
+        return torch.logdet(cov).sum()
+
+    direction = torch.randn(4, 3, dtype=DTYPE, generator=generator(101))
+    (grad,) = torch.autograd.grad(log_det_cov(theta), theta)
+    step = 1e-6
+    with torch.no_grad():
+        finite_difference = (
+            log_det_cov(theta + step * direction) - log_det_cov(theta - step * direction)
+        ) / (2 * step)
+    torch.testing.assert_close((grad * direction).sum(), finite_difference, rtol=1e-7, atol=1e-9)
+
+
+def test_newton_minimize_under_no_grad_returns_no_graph():
+    theta = torch.ones(3, 2, dtype=DTYPE, requires_grad=True)
+    with torch.no_grad():
+        mode, cov = newton_minimize(lambda x: item_loss(x, theta).sum(), torch.zeros(3, 2))
+    assert not mode.requires_grad and not cov.requires_grad
+    reference, _ = newton_minimize(lambda x: item_loss(x, theta).sum(), torch.zeros(3, 2))
+    torch.testing.assert_close(mode, reference.detach(), rtol=0, atol=1e-6)
+
+
 def test_newton_minimize_warns_when_not_converged():
     theta = torch.ones(3, 2, dtype=DTYPE)
     x0 = torch.full((3, 2), 50.0, dtype=DTYPE)

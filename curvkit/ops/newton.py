@@ -91,7 +91,7 @@ def _check_inputs(loss: Tensor, x: Tensor, trust_radius: float | None, dim: int 
     if not loss.requires_grad:
         raise ValueError(
             "loss does not depend on x (it has no autograd graph): compute it from x with "
-            "gradients enabled."
+            "gradients enabled, not under torch.no_grad()."
         )
     if trust_radius is not None:
         if isinstance(trust_radius, bool) or not isinstance(trust_radius, int | float):
@@ -431,7 +431,11 @@ def newton_minimize(
     every item's step satisfies :math:`\|dx\|_\infty \le \text{tol}\,(1 + \|x\|_\infty)`, then
     takes one more step with the full graph, so that the returned mode carries the
     implicit-function derivative :math:`-H^{-1} \partial g / \partial\theta` with respect to every
-    tensor ``loss_fn`` depends on.
+    tensor :math:`\theta` that ``loss_fn`` depends on. The covariance is the inverse Hessian
+    evaluated at that differentiable mode, so its derivative is the total one (through the mode
+    as well), as a Laplace evidence :math:`-\tfrac12 \log\det H` needs; :func:`newton_step`'s
+    ``cov`` is differentiated at a fixed ``x`` instead. Works under :func:`torch.no_grad`
+    (the result then has no graph).
 
     Example::
 
@@ -469,20 +473,30 @@ def newton_minimize(
     elif not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}.")
 
-    x = x0.detach()
-    for _ in range(max_iters):
-        x_var = x.requires_grad_()
-        mode, _ = _newton_step(loss_fn(x_var), x_var, trust_radius, None, create_graph=False)
-        x, previous = mode.detach(), x.detach()
-        step = (x - previous).abs().amax(dim=-1)
-        if bool((step <= tol * (1 + previous.abs().amax(dim=-1))).all()):
-            break
-    else:
-        warnings.warn(
-            f"newton_minimize: not converged after max_iters={max_iters} steps (relative step "
-            f"tolerance {tol:g}); raise max_iters, or check that every item's loss has a "
-            f"minimum.",
-            stacklevel=2,
-        )
-    x_var = x.clone().requires_grad_()
-    return _newton_step(loss_fn(x_var), x_var, trust_radius, None, create_graph=True)
+    # Derivatives are needed even under torch.no_grad(); the result keeps a graph only if the
+    # caller records one.
+    keep_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = x0.detach()
+        for _ in range(max_iters):
+            x_var = x.requires_grad_()
+            mode, _ = _newton_step(loss_fn(x_var), x_var, trust_radius, None, create_graph=False)
+            x, previous = mode.detach(), x.detach()
+            step = (x - previous).abs().amax(dim=-1)
+            if bool((step <= tol * (1 + previous.abs().amax(dim=-1))).all()):
+                break
+        else:
+            warnings.warn(
+                f"newton_minimize: not converged after max_iters={max_iters} steps (relative "
+                f"step tolerance {tol:g}); raise max_iters, or check that every item's loss has "
+                f"a minimum.",
+                stacklevel=2,
+            )
+        x_var = x.clone().requires_grad_()
+        mode, cov = _newton_step(loss_fn(x_var), x_var, trust_radius, None, keep_graph)
+        if not keep_graph:
+            return mode.detach(), cov.detach()
+        # That cov is H(x)^{-1} at the detached x: its derivative misses the mode's own
+        # dependence on the parameters. The Hessian at the differentiable mode has it all.
+        _, cov = _newton_step(loss_fn(mode), mode, trust_radius, None, create_graph=True)
+    return mode, cov
