@@ -195,3 +195,32 @@ def test_columns_from_outputs_are_used() -> None:
     expected = reference_columns(model, inputs, params, 2 * outputs[None])
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
+
+
+class _DataDependentDouble(torch.autograd.Function):
+    """Doubles its input; the backward branches on the gradient's values (not vmappable)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        return 2 * grad if bool(grad.sum() >= 0) else grad * 2
+
+
+class _Double(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _DataDependentDouble.apply(x)
+
+
+def test_backward_that_cannot_be_batched_runs_per_column() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Double(), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    columns = torch.randn(3, 5, 2, dtype=torch.float64)
+    _, factors = compute_factors(model, x, params, lambda out: columns)
+    expected = reference_columns(model, (x,), params, columns)
+    for factor, reference in zip(factors, expected, strict=True):
+        assert _rel_error(factor.dense(), reference) < 1e-10

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
@@ -137,13 +138,68 @@ def _combine(parts: list[Factor]) -> Factor:
     return SumFactor(parts)
 
 
+def backpropagate(
+    outputs: Tensor,
+    targets: list[Tensor],
+    columns: Tensor,
+    *,
+    create_graph: bool,
+) -> list[Tensor | None]:
+    """All columns pushed back from ``outputs`` to ``targets`` at once.
+
+    Returns, per target, ``[K, *target.shape]`` (``None`` where nothing flows back). Without
+    ``create_graph``, :func:`torch.func.vmap` maps ``torch.autograd.grad`` over the columns: its
+    batching rules cover the backward operators of convolutions and pooling, where the
+    ``is_grads_batched`` option of ``torch.autograd.grad`` falls back to a loop (measured 3x
+    slower on a small CNN, equal on an MLP). With ``create_graph``, that option is used: its
+    results stay correctly differentiable. A backward pass that cannot be batched is run once
+    per column. The graph is kept (for further chunks of columns); it goes when the recording
+    does.
+    """
+    if create_graph:
+        return list(
+            torch.autograd.grad(
+                outputs,
+                targets,
+                grad_outputs=columns,
+                retain_graph=True,
+                create_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+    unused: list[bool] = []
+
+    def one_column(column: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(
+            outputs, targets, grad_outputs=column, retain_graph=True, allow_unused=True
+        )
+        unused[:] = [g is None for g in grads]
+        # vmap returns tensors only: a scalar stands in where nothing flows back.
+        return tuple(column.new_zeros(()) if g is None else g for g in grads)
+
+    try:
+        results = vmap(one_column)(columns)
+    except RuntimeError:
+        per_column = [
+            torch.autograd.grad(
+                outputs, targets, grad_outputs=column, retain_graph=True, allow_unused=True
+            )
+            for column in columns
+        ]
+        return [
+            None if grads[0] is None else torch.stack(grads)
+            for grads in zip(*per_column, strict=True)
+        ]
+    return [None if skip else g for skip, g in zip(unused, results, strict=True)]
+
+
 def _factors(
     recording: Recording,
     params: list[Tensor],
     columns: Tensor,
     *,
     create_graph: bool,
-    retain_graph: bool,
     max_chunk_bytes: int,
 ) -> list[Factor]:
     outputs = recording.outputs
@@ -156,15 +212,7 @@ def _factors(
     grads: dict[int, Tensor | None] = {}
     if targets and outputs.requires_grad:
         target_list = list(targets.values())
-        results = torch.autograd.grad(
-            outputs,
-            target_list,
-            grad_outputs=columns,
-            retain_graph=retain_graph or create_graph,
-            create_graph=create_graph,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        results = backpropagate(outputs, target_list, columns, create_graph=create_graph)
         grads = {id(t): g for t, g in zip(target_list, results, strict=True)}
 
     parts: list[list[Factor]] = [[] for _ in params]
@@ -249,7 +297,6 @@ def compute_factors(
         params,
         columns,
         create_graph=create_graph,
-        retain_graph=False,
         max_chunk_bytes=max_chunk_bytes,
     )
     return outputs.detach(), factors
@@ -330,13 +377,12 @@ def iter_factors(
         if sample_chunk_size is not None:
             recording = record_forward(model, tuple(x[samples] for x in inputs), params)
         chunk_outputs = recording.outputs
-        for j, cols in enumerate(column_slices):
+        for cols in column_slices:
             factors = _factors(
                 recording,
                 params,
                 columns[cols, samples],
                 create_graph=create_graph,
-                retain_graph=j + 1 < len(column_slices),
                 max_chunk_bytes=max_chunk_bytes,
             )
             yield FactorChunk(samples, cols, chunk_outputs.detach(), factors)
