@@ -201,11 +201,11 @@ class _DataDependentDouble(torch.autograd.Function):
     """Doubles its input; the backward branches on the gradient's values (not vmappable)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor) -> Tensor:
         return 2 * x
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> Tensor:
         return 2 * grad if bool(grad.sum() >= 0) else grad * 2
 
 
