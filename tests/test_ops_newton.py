@@ -130,6 +130,30 @@ def test_trust_radius_bounds_every_step_on_indefinite_hessians(dim, batch_shape)
     assert longest_free_step > 1.0
 
 
+@pytest.mark.parametrize("dim", DIMS)
+def test_without_trust_radius_the_step_is_the_plain_newton_step_on_indefinite_hessians(dim):
+    A, b, x0 = indefinite_problem((8,), dim, seed=110 + dim)
+    if dim >= 2:
+        # Zero leading entries: a zero first pivot without pivoting (LAPACK takes these items).
+        A[:2, 0, 0] = 0.0
+        A[:2, 0, 1] = A[:2, 1, 0] = 1.0
+    x = x0.clone().requires_grad_()
+    mode, cov = newton_step(indefinite_loss(A, b, x), x)
+    gradient = (A @ x0.unsqueeze(-1)).squeeze(-1) + b
+    if dim == 1:  # nonpositive curvature is floored in 1-d
+        positive = A[:, 0, 0] > 0
+        A, gradient, mode, x0, cov = (
+            A[positive],
+            gradient[positive],
+            mode[positive],
+            x0[positive],
+            cov[positive],
+        )
+    expected = -torch.linalg.solve(A, gradient)
+    torch.testing.assert_close(mode - x0, expected, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cov, torch.linalg.inv(A), rtol=1e-9, atol=1e-10)
+
+
 def test_1d_trust_region_clamps_and_floors_nonpositive_curvature():
     curvature = torch.tensor([2.0, 2.0, -1.0, 0.0, 0.5], dtype=DTYPE)
     slope = torch.tensor([1.0, -8.0, 0.5, -0.3, 0.0], dtype=DTYPE)
