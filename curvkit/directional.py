@@ -151,16 +151,10 @@ def ggn_eigh(
     """
     problem = _Problem.build(model, loss_fn, data, param_groups, subsampling_grad, subsampling_ggn)
     _, factors = problem.factors(mc_samples, generator, False)
-    results = []
-    for group, group_factors in zip(problem.groups, factors, strict=True):
-        directions = problem.directions_from_gram(group, _group_gram(group_factors))
-        coefficients = problem.embed(directions.evec_coefficients(), False)
-        evecs = [factor.mat(coefficients) for factor in group_factors]
-        norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
-        inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
-        evecs = [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
-        results.append((directions.evals, evecs))
-    return results
+    return [
+        _eigenpairs(problem, group, group_factors)
+        for group, group_factors in zip(problem.groups, factors, strict=True)
+    ]
 
 
 def directional_derivatives(
@@ -197,13 +191,10 @@ def directional_derivatives(
     """
     problem = _Problem.build(model, loss_fn, data, param_groups, subsampling_grad, subsampling_ggn)
     _, factors = problem.factors(mc_samples, generator, True)
-    results = []
-    for group, group_factors in zip(problem.groups, factors, strict=True):
-        gram = _group_gram(group_factors)
-        directions = problem.directions_from_gram(group, gram)
-        gammas = directional_gradients(directions, problem.grad_gram(gram))
-        results.append((gammas, directional_curvatures(directions)))
-    return results
+    return [
+        _derivatives(problem, group, group_factors)[1:]
+        for group, group_factors in zip(problem.groups, factors, strict=True)
+    ]
 
 
 def damped_newton_step(
@@ -267,17 +258,42 @@ def damped_newton_step_and_loss(
     """
     problem = _Problem.build(model, loss_fn, data, param_groups, subsampling_grad, subsampling_ggn)
     loss, factors = problem.factors(mc_samples, generator, True)
-    steps = []
-    for group, group_factors in zip(problem.groups, factors, strict=True):
-        gram = _group_gram(group_factors)
-        directions = problem.directions_from_gram(group, gram)
-        gammas = directional_gradients(directions, problem.grad_gram(gram))
-        lambdas = directional_curvatures(directions)
-        damping = resolve_damping(group["damping"], directions, gammas, lambdas)
-        coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
-        coefficients = problem.embed(coefficients, True)
-        steps.append([factor.mat(coefficients)[0] for factor in group_factors])
+    steps = [
+        _step(problem, group, group_factors)
+        for group, group_factors in zip(problem.groups, factors, strict=True)
+    ]
     return loss, steps
+
+
+@torch.no_grad()
+def _eigenpairs(
+    problem: _Problem, group: dict[str, Any], factors: Sequence[Factor]
+) -> tuple[Tensor, list[Tensor]]:
+    directions = problem.directions_from_gram(group, _group_gram(factors))
+    coefficients = problem.embed(directions.evec_coefficients(), False)
+    evecs = [factor.mat(coefficients) for factor in factors]
+    norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
+    inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+    return directions.evals, [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
+
+
+@torch.no_grad()
+def _derivatives(
+    problem: _Problem, group: dict[str, Any], factors: Sequence[Factor]
+) -> tuple[GramDirections, Tensor, Tensor]:
+    gram = _group_gram(factors)
+    directions = problem.directions_from_gram(group, gram)
+    gammas = directional_gradients(directions, problem.grad_gram(gram))
+    return directions, gammas, directional_curvatures(directions)
+
+
+@torch.no_grad()
+def _step(problem: _Problem, group: dict[str, Any], factors: Sequence[Factor]) -> list[Tensor]:
+    directions, gammas, lambdas = _derivatives(problem, group, factors)
+    damping = resolve_damping(group["damping"], directions, gammas, lambdas)
+    coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
+    coefficients = problem.embed(coefficients, True)
+    return [factor.mat(coefficients)[0] for factor in factors]
 
 
 def _group_gram(factors: Sequence[Factor]) -> Tensor:

@@ -1,0 +1,226 @@
+"""Directionally damped Newton steps: curvkit against ViViT, side by side in one run.
+
+Each (problem, implementation) pair runs in a fresh subprocess, so that its peak memory is its
+own: the extra peak memory is the process's peak resident set size during the first step minus
+its resident size just before it (model, data and libraries loaded). The time is the median over
+repeated steps after that first one. The table gives curvkit's speed-up and memory ratio against
+ViViT, and the relative difference of the exact steps (float32, so about 1e-4 is agreement).
+
+ViViT calls ``Tensor.symeig``, which torch 2 removed; inside ViViT's subprocess only, it is shimmed
+with :func:`torch.linalg.eigh`. curvkit never needs it.
+
+Usage::
+
+    python benchmarks/bench_directional.py                 # all problems, torch's default threads
+    python benchmarks/bench_directional.py --threads 1     # pinned threads (a loaded machine)
+    python benchmarks/bench_directional.py --problems mlp-exact --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PROBLEMS = {
+    # name: (model, batch size, Monte-Carlo samples)
+    "mlp-exact": ("mlp", 128, 0),
+    "mlp-mc": ("mlp", 128, 1),
+    "cnn-exact": ("cnn", 64, 0),
+    "cnn-mc": ("cnn", 64, 1),
+}
+IMPLEMENTATIONS = ("vivit", "curvkit", "curvkit-backpack")
+TOP_K = 10
+DAMPING = 1.0
+
+
+def build(model_name: str, batch_size: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    if model_name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+        inputs = torch.randn(batch_size, 784)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 10),
+        )
+        inputs = torch.randn(batch_size, 3, 32, 32)
+    targets = torch.randint(0, 10, (batch_size,))
+    return model.eval(), inputs, targets
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _symeig(self: torch.Tensor, eigenvectors: bool = False, upper: bool = True):
+    uplo = "U" if upper else "L"
+    if eigenvectors:
+        return torch.linalg.eigh(self, UPLO=uplo)
+    return torch.linalg.eigvalsh(self, UPLO=uplo), torch.empty(0, dtype=self.dtype)
+
+
+def step_function(implementation: str, problem: str):
+    import curvkit
+
+    model_name, batch_size, mc_samples = PROBLEMS[problem]
+    model, inputs, targets = build(model_name, batch_size)
+    loss_fn = nn.CrossEntropyLoss()
+    criterion = curvkit.top_k(TOP_K)
+    params = list(model.parameters())
+
+    if implementation == "curvkit":
+        groups = [{"params": params, "criterion": criterion, "damping": DAMPING}]
+
+        def run() -> list[torch.Tensor]:
+            (step,) = curvkit.damped_newton_step(
+                model, loss_fn, (inputs, targets), groups, mc_samples=mc_samples
+            )
+            return step
+
+        return run
+
+    from backpack import backpack, extend
+
+    if implementation == "vivit":
+        torch.Tensor.symeig = _symeig
+        from vivit import DirectionalDampedNewtonComputation
+    else:
+        from curvkit import DirectionalDampedNewtonComputation
+
+    model, loss_fn = extend(model), extend(loss_fn)
+    group = {
+        "params": params,
+        "criterion": criterion,
+        "damping": lambda evals, evecs, gammas, lambdas: torch.full_like(evals, DAMPING),
+    }
+
+    def run() -> list[torch.Tensor]:
+        computation = DirectionalDampedNewtonComputation(mc_samples_ggn=mc_samples)
+        loss = loss_fn(model(inputs), targets)
+        with backpack(
+            *computation.get_extensions(), extension_hook=computation.get_extension_hook([group])
+        ):
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return computation.get_result(group)
+
+    return run
+
+
+def worker(implementation: str, problem: str, repeats: int, threads: int, out: str) -> None:
+    warnings.simplefilter("ignore")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    run = step_function(implementation, problem)
+    before = _rss_bytes()
+    start = time.perf_counter()
+    step = run()
+    first = time.perf_counter() - start
+    extra_peak = max(_peak_rss_bytes() - before, 0)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    torch.save([s.detach() for s in step], out + ".pt")
+    with open(out, "w") as result:
+        json.dump(
+            {"first": first, "median": statistics.median(times), "extra_peak": extra_peak}, result
+        )
+
+
+def measure(implementation: str, problem: str, repeats: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            implementation,
+            problem,
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(threads),
+            "--out",
+            out,
+        ]
+        subprocess.run(command, check=True)
+        with open(out) as result:
+            measured = json.load(result)
+        measured["step"] = torch.cat([s.flatten() for s in torch.load(out + ".pt")])
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPLEMENTATION", "PROBLEM"))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker, args.repeats, args.threads, args.out)
+        return
+
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{threads} torch threads, torch {torch.__version__}, CPU, float32; "
+        f"CrossEntropyLoss, top-{TOP_K}, damping {DAMPING}; median of {args.repeats} steps\n"
+    )
+    header = (
+        "| problem | implementation | time [ms] | extra peak memory [MB] "
+        "| speed-up vs ViViT | memory vs ViViT | step rel. diff. vs ViViT |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for problem in args.problems:
+        results = {
+            impl: measure(impl, problem, args.repeats, args.threads) for impl in IMPLEMENTATIONS
+        }
+        reference = results["vivit"]
+        for implementation, measured in results.items():
+            speedup = reference["median"] / measured["median"]
+            memory = measured["extra_peak"] / max(reference["extra_peak"], 1)
+            if PROBLEMS[problem][2] == 0:
+                diff = (measured["step"] - reference["step"]).norm() / reference["step"].norm()
+                diff_text = f"{float(diff):.1e}"
+            else:
+                diff_text = "(random)"
+            print(
+                f"| {problem} | {implementation} | {1e3 * measured['median']:.0f} "
+                f"| {measured['extra_peak'] / 2**20:.0f} | {speedup:.1f}x | {memory:.2f} "
+                f"| {diff_text} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
