@@ -3,8 +3,7 @@
 The example script is written against ViViT's API; its one curvkit-specific line is the import of
 ``DirectionalDampedNewtonComputation``. Run as it is, it must pass its own autograd check. With
 that line replaced by ViViT's import, ViViT fails on torch 2 (``Tensor.symeig`` only raises
-"removed"); with a
-temporary ``symeig`` shim it runs and computes the same step as curvkit.
+"removed"); with a temporary ``symeig`` shim it runs and computes the same step as curvkit.
 """
 
 from __future__ import annotations
