@@ -46,8 +46,8 @@ This follows ``pyro.ops.newton`` (same signatures and shapes) with these deliber
 - The Hessian is symmetrised, so ``cov`` is exactly symmetric. Its rows come from backward passes
   of the one-hot directions expanded over the batch, rather than of ``g[..., i].sum()``, which
   saves a select-and-sum backward per pass.
-- In one dimension the curvature floor is :math:`\epsilon_H` rather than :math:`10^{-8}`, and a
-  NaN step is not silently replaced by 0.
+- In one dimension the curvature floor is the dtype's machine epsilon rather than
+  :math:`10^{-8}` (which float16 cannot hold), and a NaN step is not silently replaced by 0.
 - NaN or Inf in the gradient, the Hessian or the covariance gives a warning that says which.
 - :func:`newton_minimize` runs the loop, and returns a covariance whose derivative includes the
   mode's own dependence on the parameters.
@@ -119,7 +119,8 @@ def _check_inputs(loss: Tensor, x: Tensor, trust_radius: float | None, dim: int 
 def _warn_if_not_finite(g: Tensor, rows: list[Tensor], cov: Tensor) -> None:
     # One reduction and one host sync on the common path; a false alarm from overflow in the
     # sums is sorted out by the exact checks below.
-    total = g.sum() + cov.sum()
+    # In 1-d, cov is finite wherever the Hessian is (its curvature is floored).
+    total = g.sum() if len(rows) == 1 else g.sum() + cov.sum()
     for row in rows:
         total = total + row.sum()
     if bool(torch.isfinite(total)):
@@ -195,9 +196,9 @@ def _into_ball(dx: Tensor, trust_radius: float) -> Tensor:
 
 
 def _solve_1d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
-    h = rows[0]
-    # Nonpositive curvature is floored: the step then runs to the trust region's boundary.
-    cov = torch.maximum(h, _curvature_floor(h.abs())).reciprocal()
+    # Nonpositive curvature is floored at the machine epsilon: the step then runs to the trust
+    # region's boundary (or far, without one), and the floor need only be positive and finite.
+    cov = rows[0].clamp(min=torch.finfo(g.dtype).eps).reciprocal()
     dx = -g * cov
     if trust_radius is not None:
         dx = dx.clamp(min=-trust_radius, max=trust_radius)
@@ -450,8 +451,8 @@ def newton_step_1d(
 ) -> tuple[Tensor, Tensor]:
     r"""Newton step for ``x`` of shape ``(..., 1)``; see :func:`newton_step`.
 
-    The curvature is floored at :math:`\epsilon_H > 0`, so a nonpositive curvature gives a very
-    long step in the descent direction, which a trust radius clamps to :math:`\pm r`.
+    The curvature is floored at the dtype's machine epsilon, so a nonpositive curvature gives a
+    very long step in the descent direction, which a trust radius clamps to :math:`\pm r`.
 
     Args:
         loss: A scalar, the sum over the batch of independent per-item losses.
