@@ -13,6 +13,7 @@ from curvkit.engines import (
     KroneckerFactor,
     SumFactor,
     ZeroFactor,
+    compute,
     compute_factors,
 )
 
@@ -222,5 +223,21 @@ def test_backward_that_cannot_be_batched_runs_per_column() -> None:
     columns = torch.randn(3, 5, 2, dtype=torch.float64)
     _, factors = compute_factors(model, x, params, lambda out: columns)
     expected = reference_columns(model, (x,), params, columns)
+    for factor, reference in zip(factors, expected, strict=True):
+        assert _rel_error(factor.dense(), reference) < 1e-10
+
+
+@pytest.mark.parametrize("per_column", [True, False])
+@pytest.mark.parametrize("name", ["cnn2d_batchnorm_eval", "transformer", "in_place"])
+def test_both_backward_strategies(
+    name: str, per_column: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-column backward loop and the vmapped backward pass give the same factors."""
+    monkeypatch.setattr(compute, "PER_COLUMN_BACKWARD_ENTRIES", 0 if per_column else 2**62)
+    model, inputs = make_case(name, 4)
+    params = list(model.parameters())
+    columns = _columns_for(model, inputs)
+    _, factors = compute_factors(model, inputs, params, lambda out: columns)
+    expected = reference_columns(model, inputs, params, columns)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10

@@ -27,6 +27,16 @@ import torch
 from torch import Tensor
 
 
+def square_sum(tensor: Tensor) -> Tensor:
+    """``tensor.square().sum(dim=0)``, for a few rows without holding all squares at once."""
+    if tensor.shape[0] > 32:
+        return tensor.square().sum(dim=0)
+    out = tensor[0].square()
+    for row in tensor[1:]:
+        out.addcmul_(row, row)
+    return out
+
+
 class Factor(ABC):
     """The square-root factor :math:`V_p` of one parameter, with columns indexed by ``(k, n)``."""
 
@@ -79,7 +89,7 @@ class DenseFactor(Factor):
         return self.columns.flatten(start_dim=2)
 
     def diag(self) -> Tensor:  # noqa: D102
-        return self.columns.square().sum(dim=(0, 1))
+        return square_sum(self.columns).sum(dim=0)
 
     def gram(self) -> Tensor:  # noqa: D102
         flat = self._flat()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvkit.engines.factor import Factor
+from curvkit.engines.factor import Factor, square_sum
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "KroneckerFactor"]
 
@@ -89,17 +89,22 @@ class KroneckerFactor(Factor):
         step = max(1, min(n, self.max_chunk_bytes // max(bytes_per_sample, 1)))
         return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
-    def _per_sample(self, samples: slice) -> Tensor:
-        """:math:`v_{k,n}` for the given samples, shape ``[K, n, G, O, I]``."""
+    def _per_sample(self, column: int, samples: slice) -> Tensor:
+        """:math:`v_{k,n}` for one column :math:`k` and the given samples, ``[n, G, O, I]``.
+
+        One column at a time: the engine's :math:`b` is laid out ``[K, N, G, O, T]`` in memory,
+        so a single column is a batch of ``[O, T]`` matrices that a batched matmul reads in
+        place, where all columns at once would need a transposed copy of :math:`b`.
+        """
         return torch.einsum(
-            "kntgo,ntgi->kngoi", self.output_grads[:, samples], self.inputs[samples]
+            "ntgo,ntgi->ngoi", self.output_grads[column, samples], self.inputs[samples]
         )
 
     def diag(self) -> Tensor:  # noqa: D102
         k, _, t, g, o, i = self._sizes
         b, x = self.output_grads, self.inputs
         if t == 1:
-            out = torch.einsum("ngo,ngi->goi", b[:, :, 0].square().sum(dim=0), x[:, 0].square())
+            out = torch.einsum("ngo,ngi->goi", square_sum(b[:, :, 0]), x[:, 0].square())
             return out.reshape(self.param_shape)
         itemsize = b.element_size()
         materialise_cost = k * t * g * o * i
@@ -111,8 +116,9 @@ class KroneckerFactor(Factor):
                 xx = torch.einsum("ntgi,nsgi->ngits", x[s], x[s])
                 out = out + torch.einsum("ngots,ngits->goi", bb, xx)
         else:
-            for s in self._sample_chunks(itemsize * k * g * o * i):
-                out = out + self._per_sample(s).square().sum(dim=(0, 1))
+            for s in self._sample_chunks(itemsize * g * o * i):
+                for column in range(k):
+                    out = out + self._per_sample(column, s).square().sum(dim=0)
         return out.reshape(self.param_shape)
 
     def gram(self) -> Tensor:  # noqa: D102
@@ -137,7 +143,7 @@ class KroneckerFactor(Factor):
         return out.reshape(coefficients.shape[-1], *self.param_shape)
 
     def dense(self) -> Tensor:  # noqa: D102
-        per_sample = self._per_sample(slice(None))
+        per_sample = torch.einsum("kntgo,ntgi->kngoi", self.output_grads, self.inputs)
         return per_sample.reshape(self.num_columns, self.num_samples, *self.param_shape)
 
     def select(self, start: int, stop: int) -> KroneckerFactor:  # noqa: D102
