@@ -29,7 +29,8 @@ Group options (besides ``"params"``):
   (default) keeps every eigenvalue above :math:`\sqrt{\varepsilon} \max_k |\lambda_k|`
   (:math:`\varepsilon`: the machine epsilon of the dtype, so :math:`1.5 \cdot 10^{-8}` relative
   in float64 and :math:`3.5 \cdot 10^{-4}` in float32), below which eigenvectors obtained through
-  the Gram matrix lose accuracy. :func:`top_k` keeps the ``k`` largest and, being recognisable,
+  the Gram matrix lose accuracy, without splitting a cluster of numerically equal eigenvalues
+  (:func:`default_criterion`). :func:`top_k` keeps the ``k`` largest and, being recognisable,
   computes only those (block Krylov) instead of the full eigendecomposition.
 - ``"damping"``: a non-negative float :math:`\delta` (default 1.0) or
   ``damping(evals, evecs, gammas, lambdas) -> Tensor [K]``, called with the selected eigenvalues,
@@ -101,7 +102,12 @@ def top_k(k: int) -> TopK:
 
 
 def default_criterion(evals: Tensor) -> list[int]:
-    r"""Keep every eigenvalue above :math:`\sqrt{\varepsilon} \max_k |\lambda_k|`.
+    r"""Keep every eigenvalue above :math:`\sqrt{\varepsilon} \max_k |\lambda_k|`, and its cluster.
+
+    The cut never splits a cluster of numerically equal eigenvalues: eigenvalues closer to the
+    smallest kept one than the eigensolver's backward error
+    (:math:`4 \sqrt{n}\, \varepsilon \max_k |\lambda_k|`) are kept too, so the result does not
+    depend on an arbitrary basis of a degenerate eigenspace.
 
     Args:
         evals: Eigenvalues in ascending order.
@@ -109,10 +115,19 @@ def default_criterion(evals: Tensor) -> list[int]:
     Returns:
         The indices of the kept eigenvalues, ascending.
     """
-    if evals.numel() == 0:
+    size = evals.numel()
+    if size == 0:
         return []
-    threshold = math.sqrt(torch.finfo(evals.dtype).eps) * evals.abs().max()
-    return torch.nonzero(evals > threshold).flatten().tolist()
+    eps = torch.finfo(evals.dtype).eps
+    max_abs = evals.abs().max()
+    above = torch.nonzero(evals > math.sqrt(eps) * max_abs).flatten()
+    if above.numel() == 0:
+        return []
+    first = int(above[0])
+    tolerance = 4 * math.sqrt(size) * eps * max_abs
+    while first > 0 and bool(evals[first] - evals[first - 1] <= tolerance):
+        first -= 1
+    return list(range(first, size))
 
 
 def ggn_eigh(

@@ -58,7 +58,8 @@ Numerical care:
   :class:`RuntimeWarning`.
 - Each Gram eigenvector's sign is fixed (its entry of largest magnitude is positive), so every
   result is a deterministic function of the Gram matrix; steps do not depend on signs anyway.
-- A selection that splits a cluster of (numerically) equal eigenvalues picks an arbitrary basis
+- A selection that splits a cluster of numerically equal eigenvalues (closer than
+  ``4 sqrt(numel) * eps * max|lambda|``, the eigensolver's backward error) picks an arbitrary basis
   of that eigenspace: the choice is the deterministic one of the symmetric eigensolver for this
   Gram matrix, and a :class:`RuntimeWarning` says to keep or drop the whole cluster.
 """
@@ -189,7 +190,7 @@ def gram_directions(
         evals, evecs = torch.linalg.eigh(matrix)
         keep = _check_indices(criterion(evals), size, criterion)
         max_abs = evals.abs().max()
-    _warn_split_cluster(evals, keep, max_abs)
+    _warn_split_cluster(evals, keep, max_abs, size)
 
     index = torch.tensor(keep, dtype=torch.long, device=evals.device)
     evals, evecs = evals[index], _fix_signs(evecs[:, index])
@@ -437,15 +438,17 @@ def _fix_signs(evecs: Tensor) -> Tensor:
     return evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def _warn_split_cluster(evals: Tensor, keep: list[int], max_abs: Tensor) -> None:
+def _warn_split_cluster(evals: Tensor, keep: list[int], max_abs: Tensor, size: int) -> None:
     if not keep or len(keep) == evals.numel():
         return
     mask = torch.zeros(evals.numel(), dtype=torch.bool, device=evals.device)
     mask[keep] = True
     kept, dropped = evals[mask], evals[~mask]
-    tolerance = math.sqrt(torch.finfo(evals.dtype).eps) * max_abs
+    eps = torch.finfo(evals.dtype).eps
+    # Eigenvalues closer than the eigensolver's backward error cannot be told apart.
+    tolerance = 4 * math.sqrt(size) * eps * max_abs
     # Clusters of numerically zero eigenvalues are handled (and reported) as zero directions.
-    zero_tol = evals.numel() * torch.finfo(evals.dtype).eps * max_abs
+    zero_tol = size * eps * max_abs
     gaps = (kept[:, None] - dropped[None, :]).abs()
     split = (gaps <= tolerance) & (kept[:, None] > zero_tol)
     if bool(split.any()):

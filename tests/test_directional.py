@@ -128,6 +128,13 @@ def test_default_criterion_keeps_eigenvalues_above_relative_threshold():
     assert curvkit.default_criterion(evals) == [2, 3, 4]
     assert curvkit.default_criterion(evals.float()) == [3, 4]
     assert curvkit.default_criterion(torch.zeros(0)) == []
+    # The cut does not split a cluster of numerically equal eigenvalues.
+    threshold = torch.finfo(torch.float64).eps ** 0.5
+    above = threshold + 5e-17
+    evals = torch.tensor([0.0, above - 1e-16, above, 0.5, 1.0], dtype=torch.float64)
+    assert curvkit.default_criterion(evals) == [1, 2, 3, 4]
+    evals = torch.tensor([0.0, above - 1e-9, above, 0.5, 1.0], dtype=torch.float64)
+    assert curvkit.default_criterion(evals) == [2, 3, 4]
 
 
 def test_custom_criterion_order_is_kept():
