@@ -99,6 +99,18 @@ class Transformer(nn.Module):
         return self.head(self.layer(x).mean(dim=1))
 
 
+class SequenceFirstTransformer(nn.Module):
+    """Linear layers see ``[T, N, E]``: the samples are not on the first axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x.transpose(0, 1)).mean(dim=0))
+
+
 class SharedTwice(nn.Module):
     """A Linear called twice, and a weight used directly in the top-level forward."""
 
@@ -184,7 +196,7 @@ def _cnn3d() -> nn.Module:
     return nn.Sequential(
         nn.Conv3d(2, 4, 2, stride=2, padding=1, groups=2),
         nn.ReLU(),
-        nn.Conv3d(4, 2, (1, 2, 2), dilation=(1, 1, 2)),
+        nn.Conv3d(4, 2, (1, 2, 2), dilation=(1, 1, 2), padding="same"),
         nn.Flatten(),
     )
 
@@ -222,6 +234,7 @@ ZOO: dict[str, ModelCase] = {
     "attention_batch_first": (lambda: Attention(True), _randn(3, 4)),
     "attention_sequence_first": (lambda: Attention(False), _randn(3, 4)),
     "transformer": (Transformer, _randn(3, 4)),
+    "transformer_sequence_first": (SequenceFirstTransformer, _randn(3, 4)),
     "shared_twice_direct_param": (SharedTwice, _randn(4)),
     "tied_embedding": (TiedEmbedding, _tokens(5, 2)),
     "in_place": (InPlace, _randn(4)),

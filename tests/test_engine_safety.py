@@ -256,3 +256,52 @@ def test_iter_factors_bad_chunks() -> None:
                 sample_chunk_size=2,
             )
         )
+
+
+def test_param_used_outside_every_holding_call_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    model.register_forward_pre_hook(lambda module, args: (args[0] + model[0].bias.sum(),))
+    with pytest.raises(ValueError, match="outside the forward pass of every module"):
+        compute_factors(model, torch.randn(4, 3), list(model.parameters()), lambda o: o[None])
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+def test_recorded_output_changed_through_a_kept_reference_is_refused() -> None:
+    class KeepsOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+            self.last: Tensor | None = None
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.last = x * self.scale
+            return self.last
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.child = KeepsOutput()
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.child(x)
+            self.child.last.mul_(2.0)  # the recorded output itself, not the copy handed on
+            return y * 1.0
+
+    model = Parent()
+    with pytest.raises(RuntimeError, match="changed in place"):
+        compute_factors(model, torch.randn(4, 3), list(model.parameters()), lambda o: o[None])
+
+
+def test_user_hook_changing_an_output_in_place() -> None:
+    """A user's forward hook that changes a recorded output in place sees a copy instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    handle = model[0].register_forward_hook(lambda module, args, output: output.tanh_())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    columns = torch.randn(2, 5, 2, dtype=torch.float64)
+    _, factors = compute_factors(model, x, params, lambda out: columns)
+    expected = reference_columns(model, (x,), params, columns)
+    for factor, reference in zip(factors, expected, strict=True):
+        assert torch.allclose(factor.dense(), reference, rtol=1e-10, atol=1e-12)
+    assert list(model[0]._forward_hooks) == [handle.id]

@@ -31,12 +31,18 @@ __all__ = ["generic_columns"]
 
 
 def sample_axis(tensor: Tensor, num_samples: int, batch_first: bool = True) -> int | None:
-    """The axis of ``tensor`` that indexes samples, ``None`` if it is shared by all samples."""
+    """The axis of ``tensor`` that indexes samples, ``None`` if it is shared by all samples.
+
+    Axis 0 if it has size :math:`N` (axis 1 first for modules with ``batch_first=False``),
+    otherwise the only other axis of size :math:`N` before the last axis (a layer normalising
+    ``[T, N, E]`` inside a sequence-first transformer), otherwise none.
+    """
     if not batch_first and tensor.dim() >= 3 and tensor.shape[1] == num_samples:
         return 1
     if tensor.dim() >= 1 and tensor.shape[0] == num_samples:
         return 0
-    return None
+    candidates = [axis for axis in range(1, tensor.dim() - 1) if tensor.shape[axis] == num_samples]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _tolerance(dtype: torch.dtype) -> float:

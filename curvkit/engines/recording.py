@@ -180,7 +180,11 @@ class _Recorder(TorchFunctionMode):
         try:
             for module, _ in self.holders.values():
                 handles.append(module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
-                handles.append(module.register_forward_hook(self.post_hook, with_kwargs=True))
+                # First among the forward hooks: a user's hook changing the output in place
+                # then changes the copy handed on, not the recorded output.
+                handles.append(
+                    module.register_forward_hook(self.post_hook, with_kwargs=True, prepend=True)
+                )
             with self:
                 return forward()
         finally:
