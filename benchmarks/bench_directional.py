@@ -1,13 +1,16 @@
 """Directionally damped Newton steps: curvkit against ViViT, side by side in one run.
 
-Each (problem, implementation) pair runs in a fresh subprocess, so that its peak memory is its
-own: the extra peak memory is the process's peak resident set size during the first step minus
-its resident size just before it (model, data and libraries loaded). The time is the median over
-repeated steps after that first one. The table gives curvkit's speed-up and memory ratio against
-ViViT, and the relative difference of the exact steps (float32, so about 1e-4 is agreement).
+Times: all implementations are set up in this process (each on its own copy of the same model)
+and their steps are timed in turns, round after round, so that a change in the machine's load
+hits all of them alike; the table gives the median per implementation. Memory: each
+(problem, implementation) pair runs once more in a fresh subprocess, whose extra peak memory is
+its peak resident set size during the first step minus its resident size just before it (model,
+data and libraries loaded). The table gives curvkit's speed-up and memory ratio against ViViT, and
+the relative difference of the exact steps (float32, so 1e-4 is agreement).
 
-ViViT calls ``Tensor.symeig``, which torch 2 removed; inside ViViT's subprocess only, it is shimmed
-with :func:`torch.linalg.eigh`. curvkit never needs it.
+ViViT calls ``Tensor.symeig``, which torch 2 removed; in this benchmark only, it is shimmed with
+:func:`torch.linalg.eigh`. curvkit never needs it. ``curvkit-backpack`` is curvkit's ViViT
+drop-in (same BackPACK extensions as ViViT, curvkit's Gram-space mathematics).
 
 Usage::
 
@@ -133,49 +136,42 @@ def step_function(implementation: str, problem: str):
     return run
 
 
-def worker(implementation: str, problem: str, repeats: int, threads: int, out: str) -> None:
+def worker(implementation: str, problem: str, threads: int, out: str) -> None:
     warnings.simplefilter("ignore")
     if threads > 0:
         torch.set_num_threads(threads)
     run = step_function(implementation, problem)
     before = _rss_bytes()
-    start = time.perf_counter()
     step = run()
-    first = time.perf_counter() - start
     extra_peak = max(_peak_rss_bytes() - before, 0)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
     torch.save([s.detach() for s in step], out + ".pt")
     with open(out, "w") as result:
-        json.dump(
-            {"first": first, "median": statistics.median(times), "extra_peak": extra_peak}, result
-        )
+        json.dump({"extra_peak": extra_peak}, result)
 
 
-def measure(implementation: str, problem: str, repeats: int, threads: int) -> dict:
+def measure_memory(implementation: str, problem: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            implementation,
-            problem,
-            "--repeats",
-            str(repeats),
-            "--threads",
-            str(threads),
-            "--out",
-            out,
-        ]
+        command = [sys.executable, __file__, "--worker", implementation, problem]
+        command += ["--threads", str(threads), "--out", out]
         subprocess.run(command, check=True)
         with open(out) as result:
             measured = json.load(result)
         measured["step"] = torch.cat([s.flatten() for s in torch.load(out + ".pt")])
     return measured
+
+
+def measure_times(problem: str, repeats: int) -> dict[str, float]:
+    runs = {impl: step_function(impl, problem) for impl in IMPLEMENTATIONS}
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLEMENTATIONS}
+    for _ in range(repeats):
+        for implementation, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[implementation].append(time.perf_counter() - start)
+    return {impl: statistics.median(values) for impl, values in times.items()}
 
 
 def main() -> None:
@@ -186,9 +182,12 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("IMPLEMENTATION", "PROBLEM"))
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.worker:
-        worker(*args.worker, args.repeats, args.threads, args.out)
+        worker(*args.worker, args.threads, args.out)
         return
+    warnings.simplefilter("ignore")
 
     threads = args.threads or torch.get_num_threads()
     print(
@@ -203,22 +202,23 @@ def main() -> None:
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for problem in args.problems:
-        results = {
-            impl: measure(impl, problem, args.repeats, args.threads) for impl in IMPLEMENTATIONS
-        }
-        reference = results["vivit"]
-        for implementation, measured in results.items():
-            speedup = reference["median"] / measured["median"]
-            memory = measured["extra_peak"] / max(reference["extra_peak"], 1)
+        times = measure_times(problem, args.repeats)
+        memory = {impl: measure_memory(impl, problem, args.threads) for impl in IMPLEMENTATIONS}
+        reference = memory["vivit"]
+        for implementation in IMPLEMENTATIONS:
+            measured = memory[implementation]
+            speedup = times["vivit"] / times[implementation]
+            memory_ratio = measured["extra_peak"] / max(reference["extra_peak"], 1)
             if PROBLEMS[problem][2] == 0:
                 diff = (measured["step"] - reference["step"]).norm() / reference["step"].norm()
                 diff_text = f"{float(diff):.1e}"
             else:
                 diff_text = "(random)"
             print(
-                f"| {problem} | {implementation} | {1e3 * measured['median']:.0f} "
-                f"| {measured['extra_peak'] / 2**20:.0f} | {speedup:.1f}x | {memory:.2f} "
-                f"| {diff_text} |"
+                f"| {problem} | {implementation} | {1e3 * times[implementation]:.0f} "
+                f"| {measured['extra_peak'] / 2**20:.0f} | {speedup:.1f}x | {memory_ratio:.2f} "
+                f"| {diff_text} |",
+                flush=True,
             )
 
 

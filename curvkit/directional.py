@@ -5,7 +5,8 @@ parameter group, in group order. Each group is one diagonal block of the GGN: a 
 the full GGN, one group per layer its block-diagonal approximation. The work for all groups is one
 forward pass and one batched backward pass of curvkit's engine
 (:func:`curvkit.engines.compute_factors`), which pushes back the :math:`C'` columns of the loss
-Hessian's square root and the loss gradient together (:math:`K = C' + 1` columns), so that one
+Hessian's square root (exact ones reduced to their numerical rank by :func:`drop_null_columns`:
+:math:`C - 1` for cross-entropy) and the loss gradient together (:math:`K = C' + 1`), so that one
 Gram matrix per parameter yields the GGN's Gram matrix :math:`V^\top V` and the products
 :math:`\nabla L_n^\top V` at once. The mathematics and its conventions (those of ViViT) are in
 :mod:`curvkit.gram_eigen`; in short, with :math:`L = \sum_n L_n` the batch loss split into the
@@ -375,6 +376,8 @@ class _Problem:
             sqrt = losses.hessian_sqrt(
                 self.loss_fn, outputs, self.targets, mc_samples=mc_samples, generator=generator
             )
+            if mc_samples == 0:
+                sqrt = drop_null_columns(sqrt)
             self.num_sqrt_columns = sqrt.shape[0]
             with torch.enable_grad():
                 leaf = outputs.detach().requires_grad_(True)
@@ -426,6 +429,36 @@ class _Problem:
         )
         full[: self.num_sqrt_columns, samples] = coefficients
         return full
+
+
+def drop_null_columns(sqrt: Tensor) -> Tensor:
+    r"""Rotate each sample's square-root columns to drop the directions they do not span.
+
+    For sample :math:`n` with columns :math:`A_n \in \mathbb{R}^{K \times C}` (rows
+    :math:`s_{k,n}`) and the eigendecomposition :math:`A_n A_n^\top = U \Lambda U^\top`, the
+    rows of :math:`U_r^\top A_n` (the :math:`r` leading eigenvectors) give the same Hessian
+    :math:`A_n^\top A_n` with :math:`r` columns, where :math:`r` is the largest numerical rank
+    over the samples (eigenvalues above :math:`K \varepsilon \max \Lambda`): dropped directions
+    change the Hessian at the level of roundoff only. Cross-entropy's exact square root has
+    :math:`C` columns but rank :math:`C - 1` (the softmax Hessian annihilates the all-ones
+    direction), so this saves one column per class set: a smaller Gram matrix, a cheaper
+    backward pass.
+
+    Args:
+        sqrt: ``[K, N, *out]``, as :func:`curvkit.losses.hessian_sqrt` returns.
+
+    Returns:
+        ``[r, N, *out]`` with ``r <= K``; ``sqrt`` itself if no column can be dropped.
+    """
+    num_columns, num_samples = sqrt.shape[:2]
+    rows = sqrt.reshape(num_columns, num_samples, -1).transpose(0, 1)
+    evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))
+    tolerance = num_columns * torch.finfo(sqrt.dtype).eps * evals.max()
+    rank = int((evals > tolerance).sum(dim=1).max())
+    if rank == num_columns:
+        return sqrt
+    reduced = evecs[:, :, num_columns - rank :].transpose(1, 2) @ rows
+    return reduced.transpose(0, 1).reshape(rank, *sqrt.shape[1:])
 
 
 def _single_batch(data: Any) -> tuple[Tensor | tuple[Tensor, ...], Tensor]:

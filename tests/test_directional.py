@@ -98,7 +98,8 @@ def test_matches_reference(loss, reduction, n, per_layer, k):
         groups = linear_groups(model, **options)
     else:
         groups = [{"params": list(model.parameters()), **options}]
-    check_against_reference(model, loss_fn, inputs, targets, groups, num_sqrt_columns=3)
+    columns = 3 if loss == "mse" else 2  # cross-entropy's square root has rank C - 1
+    check_against_reference(model, loss_fn, inputs, targets, groups, num_sqrt_columns=columns)
 
 
 def _callable_damping(evals, evecs, gammas, lambdas):
@@ -120,7 +121,7 @@ def _callable_damping(evals, evecs, gammas, lambdas):
 def test_criteria_and_dampings(criterion, damping):
     model, loss_fn, inputs, targets = problem("ce", "mean", 3, seed=1)
     groups = [{"params": list(model.parameters()), "criterion": criterion, "damping": damping}]
-    check_against_reference(model, loss_fn, inputs, targets, groups, num_sqrt_columns=3)
+    check_against_reference(model, loss_fn, inputs, targets, groups, num_sqrt_columns=2)
 
 
 def test_default_criterion_keeps_eigenvalues_above_relative_threshold():
@@ -165,7 +166,7 @@ def test_subsampling_matches_reference(reduction):
         inputs,
         targets,
         groups,
-        num_sqrt_columns=3,
+        num_sqrt_columns=2,
         subsampling_grad=[4, 0, 2],
         subsampling_ggn=[3, 1],
     )
@@ -384,3 +385,19 @@ def test_bad_model_and_top_k_raise():
         curvkit.ggn_eigh(lambda x: x, loss_fn, (inputs, targets))
     with pytest.raises(ValueError, match="positive integer"):
         curvkit.top_k(0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_null_columns_of_the_square_root_are_dropped_exactly(reduction):
+    from curvkit.directional import drop_null_columns
+
+    torch.manual_seed(0)
+    outputs = torch.randn(5, 4, dtype=torch.float64)
+    targets = torch.randint(0, 4, (5,))
+    sqrt = losses.hessian_sqrt(nn.CrossEntropyLoss(reduction=reduction), outputs, targets)
+    reduced = drop_null_columns(sqrt)
+    assert reduced.shape == (3, 5, 4)
+    hessians = torch.einsum("knc,knd->ncd", sqrt, sqrt)
+    assert_close(torch.einsum("knc,knd->ncd", reduced, reduced), hessians, 1e-13, "Hessians")
+    mse = losses.hessian_sqrt(nn.MSELoss(), outputs, torch.randn(5, 4, dtype=torch.float64))
+    assert drop_null_columns(mse) is mse
