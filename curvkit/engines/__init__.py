@@ -1,4 +1,28 @@
-"""Engines: per-parameter square-root factors of the GGN (:mod:`curvkit.engines.factor`)."""
+r"""Engines: per-parameter square-root factors of the GGN (:mod:`curvkit.engines.factor`).
+
+:func:`compute_factors` runs a model forward once with temporary hooks and pushes the columns
+of the loss Hessian's square root back in one batched backward pass; it returns one
+:class:`Factor` per parameter. Linear and convolution weights get a structured
+:class:`KroneckerFactor`; every other module owning parameters goes through a generic
+:mod:`torch.func` rule (a :class:`DenseFactor`); a parameter used several times gets the sum of
+its uses; a parameter the outputs do not depend on gets a :class:`ZeroFactor`.
+
+.. rubric:: Memory
+
+With :math:`K` columns, :math:`N` samples and :math:`D` parameters, :func:`compute_factors`
+holds the recorded module inputs, the backpropagated columns at every recorded module output
+(:math:`K` times the activations) and the factors (for generic modules, :math:`K N D_p`
+numbers per parameter). Two knobs bound the rest:
+
+- ``max_chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 256 MiB) bounds the intermediate
+  tensors that factor methods materialise at once (per-sample gradients of a convolution
+  weight for its diagonal, pairwise products over positions) and the per-sample batch of the
+  generic rule: they are processed in chunks of samples;
+- :func:`iter_factors` splits the batch into chunks of samples (``sample_chunk_size``) and of
+  columns (``column_chunk_size``) and yields the factors of each chunk. Quantities that are
+  sums over columns (the GGN diagonal, :math:`V V^\top u`) add up over chunks; peak memory
+  then scales with the chunk, not the batch.
+"""
 
 from curvkit.engines.compute import FactorChunk, compute_factors, iter_factors
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
