@@ -182,8 +182,8 @@ def gram_directions(
     matrix = 0.5 * (matrix + matrix.T)
 
     if isinstance(criterion, TopK) and size >= PARTIAL_EIGH_MIN_SIZE and criterion.k * 8 <= size:
-        # One more than requested tells whether the cut splits a cluster.
-        evals, evecs = top_eigh(matrix, criterion.k + 1)
+        # One more Ritz value than requested tells whether the cut splits a cluster.
+        evals, evecs = top_eigh(matrix, criterion.k + 1, num_converged=criterion.k)
         keep = list(range(1, criterion.k + 1))
         max_abs = evals[-1].abs()
     else:
@@ -328,27 +328,34 @@ def resolve_damping(
     return value
 
 
-def top_eigh(matrix: Tensor, k: int, *, max_dim: int | None = None) -> tuple[Tensor, Tensor]:
+def top_eigh(
+    matrix: Tensor, k: int, *, num_converged: int | None = None, max_dim: int | None = None
+) -> tuple[Tensor, Tensor]:
     r"""The ``k`` largest eigenpairs of a symmetric matrix by block Krylov iteration.
 
     Builds an orthonormal basis :math:`Q` of :math:`[X, AX, A^2X, \ldots]` from a fixed
     pseudo-random start block (so the result is deterministic) with full re-orthogonalisation,
-    keeps :math:`T = Q^\top A Q` up to date block by block, and stops when the ``k`` leading Ritz
-    pairs have residuals :math:`\|A x - \theta x\| \le 4 \sqrt{n}\, \varepsilon \max|\theta|`,
-    about the backward error of a dense eigensolver. If the basis would exceed ``max_dim``
-    (default: half the matrix size) first, it falls back to :func:`torch.linalg.eigh`, so the result
-    is as accurate either way. The cost is a few products of the matrix with thin blocks instead of
+    keeps :math:`T = Q^\top A Q` up to date block by block, and stops when the
+    ``num_converged`` leading Ritz pairs have residuals
+    :math:`\|A x - \theta x\| \le 4 \sqrt{n}\, \varepsilon \max|\theta|`, about the backward
+    error of a dense eigensolver. If the basis would exceed ``max_dim`` (default: half the matrix
+    size) first, it falls back to :func:`torch.linalg.eigh`, so the result is as accurate either
+    way. The cost is a few products of the matrix with thin blocks instead of
     a full tridiagonalisation: much less than a dense eigendecomposition when :math:`k \ll n`.
 
     Args:
         matrix: Symmetric ``[n, n]``.
         k: Number of leading eigenpairs, ``1 <= k <= n``.
+        num_converged: How many of them must meet the tolerance (default: all ``k``); the others
+            are Ritz approximations (their values bound the true eigenvalues from below).
         max_dim: Largest Krylov basis before the dense fallback.
 
     Returns:
         Eigenvalues ``[k]`` ascending and orthonormal eigenvectors ``[n, k]`` as columns.
     """
     size = matrix.shape[0]
+    if num_converged is None:
+        num_converged = k
     if max_dim is None:
         max_dim = size // 2
     block = min(size, max(2 * k, k + 8))
@@ -369,8 +376,9 @@ def top_eigh(matrix: Tensor, k: int, *, max_dim: int | None = None) -> tuple[Ten
         if (iteration >= 3 and iteration % 2 == 1) or exhausted:
             ritz_vals, ritz_vecs = torch.linalg.eigh(0.5 * (projected + projected.T))
             ritz_vals, ritz_vecs = ritz_vals[-k:], ritz_vecs[:, -k:]
-            residual = products @ ritz_vecs - basis @ (ritz_vecs * ritz_vals)
-            if bool((residual.norm(dim=0) <= tolerance * ritz_vals.abs().max()).all()):
+            top_vals, top_vecs = ritz_vals[k - num_converged :], ritz_vecs[:, k - num_converged :]
+            residual = products @ top_vecs - basis @ (top_vecs * top_vals)
+            if bool((residual.norm(dim=0) <= tolerance * top_vals.abs().max()).all()):
                 return ritz_vals, basis @ ritz_vecs
         if exhausted:
             evals, evecs = torch.linalg.eigh(matrix)
