@@ -58,6 +58,7 @@ References:
     Methods and Software 3(4).
 """
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -214,7 +215,7 @@ def _step_2d(
 
 def _solve_2d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
     h00, h11 = rows[0][..., 0], rows[1][..., 1]
-    h01 = (rows[0][..., 1] + rows[1][..., 0]) / 2
+    h01 = torch.lerp(rows[0][..., 1], rows[1][..., 0], 0.5)
     g0, g1 = g[..., 0], g[..., 1]
     dx0, dx1, inv_det = _step_2d(h00, h11, h01, g0, g1)
     dx = torch.stack([dx0, dx1], dim=-1)
@@ -252,9 +253,9 @@ def _step_3d(
 
 def _solve_3d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
     h00, h11, h22 = rows[0][..., 0], rows[1][..., 1], rows[2][..., 2]
-    h01 = (rows[0][..., 1] + rows[1][..., 0]) / 2
-    h02 = (rows[0][..., 2] + rows[2][..., 0]) / 2
-    h12 = (rows[1][..., 2] + rows[2][..., 1]) / 2
+    h01 = torch.lerp(rows[0][..., 1], rows[1][..., 0], 0.5)
+    h02 = torch.lerp(rows[0][..., 2], rows[2][..., 0], 0.5)
+    h12 = torch.lerp(rows[1][..., 2], rows[2][..., 1], 0.5)
     g0, g1, g2 = g[..., 0], g[..., 1], g[..., 2]
     dx, adjugate, inv_det = _step_3d((h00, h11, h22, h01, h02, h12), g0, g1, g2)
     if trust_radius is not None:
@@ -275,10 +276,13 @@ def _solve_3d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
 def _symmetric_entries(rows: list[Tensor]) -> list[list[Tensor]]:
     """``h[i][j]``: entry (i, j) of every item's symmetrised Hessian, a tensor of batch shape."""
     dim = len(rows)
-    h = [[rows[i][..., i] if i == j else None for j in range(dim)] for i in range(dim)]
+    # One transposing copy per row: the entries are then contiguous, whereas every strided read
+    # of an entry would pull in the whole row.
+    columns = [row.movedim(-1, 0).contiguous() for row in rows]
+    h = [[columns[i][i] if i == j else None for j in range(dim)] for i in range(dim)]
     for i in range(dim):
         for j in range(i):
-            h[i][j] = h[j][i] = (rows[i][..., j] + rows[j][..., i]) / 2
+            h[i][j] = h[j][i] = torch.lerp(columns[i][j], columns[j][i], 0.5)
     return h
 
 
@@ -294,7 +298,7 @@ def _ldl_solve(
 
     Returns:
         ``(dx, cov, pivots)`` with ``dx = -cov g`` of shape ``(..., D)``, ``cov`` of shape
-        ``(..., D, D)`` and the pivots :math:`D_{jj}` of shape ``(..., D)``.
+        ``(..., D, D)`` and the list of the ``D`` pivots :math:`D_{jj}`, each of batch shape.
     """
     dim = len(h)
     unit_lower = [[None] * dim for _ in range(dim)]  # L[i][j], j < i
@@ -336,7 +340,8 @@ def _ldl_solve(
             for k in range(j + 1, dim):
                 entry = torch.addcmul(entry, inverse_lower[k][i], weighted[k][j])
             cov[i][j] = cov[j][i] = entry
-    g_entries = g.unbind(-1)
+    # Contiguous copies: each is read D times, and a strided read pulls in all of g.
+    g_entries = g.movedim(-1, 0).contiguous().unbind(0)
     dx = []
     for i in range(dim):
         entry = cov[i][0] * g_entries[0]
@@ -346,7 +351,7 @@ def _ldl_solve(
     cov_matrix = torch.stack([entry for row in cov for entry in row], dim=-1).unflatten(
         -1, (dim, dim)
     )
-    return torch.stack(dx, dim=-1), cov_matrix, torch.stack(pivots, dim=-1)
+    return torch.stack(dx, dim=-1), cov_matrix, pivots
 
 
 def _stacked_items(rows: list[Tensor], items: Tensor) -> Tensor:
@@ -360,15 +365,19 @@ def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
     dim, batch_shape = g.shape[-1], g.shape[:-1]
     h = _symmetric_entries(rows)
     dx, cov, pivots = _ldl_solve(h, g)
-    positive_definite = (pivots > 0).all(-1)
+    positive_definite = functools.reduce(torch.logical_and, [pivot > 0 for pivot in pivots])
     if trust_radius is None:
+        if bool(positive_definite.all()):
+            return dx, cov
         # Without pivoting, LDL^T of an indefinite matrix is unreliable where a pivot is small:
         # LAPACK's pivoted LU takes those items.
         with torch.no_grad():
-            scale = sum(entry.abs() for row in h for entry in row)
+            scale = sum(row.abs().sum(-1) for row in rows)
             threshold = torch.finfo(g.dtype).eps ** 0.5 * scale
             # NaN-safe: a NaN pivot (after a zero one) counts as small.
-            small = ~(pivots.abs() > threshold.unsqueeze(-1)).all(-1)
+            small = ~functools.reduce(
+                torch.logical_and, [pivot.abs() > threshold for pivot in pivots]
+            )
         fallback = (~positive_definite & small).reshape(-1).nonzero().squeeze(-1)
         if fallback.numel() == 0:
             return dx, cov
