@@ -305,3 +305,18 @@ def test_user_hook_changing_an_output_in_place() -> None:
     for factor, reference in zip(factors, expected, strict=True):
         assert torch.allclose(factor.dense(), reference, rtol=1e-10, atol=1e-12)
     assert list(model[0]._forward_hooks) == [handle.id]
+
+
+def test_param_use_hidden_from_the_tracker_is_refused() -> None:
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(2, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            with torch._C.DisableTorchFunction():  # hides the use from torch function modes
+                return x @ self.weight.T
+
+    model = Hidden()
+    with pytest.raises(RuntimeError, match="saw no torch function receive it"):
+        compute_factors(model, torch.randn(4, 3), list(model.parameters()), lambda o: o[None])

@@ -223,6 +223,35 @@ def backpropagate(
     return [None if skip else g for skip, g in zip(unused, results, strict=True)]
 
 
+def _check_no_unseen_uses(
+    outputs: Tensor, recording: Recording, params: list[Tensor], column: Tensor
+) -> None:
+    """Raise if a parameter without recorded uses still influences the outputs.
+
+    Uses are seen through the arguments of torch functions; one hidden deeper (a tensor in a
+    dict argument) would otherwise give a silently zero factor. Parameters outside the graph
+    cost nothing here: the backward pass reaches none of them.
+    """
+    seen = {index for call in recording.calls for index in call.params}
+    unseen = [i for i in range(len(params)) if i not in seen]
+    if not unseen:
+        return
+    grads = torch.autograd.grad(
+        outputs,
+        [params[i] for i in unseen],
+        grad_outputs=column,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    for index, grad in zip(unseen, grads, strict=True):
+        if grad is not None:
+            raise RuntimeError(
+                f"params[{index}] influences the outputs, but the engine saw no torch function "
+                "receive it during the forward pass (is it hidden inside a container "
+                "argument?); pass it to torch functions directly"
+            )
+
+
 def _factors(
     recording: Recording,
     params: list[Tensor],
@@ -240,6 +269,8 @@ def _factors(
             if tensor.requires_grad:
                 targets.setdefault(id(tensor), tensor)
     grads: dict[int, Tensor | None] = {}
+    if outputs.requires_grad:
+        _check_no_unseen_uses(outputs, recording, params, columns[0])
     if targets and outputs.requires_grad:
         target_list = list(targets.values())
         results = backpropagate(
