@@ -119,6 +119,8 @@ def test_batchnorm_in_train_mode_is_refused() -> None:
 
 
 def test_module_mixing_samples_is_refused() -> None:
+    """The generic rule's recomputation on single samples catches a module that mixes."""
+
     class Centering(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -127,9 +129,20 @@ def test_module_mixing_samples_is_refused() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.scale * (x - x.mean(dim=0))
 
-    model = nn.Sequential(nn.Linear(3, 3), Centering())
-    with pytest.raises(ValueError, match=r"not independent.*model\.eval\(\)"):
-        compute_factors(model, torch.randn(4, 3), list(model.parameters()), lambda o: o[None])
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+            self.centering = Centering()
+
+        def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+            return self.centering(self.linear(x) + offset)
+
+    model = Model()
+    # The shared `offset` input turns the whole-model check off: the module check remains.
+    inputs = (torch.randn(4, 3), torch.randn(3))
+    with pytest.raises(ValueError, match=r"Centering.*not independent.*model\.eval\(\)"):
+        compute_factors(model, inputs, list(model.parameters()), lambda o: o[None])
 
 
 def test_bad_inputs_get_clear_errors() -> None:
@@ -320,3 +333,27 @@ def test_param_use_hidden_from_the_tracker_is_refused() -> None:
     model = Hidden()
     with pytest.raises(RuntimeError, match="saw no torch function receive it"):
         compute_factors(model, torch.randn(4, 3), list(model.parameters()), lambda o: o[None])
+
+
+@pytest.mark.parametrize(
+    "mixing",
+    [
+        lambda x: x - x.mean(dim=0),  # an operation across samples in a forward
+        nn.Dropout(0.5).train(),  # randomness: the output of a sample is not a function
+    ],
+)
+def test_parameter_free_sample_mixing_is_refused(mixing) -> None:
+    class Mixing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(3, 4)
+            self.second = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.second(mixing(self.first(x)))
+
+    model = Mixing()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"changes with the other samples.*model\.eval\(\)"):
+        compute_factors(model, torch.randn(6, 3), list(model.parameters()), lambda o: o[None])
+    _assert_same_state(before, _state(model))

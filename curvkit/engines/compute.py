@@ -96,6 +96,37 @@ def refuse_sample_mixing(model: nn.Module) -> None:
             )
 
 
+def check_first_sample_alone(model: nn.Module, inputs: tuple[Any, ...], outputs: Tensor) -> None:
+    """Raise if the first sample's output changes when the model sees it alone.
+
+    A cheap test (one forward pass of one sample, without gradients) that catches models
+    mixing samples in ways no module type reveals (``x - x.mean(0)`` in a ``forward``, dropout
+    in training mode). Skipped for a single sample or when an input does not hold the samples
+    along axis 0.
+
+    Raises:
+        ValueError: If the outputs differ beyond floating-point noise.
+    """
+    num_samples = outputs.shape[0]
+    if num_samples == 1 or not all(
+        isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == num_samples for x in inputs
+    ):
+        return
+    with torch.no_grad():
+        alone = model(*(x[:1] for x in inputs))
+    if not isinstance(alone, Tensor) or alone.shape[1:] != outputs.shape[1:]:
+        return
+    expected = outputs[:1].detach()
+    tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
+    scale = max(expected.abs().max().item(), 1.0)
+    if not torch.allclose(alone, expected, rtol=0.0, atol=tolerance * scale):
+        raise ValueError(
+            "the model's output for a sample changes with the other samples in the batch "
+            "(batch statistics, dropout, an operation across samples), so per-sample curvature "
+            "is undefined. Call `model.eval()` first, and make sure no operation mixes samples."
+        )
+
+
 def _check_outputs(outputs: Any) -> Tensor:
     if not isinstance(outputs, Tensor) or outputs.dim() == 0:
         raise TypeError(
@@ -358,6 +389,7 @@ def compute_factors(
     refuse_sample_mixing(model)
     recording = record_forward(model, inputs, params)
     outputs = _check_outputs(recording.outputs)
+    check_first_sample_alone(model, inputs, outputs)
     columns = _check_columns(backprop_columns(outputs.detach()), outputs)
     factors = _factors(
         recording,
@@ -426,11 +458,13 @@ def iter_factors(
     if sample_chunk_size is None:
         recording = record_forward(model, inputs, params)
         outputs = _check_outputs(recording.outputs)
+        check_first_sample_alone(model, inputs, outputs)
         columns = _check_columns(backprop_columns(outputs.detach()), outputs)
         sample_slices = [slice(0, outputs.shape[0])]
     else:
         with torch.no_grad():
             outputs = _check_outputs(model(*inputs))
+        check_first_sample_alone(model, inputs, outputs)
         columns = _check_columns(backprop_columns(outputs), outputs)
         num_samples = outputs.shape[0]
         for i, value in enumerate(inputs):
