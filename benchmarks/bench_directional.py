@@ -17,6 +17,7 @@ Usage::
     python benchmarks/bench_directional.py                 # all problems, torch's default threads
     python benchmarks/bench_directional.py --threads 1     # pinned threads (a loaded machine)
     python benchmarks/bench_directional.py --problems mlp-exact --repeats 5
+    python benchmarks/bench_directional.py --quick             # Monte-Carlo problems only
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument(
+        "--quick", action="store_true", help="Monte-Carlo problems only, 2 repeats (a smoke run)"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPLEMENTATION", "PROBLEM"))
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -188,6 +192,8 @@ def main() -> None:
         worker(*args.worker, args.threads, args.out)
         return
     warnings.simplefilter("ignore")
+    if args.quick:
+        args.problems, args.repeats = ["mlp-mc", "cnn-mc"], 2
 
     threads = args.threads or torch.get_num_threads()
     print(

@@ -41,8 +41,10 @@ Group options (besides ``"params"``):
 Sub-sampling (ViViT's): ``subsampling_ggn`` picks the :math:`S` samples whose curvature forms the
 GGN, rescaled by :math:`N/S` to estimate the batch's; ``subsampling_grad`` the samples whose
 gradients give :math:`\gamma`; indices are into the batch, unique, and the rows of
-:math:`\gamma`/:math:`\lambda` follow their order. ``mc_samples > 0`` replaces the exact loss
-Hessian square root by that many Monte-Carlo columns (:func:`curvkit.losses.hessian_sqrt`).
+:math:`\gamma`/:math:`\lambda` follow their order. Sub-sampling picks blocks of the batch's Gram
+matrix: it changes the estimate (as in ViViT), not the cost. ``mc_samples > 0`` replaces the
+exact loss Hessian square root by that many Monte-Carlo columns
+(:func:`curvkit.losses.hessian_sqrt`).
 
 ``data`` is one batch ``(inputs, targets)`` or an iterable of batches. An iterable is concatenated
 into one batch, which is exact (the loss of all the data, as for the other curvkit quantities) but
@@ -404,7 +406,7 @@ class _Problem:
         if self.subsampling_ggn is not None:
             samples = self.subsampling_ggn.to(gram.device)
             gram_vv = gram_vv.index_select(1, samples).index_select(3, samples)
-        criterion = group["criterion"] or default_criterion
+        criterion = default_criterion if group["criterion"] is None else group["criterion"]
         return gram_directions(gram_vv, self.batch_size, criterion)
 
     def grad_gram(self, gram: Tensor) -> Tensor:
