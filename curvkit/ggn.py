@@ -45,6 +45,7 @@ from curvkit import data as data_utils
 from curvkit import losses
 from curvkit.data import Data, Inputs
 from curvkit.engines import compute_factors
+from curvkit.engines.compute import refuse_sample_mixing
 from curvkit.engines.factor import Factor
 from curvkit.groups import normalize_param_groups
 
@@ -186,10 +187,14 @@ def ggn_vector_product(
 ) -> Tensor | list[Tensor]:
     r"""The GGN-vector product :math:`G u`.
 
-    Computed as :math:`V (V^\top u)` from the engine's factors: one forward and one batched
-    backward pass per batch, then two cheap contractions per parameter. To multiply by many
-    vectors, pass them at once to :class:`GGNOperator` (``op @ M``), which also reuses the
-    factors of a single batch between products.
+    Computed per batch as :math:`\sum_n J_n^\top S_n S_n^\top J_n u`, without any per-sample
+    work: one forward pass; :math:`J u` by differentiating the vector-Jacobian product
+    :math:`J^\top w` (linear in :math:`w`) with respect to :math:`w`; the output-space product with
+    the loss Hessian's square root :math:`S` (:func:`curvkit.losses.hessian_sqrt`); one
+    vector-Jacobian product back. For one vector this is about twice a gradient, and faster than
+    forming the square-root factor :math:`V` and computing :math:`V (V^\top u)`
+    (``benchmarks/bench_ggn.py``). To multiply by many vectors, use :class:`GGNOperator`
+    (``op @ M``), which forms :math:`V` once per batch, or once for all products on one batch.
 
     Args:
         model: The network, as for :func:`diag_ggn`.
@@ -214,13 +219,11 @@ def ggn_vector_product(
     blocks = _vector_blocks(vector, params)
 
     def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        outputs, factors = _factors(model, loss_fn, inputs, targets, params, 0, None)
-        return outputs, _matmul_factors(factors, [b.unsqueeze(0) for b in blocks])
+        return _autodiff_product(model, loss_fn, inputs, targets, params, blocks)
 
     product = data_utils.dataset_average(
         loss_fn, data, batch_product, progress=progress, description="ggn_vector_product"
     )
-    product = [p.squeeze(0) for p in product]
     return torch.cat([p.reshape(-1) for p in product]) if flat else product
 
 
@@ -496,6 +499,46 @@ def _factors(
         )
 
     return compute_factors(model, inputs, params, backprop_columns, create_graph=create_graph)
+
+
+def _autodiff_product(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Inputs,
+    targets: Tensor,
+    params: list[Tensor],
+    vector: list[Tensor],
+) -> tuple[Tensor, list[Tensor]]:
+    r"""Return the outputs and :math:`J^\top S S^\top J u` for one batch, by plain autograd."""
+    refuse_sample_mixing(model)
+    with torch.enable_grad():
+        outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+            raise TypeError("the model must return one tensor whose first axis indexes the samples")
+        # J^T w is linear in w, so differentiating it along u with respect to w gives J u.
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        transposed = torch.autograd.grad(
+            outputs, params, dummy, create_graph=True, allow_unused=True
+        )
+        pairs = [
+            (t, u)
+            for t, u in zip(transposed, vector, strict=True)
+            if t is not None and t.requires_grad
+        ]
+        jacobian_vector = None
+        if pairs:
+            (jacobian_vector,) = torch.autograd.grad(
+                [t for t, _ in pairs], dummy, [u for _, u in pairs], allow_unused=True
+            )
+        if jacobian_vector is None:
+            jacobian_vector = torch.zeros_like(outputs)
+        columns = losses.hessian_sqrt(loss_fn, outputs.detach(), targets)
+        coefficients = (columns * jacobian_vector).flatten(start_dim=2).sum(dim=2)
+        output_product = torch.einsum("kn,kn...->n...", coefficients, columns)
+        product = torch.autograd.grad(
+            outputs, params, output_product, allow_unused=True, materialize_grads=True
+        )
+    return outputs.detach(), list(product)
 
 
 def _matmul_factors(factors: Sequence[Factor], blocks: Sequence[Tensor]) -> list[Tensor]:

@@ -184,6 +184,9 @@ def test_batchnorm_in_training_mode_is_refused():
     model.train()
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
         curvkit.diag_ggn(model, loss_fn, (inputs, targets))
+    vector = [torch.zeros_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        curvkit.ggn_vector_product(model, loss_fn, (inputs, targets), vector)
     assert model.training
 
 
