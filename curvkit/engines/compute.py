@@ -177,6 +177,11 @@ PER_COLUMN_BACKWARD_ENTRIES = 2**18
 def _backward_per_column(
     outputs: Tensor, targets: list[Tensor], columns: Tensor, retain_graph: bool
 ) -> list[Tensor | None]:
+    if len(columns) == 1:
+        grads = torch.autograd.grad(
+            outputs, targets, grad_outputs=columns[0], retain_graph=retain_graph, allow_unused=True
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     # Each column's results go straight into one buffer per target: stacking the columns at
     # the end would hold every result twice.
     buffers: list[Tensor | None] = []
@@ -235,7 +240,7 @@ def backpropagate(
                 is_grads_batched=True,
             )
         )
-    if sum(t.numel() for t in targets) >= PER_COLUMN_BACKWARD_ENTRIES:
+    if len(columns) == 1 or sum(t.numel() for t in targets) >= PER_COLUMN_BACKWARD_ENTRIES:
         return _backward_per_column(outputs, targets, columns, retain_graph)
     unused: list[bool] = []
 
