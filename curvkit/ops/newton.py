@@ -286,19 +286,20 @@ def _symmetric_entries(rows: list[Tensor]) -> list[list[Tensor]]:
     return h
 
 
-def _ldl_solve(
-    h: list[list[Tensor]], g: Tensor, shift: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Step and inverse of every item's :math:`H + \text{shift}\, I` by :math:`LDL^\top`, batched.
+def _ldl_inverse(
+    h: list[list[Tensor]], shift: Tensor | None = None
+) -> tuple[list[list[Tensor]], list[Tensor]]:
+    r"""Entries of every item's :math:`(H + \text{shift}\, I)^{-1}` by :math:`LDL^\top`, batched.
 
     Every operation acts on one matrix entry across the whole batch (:math:`O(D^3)` elementwise
     operations, each over the batch), which for millions of small matrices beats a loop of LAPACK
-    calls many times over. No pivoting: stable for positive definite matrices; the caller falls
+    calls many times over. No pivoting: stable for positive definite matrices; the callers fall
     back to LAPACK for indefinite items with small pivots.
 
     Returns:
-        ``(dx, cov, pivots)`` with ``dx = -cov g`` of shape ``(..., D)``, ``cov`` of shape
-        ``(..., D, D)`` and the list of the ``D`` pivots :math:`D_{jj}`, each of batch shape.
+        ``(inverse, pivots)``: ``inverse[i][j]`` (symmetric, the same tensor at ``[j][i]``) and the
+        ``D`` pivots :math:`D_{jj}`, all of batch shape. The matrix is positive definite exactly
+        where every pivot is positive.
     """
     dim = len(h)
     unit_lower = [[None] * dim for _ in range(dim)]  # L[i][j], j < i
@@ -325,21 +326,28 @@ def _ldl_solve(
             for k in range(j + 1, i):
                 entry = torch.addcmul(entry, unit_lower[i][k], inverse_lower[k][j], value=-1)
             inverse_lower[i][j] = entry
+    # weighted[k][j] = W[k][j] / D[k] for j <= k.
     weighted = [
-        [
-            inverse_pivots[k] if j == k else inverse_lower[k][j] * inverse_pivots[k]
-            for j in range(k + 1)
-        ]
+        [inverse_lower[k][j] * inverse_pivots[k] for j in range(k)] + [inverse_pivots[k]]
         for k in range(dim)
     ]
-    cov = [[None] * dim for _ in range(dim)]
+    inverse = [[None] * dim for _ in range(dim)]
     for i in range(dim):
         for j in range(i, dim):
-            # sum over k >= j of W[k][i] D^{-1}_k W[k][j], with W[j][j] = 1.
+            # Sum over k >= j of W[k][i] W[k][j] / D[k], with W[j][j] = 1.
             entry = weighted[j][i]
             for k in range(j + 1, dim):
                 entry = torch.addcmul(entry, inverse_lower[k][i], weighted[k][j])
-            cov[i][j] = cov[j][i] = entry
+            inverse[i][j] = inverse[j][i] = entry
+    return inverse, pivots
+
+
+def _ldl_solve(
+    h: list[list[Tensor]], g: Tensor, shift: Tensor | None = None
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Step ``-cov g`` ``(..., D)``, ``cov`` ``(..., D, D)`` and pivots (:func:`_ldl_inverse`)."""
+    dim = len(h)
+    cov, pivots = _ldl_inverse(h, shift)
     # Contiguous copies: each is read D times, and a strided read pulls in all of g.
     g_entries = g.movedim(-1, 0).contiguous().unbind(0)
     dx = []
@@ -348,10 +356,8 @@ def _ldl_solve(
         for j in range(1, dim):
             entry = torch.addcmul(entry, cov[i][j], g_entries[j])
         dx.append(-entry)
-    cov_matrix = torch.stack([entry for row in cov for entry in row], dim=-1).unflatten(
-        -1, (dim, dim)
-    )
-    return torch.stack(dx, dim=-1), cov_matrix, pivots
+    cov_matrix = torch.stack([entry for row in cov for entry in row], dim=-1)
+    return torch.stack(dx, dim=-1), cov_matrix.unflatten(-1, (dim, dim)), pivots
 
 
 def _stacked_items(rows: list[Tensor], items: Tensor) -> Tensor:
