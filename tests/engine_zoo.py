@@ -168,6 +168,29 @@ class InPlace(nn.Module):
         return self.conv(g[:, None]).flatten(start_dim=1) + u.sum(dim=1, keepdim=True)
 
 
+class LastStep(nn.Module):
+    """An LSTM (its per-sample rule cannot be vmapped: the generic rule loops over samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _norms_and_transposed() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.PReLU(4),
+        nn.ConvTranspose2d(4, 2, 2, stride=2),
+        nn.InstanceNorm2d(2, affine=True),
+        nn.Flatten(),
+    )
+
+
 def _cnn2d() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, groups=2),
@@ -238,6 +261,8 @@ ZOO: dict[str, ModelCase] = {
     "shared_twice_direct_param": (SharedTwice, _randn(4)),
     "tied_embedding": (TiedEmbedding, _tokens(5, 2)),
     "in_place": (InPlace, _randn(4)),
+    "lstm": (LastStep, _randn(3, 3)),
+    "norms_prelu_transposed_conv": (_norms_and_transposed, _randn(2, 4, 4)),
 }
 
 

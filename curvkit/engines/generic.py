@@ -128,9 +128,8 @@ def generic_columns(
     sample_inputs = [detach(input_leaves[i]) for i in batched]
     cotangents = [detach(g) for _, g in selected]
     num_columns = cotangents[0].shape[0]
-    if create_graph:
-        # torch.func's batching rules do not carry the derivatives of an enclosing autograd
-        # graph correctly for every operator (layer_norm in torch 2.13), so loop instead.
+
+    def sample_by_sample() -> tuple[dict[str, Tensor], list[Tensor]]:
         results = [
             per_sample(
                 [x.select(axis, n) for x, axis in zip(sample_inputs, input_axes, strict=True)],
@@ -140,17 +139,27 @@ def generic_columns(
             for n in range(num_samples)
         ]
         grads = {name: torch.stack([r[0][name] for r in results], dim=1) for name in params}
-        recomputed = [
+        outputs = [
             torch.stack([r[1][j] for r in results], dim=axis) for j, axis in enumerate(output_axes)
         ]
+        return grads, outputs
+
+    if create_graph:
+        # torch.func's batching rules do not carry the derivatives of an enclosing autograd
+        # graph correctly for every operator (layer_norm in torch 2.13), so loop instead.
+        grads, recomputed = sample_by_sample()
     else:
-        grads, recomputed = vmap(
-            lambda inputs, columns: per_sample(inputs, columns, True),
-            in_dims=(input_axes, [axis + 1 for axis in output_axes]),
-            out_dims=(1, tuple(output_axes)),
-            randomness="different",
-            chunk_size=chunk_size,
-        )(sample_inputs, cotangents)
+        try:
+            grads, recomputed = vmap(
+                lambda inputs, columns: per_sample(inputs, columns, True),
+                in_dims=(input_axes, [axis + 1 for axis in output_axes]),
+                out_dims=(1, tuple(output_axes)),
+                randomness="different",
+                chunk_size=chunk_size,
+            )(sample_inputs, cotangents)
+        except RuntimeError:
+            # Some operators cannot be vmapped (LSTM, PReLU's backward in torch 2.13).
+            grads, recomputed = sample_by_sample()
 
     for (pos, _), value in zip(selected, recomputed, strict=True):
         recorded = output_leaves[pos].detach()
