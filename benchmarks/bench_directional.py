@@ -4,9 +4,10 @@ Times: all implementations are set up in this process (each on its own copy of t
 and their steps are timed in turns, round after round, so that a change in the machine's load
 hits all of them alike; the table gives the median per implementation. Memory: each
 (problem, implementation) pair runs once more in a fresh subprocess, whose extra peak memory is
-its peak resident set size during the first step minus its resident size just before it (model,
-data and libraries loaded). The table gives curvkit's speed-up and memory ratio against ViViT, and
-the relative difference of the exact steps (float32, so 1e-4 is agreement).
+its peak resident set size (``VmHWM``, reset just before) during the first step minus its resident
+size just before it (model, data and libraries loaded). The table gives curvkit's speed-up and
+memory ratio against ViViT, and the relative difference of the exact steps (float32, so 1e-4 is
+agreement).
 
 ViViT calls ``Tensor.symeig``, which torch 2 removed; in this benchmark only, it is shimmed with
 :func:`torch.linalg.eigh`. curvkit never needs it. ``curvkit-backpack`` is curvkit's ViViT
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,7 +79,20 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # then the peak since the start of the process, no smaller than the step's
 
 
 def _symeig(self: torch.Tensor, eigenvectors: bool = False, upper: bool = True):
@@ -143,6 +156,7 @@ def worker(implementation: str, problem: str, threads: int, out: str) -> None:
         torch.set_num_threads(threads)
     run = step_function(implementation, problem)
     before = _rss_bytes()
+    _reset_peak_rss()
     step = run()
     extra_peak = max(_peak_rss_bytes() - before, 0)
     torch.save([s.detach() for s in step], out + ".pt")
