@@ -177,6 +177,17 @@ def test_linear_loss_without_curvature_steps_to_the_trust_boundary(dim):
     assert torch.isfinite(cov).all()
 
 
+@pytest.mark.parametrize("dim", DIMS)
+def test_trust_region_gradients_are_finite_for_multiples_of_the_identity(dim):
+    # Equal eigenvalues: where the textbook closed forms divide by zero.
+    curvature = torch.tensor([1.0, 2.0, 0.5], dtype=DTYPE, requires_grad=True)
+    x = torch.ones(3, dim, dtype=DTYPE, requires_grad=True)
+    loss = (0.5 * curvature[:, None] * x.square()).sum() + x.sum()
+    mode, cov = newton_step(loss, x, trust_radius=0.5)
+    (grad,) = torch.autograd.grad(mode.sum() + cov.sum(), curvature)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_stationary_point_of_an_indefinite_hessian_gives_a_finite_covariance():
     # g = 0, H = diag(1, -1): Pyro's regulariser would make H + lambda I singular here.
     x = torch.zeros(2, 2, dtype=DTYPE, requires_grad=True)

@@ -65,7 +65,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvkit.ops.linalg import safe_sqrt, sym_adjugate_3x3, sym_eigvals_3x3
+from curvkit.ops.linalg import sym_adjugate_3x3, sym_eigvals_3x3
 
 __all__ = [
     "newton_minimize",
@@ -209,8 +209,10 @@ def _solve_1d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
 def _step_2d(
     h00: Tensor, h11: Tensor, h01: Tensor, g0: Tensor, g1: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    inv_det = (h00 * h11 - h01 * h01).reciprocal()
-    return (h01 * g1 - h11 * g0) * inv_det, (h01 * g0 - h00 * g1) * inv_det, inv_det
+    inv_det = torch.addcmul(h00 * h11, h01, h01, value=-1).reciprocal()
+    dx0 = torch.addcmul(h01 * g1, h11, g0, value=-1) * inv_det
+    dx1 = torch.addcmul(h01 * g0, h00, g1, value=-1) * inv_det
+    return dx0, dx1, inv_det
 
 
 def _solve_2d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
@@ -218,13 +220,23 @@ def _solve_2d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
     h01 = torch.lerp(rows[0][..., 1], rows[1][..., 0], 0.5)
     g0, g1 = g[..., 0], g[..., 1]
     dx0, dx1, inv_det = _step_2d(h00, h11, h01, g0, g1)
-    dx = torch.stack([dx0, dx1], dim=-1)
-    if trust_radius is not None:
-        half_gap = safe_sqrt(((h00 - h11) / 2).square() + h01.square())
-        lambda_min = (h00 + h11) / 2 - half_gap
-        acceptable = (lambda_min > 0) & (dx0.square() + dx1.square() <= trust_radius**2)
-        if not bool(acceptable.all()):
-            floor = _curvature_floor(h00.abs() + h11.abs() + 2 * h01.abs())
+    if trust_radius is None:
+        dx = torch.stack([dx0, dx1], dim=-1)
+    else:
+        # Eigenvalues mean -/+ half_gap. The clamp (by the dtype's tiniest number, far below any
+        # rounding) keeps the gradient finite for multiples of the identity.
+        mean = torch.lerp(h00, h11, 0.5)
+        difference = h00 - h11
+        half_gap = torch.addcmul(h01 * h01, difference, difference, value=0.25)
+        half_gap = half_gap.clamp(min=torch.finfo(half_gap.dtype).tiny).sqrt()
+        lambda_min = mean - half_gap
+        step_squared = torch.addcmul(dx0 * dx0, dx1, dx1)
+        acceptable = (lambda_min > 0) & (step_squared <= trust_radius**2)
+        if bool(acceptable.all()):
+            dx = torch.stack([dx0, dx1], dim=-1)
+        else:
+            # |mean| + half_gap bounds the spectral radius: the scale of the curvature floor.
+            floor = _curvature_floor(mean.abs() + half_gap)
             shift = _trust_shift(g, lambda_min, floor, trust_radius)
             shift = torch.where(acceptable, 0.0, shift)
             h00, h11 = h00 + shift, h11 + shift
@@ -242,9 +254,9 @@ def _step_3d(
     minus_inv_det = -det.reciprocal()
     dx = torch.stack(
         [
-            (c00 * g0 + c01 * g1 + c02 * g2) * minus_inv_det,
-            (c01 * g0 + c11 * g1 + c12 * g2) * minus_inv_det,
-            (c02 * g0 + c12 * g1 + c22 * g2) * minus_inv_det,
+            torch.addcmul(torch.addcmul(c00 * g0, c01, g1), c02, g2) * minus_inv_det,
+            torch.addcmul(torch.addcmul(c01 * g0, c11, g1), c12, g2) * minus_inv_det,
+            torch.addcmul(torch.addcmul(c02 * g0, c12, g1), c22, g2) * minus_inv_det,
         ],
         dim=-1,
     )
