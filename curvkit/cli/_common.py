@@ -40,6 +40,42 @@ def add_device_dtype_options(parser: argparse.ArgumentParser, default_dtype: str
     )
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads`` (CPU threads for torch's operations) to a subcommand's parser.
+
+    Args:
+        parser: The subcommand's parser.
+    """
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads for torch (default: %(default)s; the models here are small, and more "
+        "threads than idle cores slow them down)",
+    )
+
+
+def positive_int(text: str) -> int:
+    """Parse a positive integer option.
+
+    Args:
+        text: The option's value.
+
+    Returns:
+        The integer.
+
+    Raises:
+        argparse.ArgumentTypeError: If it is not a positive integer.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def resolve_device(name: str) -> torch.device:
     """Turn a ``--device`` value into a device that exists on this machine.
 

@@ -1,14 +1,15 @@
 """``curvkit bench``: run the benchmark scripts of a source checkout and print their tables.
 
-The scripts live in ``benchmarks/`` next to the package in a clone of the repository; they are not
-installed with it. A script that defines ``run(quick: bool) -> list[dict]`` is imported and its rows
-are printed as one table (columns: the union of the rows' keys); any other script runs in a
-subprocess with ``--quick`` passed through, and prints its own table.
+The scripts live in ``benchmarks/`` next to the package in a clone of the repository; they are
+not installed with it. A script that defines a top-level ``run(quick: bool) -> list[dict]`` is
+imported and its rows are printed as one table (columns: the union of the rows' keys); any other
+script runs in a subprocess, with ``--quick`` passed through, and prints its own table.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import math
 import subprocess
@@ -154,17 +155,11 @@ def run_script(script: Path, quick: bool) -> bool:
     Returns:
         Whether it ran without error.
     """
-    try:
-        module = _import_script(script)
-    except Exception:
-        traceback.print_exc()
-        return False
-    entry = getattr(module, "run", None)
-    if not callable(entry):
+    if not _defines_run(script):
         command = [sys.executable, str(script), *(["--quick"] if quick else [])]
         return subprocess.run(command, cwd=script.parent, check=False).returncode == 0
     try:
-        rows = entry(quick=quick)
+        rows = _import_script(script).run(quick=quick)
     except Exception:
         traceback.print_exc()
         return False
@@ -193,6 +188,16 @@ def _format_value(value: Any) -> str:
     if math.isnan(value):
         return "-"
     return f"{value:.3g}"
+
+
+def _defines_run(script: Path) -> bool:
+    # Read, do not import: importing a script runs its module-level code (shims, thread settings)
+    # in this process, which only the subprocess should see.
+    try:
+        tree = ast.parse(script.read_text(), filename=str(script))
+    except SyntaxError:
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in tree.body)
 
 
 def _import_script(script: Path) -> ModuleType:

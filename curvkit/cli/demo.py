@@ -37,20 +37,23 @@ from curvkit.cli._common import (
     DTYPES,
     CommandError,
     add_device_dtype_options,
+    add_threads_option,
     format_table,
+    positive_int,
     resolve_device,
     stopwatch,
 )
 from curvkit.directional import damped_newton_step, ggn_eigh, top_k
 from curvkit.ggn import diag_ggn, ggn_columns
+from curvkit.optim import DampedNewton
 
 #: Relative tolerance of the checks (error relative to the largest reference entry) per dtype.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
-BATCH_SIZE = 128
-HIDDEN = 24
-NUM_DIRECTIONS = 10
+BATCH_SIZE = 64
+HIDDEN = 16
+NUM_DIRECTIONS = 50
 NUM_COLUMNS = 16
-DAMPING = 1e-2
+DAMPING = 0.3
 ADAM_LR = 1e-2
 
 
@@ -72,8 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_device_dtype_options(parser, default_dtype="float64")
+    add_threads_option(parser)
     parser.add_argument(
-        "--epochs", type=_positive_int, default=5, help="training epochs (default: %(default)s)"
+        "--epochs", type=positive_int, default=5, help="training epochs (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
@@ -96,13 +100,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-progress", action="store_true", help="hide the progress bars while training"
     )
     parser.set_defaults(handler=run, command="demo")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 @dataclass
@@ -188,7 +185,7 @@ def _synthetic_digits(generator: torch.Generator) -> tuple[Tensor, Tensor]:
     num_samples, num_classes, num_features = 1797, 10, 64
     glyphs = (torch.rand(num_classes, num_features, generator=generator) < 0.35).double()
     targets = torch.randint(num_classes, (num_samples,), generator=generator)
-    noise = 0.45 * torch.randn(num_samples, num_features, generator=generator, dtype=torch.float64)
+    noise = 0.9 * torch.randn(num_samples, num_features, generator=generator, dtype=torch.float64)
     return (glyphs[targets] + noise).clamp(0, 1), targets
 
 
@@ -234,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     """
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
     if not args.no_figures:
         figures.require_matplotlib()
     start = time.perf_counter()
@@ -247,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         f"MLP {dataset.train_inputs.shape[1]}-{HIDDEN}-{HIDDEN}-{dataset.num_classes} (tanh)"
     )
     print(
-        f"curvkit {curvkit.__version__} demo | torch {torch.__version__} | {device} {args.dtype}\n"
+        f"curvkit {curvkit.__version__} demo | torch {torch.__version__} | {device} {args.dtype}"
+        f" | {args.threads} thread(s)\n"
         f"data:  {dataset.name}: {len(dataset.train_targets)} training and "
         f"{len(dataset.test_targets)} test samples\n"
         f"model: {architecture}, {num_params} parameters; cross-entropy loss (mean)",
@@ -290,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
             "epochs": args.epochs,
             "seed": args.seed,
             "data": args.data,
+            "threads": args.threads,
         },
         "data": {
             "name": dataset.name,
@@ -495,6 +495,26 @@ def _adam(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], No
 
 
 def _damped_newton(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], None]:
+    optimizer = DampedNewton(model, loss_fn, criterion=top_k(NUM_DIRECTIONS), damping=DAMPING)
+
+    def step(inputs: Tensor, targets: Tensor) -> None:
+        optimizer.step((inputs, targets))
+
+    return step
+
+
+def _adam(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
+
+    def step(inputs: Tensor, targets: Tensor) -> None:
+        optimizer.zero_grad()
+        loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def _damped_newton(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], None]:
     groups = [
         {
             "params": list(model.parameters()),
@@ -587,5 +607,5 @@ def _print_summary(
             ]
         )
     print(format_table(["optimizer", "training loss", "test accuracy", "seconds"], rows))
-    evals = report["ggn_eigenvalues"]["largest_at_initialisation"][:NUM_DIRECTIONS]
-    print(f"\nlargest GGN eigenvalues at initialisation: {', '.join(f'{v:.3g}' for v in evals)}")
+    evals = report["ggn_eigenvalues"]["largest_at_initialisation"][:10]
+    print(f"\n10 largest GGN eigenvalues at initialisation: {', '.join(f'{v:.3g}' for v in evals)}")

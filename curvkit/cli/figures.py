@@ -16,6 +16,8 @@ from curvkit.cli._common import CommandError
 
 #: One colour per optimiser, the same in every figure.
 COLOURS = {"damped Newton": "#d1495b", "Adam": "#00798c"}
+#: Eigenvalues below this fraction of the largest are numerically zero and not plotted.
+ZERO_EIGENVALUE = 1e-10
 
 
 def _figure(width: float, height: float) -> Any:
@@ -41,15 +43,19 @@ def plot_spectrum(
     """
     figure = _figure(6.4, 4.0)
     axes = figure.add_subplot()
-    for (label, values), style in zip(spectra.items(), ("-", "--"), strict=False):
+    largest = max(float(np.max(values)) for values in spectra.values())
+    for (label, values), colour in zip(
+        spectra.items(), ("0.35", COLOURS["damped Newton"]), strict=False
+    ):
         ordered = np.sort(np.asarray(values, dtype=float))[::-1]
-        ordered = ordered[ordered > 0]
-        axes.plot(np.arange(1, len(ordered) + 1), ordered, style, lw=1.8, label=label)
+        # Eigenvalues at rounding level are zeros of the GGN: they would only stretch the axis.
+        ordered = ordered[ordered > ZERO_EIGENVALUE * largest]
+        axes.plot(np.arange(1, len(ordered) + 1), ordered, color=colour, lw=1.8, label=label)
     axes.axvspan(0.5, num_directions + 0.5, color="0.85", zorder=0)
     axes.text(
-        num_directions + 1.5,
-        0.02,
-        f"top {num_directions}: the damped Newton directions",
+        1,
+        0.03,
+        f"the {num_directions} damped\nNewton directions",
         transform=axes.get_xaxis_transform(),
         fontsize=9,
         color="0.3",
@@ -58,7 +64,7 @@ def plot_spectrum(
     axes.set_yscale("log")
     axes.set_xlabel("rank of the eigenvalue (1 = largest)")
     axes.set_ylabel("GGN eigenvalue")
-    axes.set_title(f"Spectrum of the GGN on a batch of {num_samples} samples")
+    axes.set_title(f"Nonzero spectrum of the GGN on a batch of {num_samples} samples", fontsize=11)
     axes.grid(True, which="major", alpha=0.4)
     axes.legend()
     figure.savefig(path)
@@ -82,7 +88,10 @@ def plot_diagonal(diagonal: Mapping[str, np.ndarray], path: Path) -> None:
     axes.set_xticks(range(1, len(names) + 1), [f"{n}\n({diagonal[n].size})" for n in names])
     axes.set_xlabel("parameter tensor (number of entries)")
     axes.set_ylabel("log10 of the GGN diagonal entry")
-    axes.set_title("Exact GGN diagonal over the training set, per parameter")
+    axes.set_title(
+        "Exact GGN diagonal over the training set\n(boxes: quartiles, whiskers: min to max)",
+        fontsize=11,
+    )
     axes.grid(True, axis="y", alpha=0.4)
     figure.savefig(path)
 
@@ -94,6 +103,8 @@ def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: 
         histories: Per optimiser, lists ``train_loss`` and ``test_accuracy`` (epoch 0 first).
         path: Where to write the PNG.
     """
+    from matplotlib.ticker import MaxNLocator
+
     figure = _figure(9.0, 3.6)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for name, history in histories.items():
@@ -102,15 +113,16 @@ def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: 
         loss_axes.plot(epochs, history["train_loss"], "o-", ms=3, color=colour, label=name)
         accuracy = 100 * np.asarray(history["test_accuracy"])
         accuracy_axes.plot(epochs, accuracy, "o-", ms=3, color=colour, label=name)
-    loss_axes.set_yscale("log")
     loss_axes.set_xlabel("epoch")
     loss_axes.set_ylabel("training loss (cross-entropy)")
     loss_axes.set_title("Training loss")
     accuracy_axes.set_xlabel("epoch")
     accuracy_axes.set_ylabel("test accuracy (%)")
     accuracy_axes.set_ylim(0, 100)
+    loss_axes.set_ylim(bottom=0)
     accuracy_axes.set_title("Test accuracy")
     for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(True, alpha=0.4)
         axes.legend()
     figure.savefig(path)

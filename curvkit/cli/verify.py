@@ -22,6 +22,7 @@ from curvkit import losses, verify
 from curvkit.cli._common import (
     DTYPES,
     add_device_dtype_options,
+    add_threads_option,
     format_table,
     resolve_device,
 )
@@ -63,6 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_device_dtype_options(parser, default_dtype="float64")
+    add_threads_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.set_defaults(handler=run, command="verify")
 
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     """
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
     tolerance = TOLERANCES[dtype]
     print(
         f"curvkit {curvkit.__version__} verify | torch {torch.__version__} | {device} "

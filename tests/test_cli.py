@@ -1,0 +1,227 @@
+"""The ``curvkit`` command: options, exit codes, and that its checks can fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from curvkit.cli import demo, main, verify
+from curvkit.cli.zoo import model_zoo
+
+SUBCOMMANDS = ["demo", "verify", "bench"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small problems run fastest on one thread, and do not oversubscribe pytest-xdist workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def exit_code(argv: list[str]) -> int:
+    """Run the command; argparse's exits count as exit codes."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[sub, "--help"] for sub in SUBCOMMANDS]])
+def test_help(argv, capsys):
+    assert exit_code(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: curvkit")
+    if argv[0] == "demo":
+        for option in ("--device", "--dtype", "--epochs", "--seed", "--data", "--out"):
+            assert option in out
+    if argv[0] == "verify":
+        assert "--device" in out and "--dtype" in out
+    if argv[0] == "bench":
+        assert "--quick" in out
+
+
+def test_python_dash_m(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "curvkit", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("curvkit ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["demo", "--epochs", "0"],
+        ["demo", "--epochs", "two"],
+        ["demo", "--data", "mnist"],
+        ["demo", "--dtype", "float16"],
+        ["verify", "--dtype", "half"],
+        ["verify", "--unknown"],
+        ["verify", "--threads", "0"],
+        ["bench", "--quick=yes"],
+    ],
+)
+def test_bad_options_exit_2(argv, capsys):
+    assert exit_code(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sub", ["demo", "verify"])
+def test_bad_device_exit_2(sub, capsys):
+    assert exit_code([sub, "--device", "gpu0"]) == 2
+    assert "not a torch device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("sub", ["demo", "verify"])
+def test_cuda_without_cuda_exit_2(sub, capsys):
+    assert exit_code([sub, "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_demo_synthetic_writes_report_and_figures(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["demo", "--data", "synthetic", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert exit_code(argv) == 0
+    printed = capsys.readouterr().out
+    assert "damped Newton step" in printed and "FAIL" not in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["all_checks_passed"] is True
+    assert {c["quantity"] for c in report["checks"]} == {
+        "GGN diagonal",
+        f"{demo.NUM_COLUMNS} GGN columns",
+        f"top {demo.NUM_DIRECTIONS} GGN eigenvalues",
+        "damped Newton step",
+    }
+    assert all(c["max_rel_error"] < c["tolerance"] for c in report["checks"])
+    for name in ("damped Newton", "Adam"):
+        history = report["training"][name]
+        assert len(history["train_loss"]) == 2
+        assert history["train_loss"][1] < history["train_loss"][0]
+    assert report["figures"] == ["ggn_spectrum.png", "ggn_diagonal.png", "training.png"]
+    for figure in report["figures"]:
+        assert (out / figure).read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_checks_catch_a_wrong_quantity(monkeypatch):
+    """A curvkit result off by a little must fail the demo's check (so its exit code is 1)."""
+    dataset = demo.load_dataset("synthetic", 0, torch.device("cpu"), torch.float64)
+    model = demo.build_model(64, 10, 0).double()
+    batch = (dataset.train_inputs[:8], dataset.train_targets[:8])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    right = demo.diag_ggn
+
+    def wrong_diag_ggn(*args, **kwargs):
+        return [d * (1 + 1e-6) for d in right(*args, **kwargs)]
+
+    monkeypatch.setattr(demo, "diag_ggn", wrong_diag_ggn)
+    checks = demo._check_against_autograd(model, loss_fn, batch, 1e-9, {}, torch.device("cpu"))
+    passed = {check.quantity: check.passed for check in checks}
+    assert passed.pop("GGN diagonal") is False
+    assert all(passed.values())
+
+
+def test_verify_passes(capsys):
+    assert exit_code(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    for model in ("MLP", "CNN", "residual", "LayerNorm + attention", "embedding"):
+        assert model in out
+
+
+def test_verify_fails_on_a_wrong_quantity(monkeypatch, capsys):
+    right = verify.ggn_vector_product
+
+    def wrong_product(*args, **kwargs):
+        return right(*args, **kwargs) * (1 + 1e-6)
+
+    def first_case(device, dtype, seed=0):
+        return model_zoo(device, dtype, seed)[:1]
+
+    monkeypatch.setattr(verify, "ggn_vector_product", wrong_product)
+    monkeypatch.setattr(verify, "model_zoo", first_case)
+    assert exit_code(["verify"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if "FAIL" in line]
+    assert len(rows) == 1 and "GGN-vector product" in rows[0]
+
+
+def test_verify_reports_an_error_as_a_failure(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(verify, "ggn_matrix", broken)
+    [case] = model_zoo(torch.device("cpu"), torch.float64)[:1]
+    results = verify.check_case(case, 1e-9, 1e-9)
+    failed = [r for r in results if not r.passed]
+    assert [(r.quantity, r.note) for r in failed] == [("dense GGN", "RuntimeError")]
+    assert "boom" in capsys.readouterr().err
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_bench_runs_entry_points_and_scripts(tmp_path, capfd):
+    write(
+        tmp_path / "bench_rows.py",
+        """
+        def run(quick):
+            return [{"case": "mlp", "curvkit_s": 0.5, "peer_s": 1.5, "ratio": 3.0, "quick": quick}]
+        """,
+    )
+    write(tmp_path / "bench_script.py", "import sys\nprint('script ran', sys.argv[1:])\n")
+    write(tmp_path / "helper.py", "raise AssertionError('not a benchmark: never run')\n")
+    assert exit_code(["bench", "--quick", "--dir", str(tmp_path)]) == 0
+    out = capfd.readouterr().out
+    assert "case  curvkit_s  peer_s  ratio  quick" in out
+    assert "mlp   0.5        1.5     3      True" in out
+    assert "script ran ['--quick']" in out
+
+
+def test_bench_failure_and_selection(tmp_path, capsys):
+    write(tmp_path / "bench_good.py", "def run(quick):\n    return [{'x': 1.0}]\n")
+    write(tmp_path / "bench_bad.py", "def run(quick):\n    raise RuntimeError('peer broke')\n")
+    assert exit_code(["bench", "good", "--dir", str(tmp_path)]) == 0
+    assert exit_code(["bench", "--dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "peer broke" in captured.err and "failed: bench_bad.py" in captured.err
+    assert exit_code(["bench", "nonexistent", "--dir", str(tmp_path)]) == 1
+    assert "available: bench_bad, bench_good" in capsys.readouterr().err
+
+
+def test_bench_missing_directory(tmp_path, capsys):
+    assert exit_code(["bench", "--dir", str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_bench_without_a_checkout(tmp_path, monkeypatch, capsys):
+    from curvkit.cli import bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench.curvkit, "__file__", str(tmp_path / "site" / "curvkit" / "x.py"))
+    assert exit_code(["bench"]) == 1
+    assert "clone of the curvkit repository" in capsys.readouterr().err
+
+
+def test_bench_finds_the_repository_benchmarks(monkeypatch, tmp_path):
+    from curvkit.cli import bench
+
+    monkeypatch.chdir(tmp_path)  # found next to the package, not only from the clone's root
+    directory = bench.locate_benchmarks(None)
+    scripts = [script.name for script in bench.select_scripts(directory, [])]
+    assert "bench_ggn.py" in scripts
+    assert all(name.startswith("bench_") and name.endswith(".py") for name in scripts)
