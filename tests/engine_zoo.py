@@ -147,6 +147,19 @@ class Shift(nn.Module):
         return x + self.shift
 
 
+class TiedHead(nn.Module):
+    """A language-model head sharing its weight with the embedding (two holding modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embedding(tokens))).flatten(start_dim=1)
+
+
 class InPlace(nn.Module):
     """In-place operations on recorded outputs and inputs."""
 
@@ -260,6 +273,7 @@ ZOO: dict[str, ModelCase] = {
     "transformer_sequence_first": (SequenceFirstTransformer, _randn(3, 4)),
     "shared_twice_direct_param": (SharedTwice, _randn(4)),
     "tied_embedding": (TiedEmbedding, _tokens(5, 2)),
+    "tied_head": (TiedHead, _tokens(5, 2)),
     "in_place": (InPlace, _randn(4)),
     "lstm": (LastStep, _randn(3, 3)),
     "norms_prelu_transposed_conv": (_norms_and_transposed, _randn(2, 4, 4)),

@@ -168,6 +168,8 @@ def test_bad_inputs_get_clear_errors() -> None:
         compute_factors(model, x, params, lambda o: o)
     with pytest.raises(ValueError, match=r"shape \[K, \*\(4, 2\)\]"):
         compute_factors(model, x, params, lambda o: torch.zeros(3, 4, 3))
+    with pytest.raises(ValueError, match="K >= 1"):
+        compute_factors(model, x, params, lambda o: o[None][:0])
     with pytest.raises(ValueError, match="float64"):
         compute_factors(model, x, params, lambda o: o[None].double())
     with pytest.raises(TypeError, match="must return a Tensor"):

@@ -145,6 +145,8 @@ def _check_columns(columns: Any, outputs: Tensor) -> Tensor:
             f"backprop_columns must return a tensor of shape [K, *{tuple(outputs.shape)}] "
             f"(K columns per output), got {tuple(columns.shape)}"
         )
+    if columns.shape[0] == 0:
+        raise ValueError("backprop_columns returned no columns (K = 0); it must return K >= 1")
     if columns.dtype != outputs.dtype or columns.device != outputs.device:
         raise ValueError(
             f"backprop_columns returned {columns.dtype} on {columns.device}; the outputs are "
