@@ -127,9 +127,14 @@ class KroneckerFactor(Factor):
         pairwise_cost = (k * n * t) ** 2 * g * o + (n * t) ** 2 * g * i + (k * n * t) ** 2 * g
         materialise_cost = k * n * t * g * o * i + (k * n) ** 2 * g * o * i
         if pairwise_cost <= materialise_cost:
-            bb = torch.einsum("kntgo,lmsgo->gkntlms", b, b)
-            xx = torch.einsum("ntgi,msgi->gntms", x, x)
-            return torch.einsum("gkntlms,gntms->knlm", bb, xx)
+            # One pair of positions at a time: intermediates the size of the Gram matrix.
+            out = b.new_zeros(k, n, k, n)
+            for s in range(t):
+                for r in range(t):
+                    bb = torch.einsum("kngo,lmgo->gknlm", b[:, :, s], b[:, :, r])
+                    xx = torch.einsum("ngi,mgi->gnm", x[:, s], x[:, r])
+                    out = out + torch.einsum("gknlm,gnm->knlm", bb, xx)
+            return out
         flat = self.dense().flatten(start_dim=2)
         return torch.einsum("knd,lmd->knlm", flat, flat)
 
