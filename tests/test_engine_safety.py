@@ -180,7 +180,9 @@ def test_bad_inputs_get_clear_errors() -> None:
         compute_factors(tuple_model, (y, y, y), list(tuple_model.parameters()), ok)
 
 
-@pytest.mark.parametrize("name", ["sequence_layernorm", "attention_batch_first", "cnn1d"])
+@pytest.mark.parametrize(
+    "name", ["sequence_layernorm", "attention_batch_first", "cnn1d", "cnn2d_batchnorm_eval"]
+)
 def test_create_graph_keeps_factors_differentiable(name: str) -> None:
     model, inputs = make_case(name, 3)
     params = list(model.parameters())
