@@ -388,8 +388,11 @@ def compute_factors(
         TypeError: If ``inputs``, ``params``, the model's output or the columns have the wrong
             type.
         ValueError: If a parameter is not in ``model``, repeated or frozen, if the columns have
-            the wrong shape, or if the model mixes samples (BatchNorm in training mode; call
-            ``model.eval()``).
+            the wrong shape, or if the model mixes samples: BatchNorm in training mode, a
+            first sample whose output changes when run alone, a generic module whose outputs
+            change when recomputed sample by sample (call ``model.eval()``).
+        RuntimeError: If a parameter influences the outputs through a use the engine could
+            not see, or a recorded tensor is changed in place even in private copies.
     """
     inputs = _as_inputs(inputs)
     params = _check_params(model, params)
