@@ -16,15 +16,6 @@ from curvkit.cli.zoo import model_zoo
 SUBCOMMANDS = ["demo", "verify", "bench"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems run fastest on one thread, and do not oversubscribe pytest-xdist workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exit_code(argv: list[str]) -> int:
     """Run the command; argparse's exits count as exit codes."""
     try:
