@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from tqdm.auto import tqdm
 
 from curvkit import data as data_utils
@@ -47,7 +48,7 @@ from curvkit.data import Data, Inputs
 from curvkit.engines import compute_factors
 from curvkit.engines.compute import refuse_sample_mixing
 from curvkit.engines.factor import Factor
-from curvkit.groups import normalize_param_groups
+from curvkit.groups import normalize_param_groups, parameter_names
 
 __all__ = [
     "GGNOperator",
@@ -188,8 +189,8 @@ def ggn_vector_product(
     r"""The GGN-vector product :math:`G u`.
 
     Computed per batch as :math:`\sum_n J_n^\top S_n S_n^\top J_n u`, without any per-sample
-    work: one forward pass; :math:`J u` by differentiating the vector-Jacobian product
-    :math:`J^\top w` (linear in :math:`w`) with respect to :math:`w`; the output-space product with
+    work: one forward pass that also carries :math:`J u` (forward-mode AD; for operations
+    without a forward-mode rule, the double-vjp trick instead); the output-space product with
     the loss Hessian's square root :math:`S` (:func:`curvkit.losses.hessian_sqrt`); one
     vector-Jacobian product back. For one vector this is about twice a gradient, and faster than
     forming the square-root factor :math:`V` and computing :math:`V (V^\top u)`
@@ -509,29 +510,19 @@ def _autodiff_product(
     params: list[Tensor],
     vector: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
-    r"""Return the outputs and :math:`J^\top S S^\top J u` for one batch, by plain autograd."""
+    r"""Return the outputs and :math:`J^\top S S^\top J u` for one batch, by plain autodiff.
+
+    :math:`J u` comes from forward-mode AD in the same forward pass that records the graph for
+    the final vector-Jacobian product. Where an operation has no forward-mode rule, the
+    double-vjp trick computes it instead: :math:`J^\top w` is linear in :math:`w`, so its
+    derivative with respect to :math:`w` along :math:`u` is :math:`J u`.
+    """
     refuse_sample_mixing(model)
     with torch.enable_grad():
-        outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-        if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-            raise TypeError("the model must return one tensor whose first axis indexes the samples")
-        # J^T w is linear in w, so differentiating it along u with respect to w gives J u.
-        dummy = torch.zeros_like(outputs, requires_grad=True)
-        transposed = torch.autograd.grad(
-            outputs, params, dummy, create_graph=True, allow_unused=True
-        )
-        pairs = [
-            (t, u)
-            for t, u in zip(transposed, vector, strict=True)
-            if t is not None and t.requires_grad
-        ]
-        jacobian_vector = None
-        if pairs:
-            (jacobian_vector,) = torch.autograd.grad(
-                [t for t, _ in pairs], dummy, [u for _, u in pairs], allow_unused=True
-            )
-        if jacobian_vector is None:
-            jacobian_vector = torch.zeros_like(outputs)
+        try:
+            outputs, jacobian_vector = _forward_mode_jvp(model, inputs, params, vector)
+        except (RuntimeError, NotImplementedError):
+            outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
         columns = losses.hessian_sqrt(loss_fn, outputs.detach(), targets)
         coefficients = (columns * jacobian_vector).flatten(start_dim=2).sum(dim=2)
         output_product = torch.einsum("kn,kn...->n...", coefficients, columns)
@@ -539,6 +530,44 @@ def _autodiff_product(
             outputs, params, output_product, allow_unused=True, materialize_grads=True
         )
     return outputs.detach(), list(product)
+
+
+def _call(model: nn.Module, inputs: Inputs) -> Tensor:
+    outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+        raise TypeError("the model must return one tensor whose first axis indexes the samples")
+    return outputs
+
+
+def _forward_mode_jvp(
+    model: nn.Module, inputs: Inputs, params: list[Tensor], vector: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    names = parameter_names(model)
+    with forward_ad.dual_level():
+        duals = {
+            names[id(p)]: forward_ad.make_dual(p, u) for p, u in zip(params, vector, strict=True)
+        }
+        primal, tangent = forward_ad.unpack_dual(torch.func.functional_call(model, duals, inputs))
+    if not isinstance(primal, Tensor) or primal.dim() == 0:
+        raise TypeError("the model must return one tensor whose first axis indexes the samples")
+    return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+def _double_vjp_jvp(
+    model: nn.Module, inputs: Inputs, params: list[Tensor], vector: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    outputs = _call(model, inputs)
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    transposed = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
+    pairs = [
+        (t, u) for t, u in zip(transposed, vector, strict=True) if t is not None and t.requires_grad
+    ]
+    jacobian_vector = None
+    if pairs:
+        (jacobian_vector,) = torch.autograd.grad(
+            [t for t, _ in pairs], dummy, [u for _, u in pairs], allow_unused=True
+        )
+    return outputs, torch.zeros_like(outputs) if jacobian_vector is None else jacobian_vector
 
 
 def _matmul_factors(factors: Sequence[Factor], blocks: Sequence[Tensor]) -> list[Tensor]:

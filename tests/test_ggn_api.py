@@ -8,7 +8,7 @@ from test_ggn import ATOL, RTOL, build, flat, make_loss, problem
 from torch import Tensor, nn
 
 import curvkit
-from curvkit.verify import compare, reference_diag_ggn
+from curvkit.verify import compare, reference_diag_ggn, reference_ggn
 
 # ---------------------------------------------------------------------------------------------
 # Monte-Carlo
@@ -340,3 +340,38 @@ def test_subclass_of_mse_is_accepted_only_when_it_is_mse():
     expected = reference_diag_ggn(model, Scaled(reduction="sum"), inputs, targets)
     actual = curvkit.gauss_newton_diagonal(model, Scaled(reduction="sum"), inputs, targets)
     compare(actual, expected, rtol=RTOL, atol=ATOL).assert_passed()
+
+
+class _SquareWithoutForwardMode(torch.autograd.Function):
+    """x ** 2 with a backward rule only, so that forward-mode AD cannot pass through it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _NoForwardMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 5)
+        self.second = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(_SquareWithoutForwardMode.apply(torch.tanh(self.first(x))))
+
+
+def test_vector_product_without_forward_mode_rules():
+    torch.manual_seed(0)
+    model = _NoForwardMode().double()
+    inputs = torch.randn(6, 4, dtype=torch.float64)
+    loss_fn, targets = make_loss("ce", "sum", 6)
+    expected = reference_ggn(model, loss_fn, inputs, targets)
+    vector = torch.randn(expected.shape[0], dtype=torch.float64)
+    product = curvkit.ggn_vector_product(model, loss_fn, (inputs, targets), vector)
+    compare(product, expected @ vector, rtol=RTOL, atol=ATOL).assert_passed()
