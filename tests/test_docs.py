@@ -14,6 +14,7 @@ import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 MIGRATING = DOCS / "migrating.rst"
+GETTING_STARTED = DOCS / "getting_started.rst"
 
 #: The variables each pair of side-by-side snippets must agree on.
 PAIRS = {
@@ -27,9 +28,9 @@ PAIRS = {
 }
 
 
-def snippets() -> dict[str, str]:
-    """The named python code blocks of the migration guide, dedented."""
-    text = MIGRATING.read_text()
+def snippets(page: Path = MIGRATING) -> dict[str, str]:
+    """The named python code blocks of a page, dedented, in page order."""
+    text = page.read_text()
     blocks = {}
     # Blocks sit at the top level or in list-table cells ("   * - .. code-block:: python").
     pattern = re.compile(r"\.\. code-block:: python\n( +):name: (\S+)\n\n")
@@ -95,6 +96,17 @@ def test_vivit_snippets_match_autograd():
     top = evecs[:, -4:]
     expected = top @ (-(top.T @ gradient) / (evals[-4:] + 1.0))
     torch.testing.assert_close(flat(run_snippet(blocks["vivit-newton-curvkit"])["step"]), expected)
+
+
+def test_getting_started_session_runs():
+    """The getting-started blocks run in order, as one session (the diagonal block asserts)."""
+    namespace: dict = {}
+    for name, code in snippets(GETTING_STARTED).items():
+        exec(compile(code, f"<getting_started.rst:{name}>", "exec"), namespace)
+    assert namespace["loss"].ndim == 0
+    assert [len(p) for p in namespace["step"]] == [
+        p.shape[0] for p in namespace["model"].parameters()
+    ]
 
 
 @pytest.mark.skipif(
