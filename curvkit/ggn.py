@@ -25,6 +25,14 @@ With ``mc_samples = M > 0``, :math:`S_n` is replaced by a Monte-Carlo square roo
 :math:`M` columns and :math:`\mathbb E[S_n S_n^\top] = H_n`: an unbiased estimate of the GGN
 (the "Monte-Carlo GGN", for the losses of exponential families the empirical-free Fisher).
 
+Memory: the engine holds, per batch, the inputs of the layers and the backpropagated columns
+(:math:`K` per sample: the number of classes for cross-entropy, ``mc_samples`` for Monte-Carlo);
+per-sample intermediates are bounded by :data:`curvkit.engines.DEFAULT_CHUNK_BYTES`. For sums
+over the columns of :math:`V` (:func:`diag_ggn`, :func:`ggn_matrix`), ``sample_chunk_size`` and
+``column_chunk_size`` split a batch into chunks that run one after the other
+(:func:`curvkit.engines.iter_factors`), with the same result; smaller batches in ``data`` do
+the same across batches.
+
 ``data`` is one batch ``(inputs, targets)`` or an iterable of batches; for an iterable, every
 quantity is that of the whole dataset's loss, batches weighted as :mod:`curvkit.data` explains,
 and summed over ranks when a :mod:`torch.distributed` process group is initialised.
@@ -45,7 +53,7 @@ from tqdm.auto import tqdm
 from curvkit import data as data_utils
 from curvkit import losses
 from curvkit.data import Data, Inputs
-from curvkit.engines import compute_factors
+from curvkit.engines import compute_factors, iter_factors
 from curvkit.engines.compute import refuse_sample_mixing
 from curvkit.engines.factor import Factor
 from curvkit.groups import normalize_param_groups, parameter_names
@@ -78,6 +86,8 @@ def diag_ggn(
     mc_samples: int = 0,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
+    sample_chunk_size: int | None = None,
+    column_chunk_size: int | None = None,
 ) -> list[Tensor]:
     r"""The diagonal of the GGN, exact or Monte-Carlo.
 
@@ -102,6 +112,10 @@ def diag_ggn(
             data point.
         generator: Random number generator for the Monte-Carlo samples (on the model's device).
         progress: Show a progress bar over the batches; ``None`` shows one for long loops.
+        sample_chunk_size: Bound the memory by running at most this many samples of a batch
+            through the engine at once (``None``: all); see the module's notes on memory.
+        column_chunk_size: Bound the memory by backpropagating at most this many columns of
+            the loss Hessian's square root at once (``None``: all).
 
     Returns:
         The diagonal, one tensor per parameter shaped like it, in the order of ``params``.
@@ -113,10 +127,20 @@ def diag_ggn(
     """
     params = _resolve_params(model, params)
     _check_common(model, loss_fn, mc_samples, generator)
+    chunking = _check_chunking(sample_chunk_size, column_chunk_size)
 
     def batch_diagonal(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        outputs, factors = _factors(model, loss_fn, inputs, targets, params, mc_samples, generator)
-        return outputs, [factor.diag() for factor in factors]
+        return _summed_over_chunks(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params,
+            mc_samples,
+            generator,
+            chunking,
+            lambda factors: [factor.diag() for factor in factors],
+        )
 
     return data_utils.dataset_average(
         loss_fn, data, batch_diagonal, progress=progress, description="diag_ggn"
@@ -281,6 +305,8 @@ def ggn_matrix(
     *,
     params: Iterable[Tensor] | None = None,
     progress: bool | None = None,
+    sample_chunk_size: int | None = None,
+    column_chunk_size: int | None = None,
 ) -> Tensor:
     r"""The dense GGN :math:`G = V V^\top`, a :math:`D \times D` matrix.
 
@@ -294,6 +320,8 @@ def ggn_matrix(
         data: One batch or an iterable of batches.
         params: The parameters, all of the model's parameters that require grad if ``None``.
         progress: Show a progress bar over the batches; ``None`` shows one for long loops.
+        sample_chunk_size: As for :func:`diag_ggn`.
+        column_chunk_size: As for :func:`diag_ggn`.
 
     Returns:
         :math:`G` with shape ``[D, D]``, the parameters' dtype and device.
@@ -303,10 +331,20 @@ def ggn_matrix(
     """
     params = _resolve_params(model, params)
     _check_common(model, loss_fn, 0, None)
+    chunking = _check_chunking(sample_chunk_size, column_chunk_size)
 
     def batch_matrix(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        outputs, factors = _factors(model, loss_fn, inputs, targets, params, 0, None)
-        return outputs, [_gram_of_rows(factors, params)]
+        return _summed_over_chunks(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params,
+            0,
+            None,
+            chunking,
+            lambda factors: [_gram_of_rows(factors, params)],
+        )
 
     (matrix,) = data_utils.dataset_average(
         loss_fn, data, batch_matrix, progress=progress, description="ggn_matrix"
@@ -500,6 +538,50 @@ def _factors(
         )
 
     return compute_factors(model, inputs, params, backprop_columns, create_graph=create_graph)
+
+
+def _summed_over_chunks(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Inputs,
+    targets: Tensor,
+    params: list[Tensor],
+    mc_samples: int,
+    generator: torch.Generator | None,
+    chunking: tuple[int | None, int | None],
+    quantity: Callable[[list[Factor]], list[Tensor]],
+) -> tuple[Tensor, list[Tensor]]:
+    r"""Return the outputs and ``quantity`` of the batch's factors, summed over column chunks.
+
+    ``quantity`` must be a sum over the factors' columns (the diagonal, :math:`V V^\top`), so that
+    chunks of samples and of columns add up to the whole batch's value.
+    """
+    sample_chunk_size, column_chunk_size = chunking
+    if sample_chunk_size is None and column_chunk_size is None:
+        outputs, factors = _factors(model, loss_fn, inputs, targets, params, mc_samples, generator)
+        return outputs, quantity(factors)
+
+    def backprop_columns(outputs: Tensor) -> Tensor:
+        return losses.hessian_sqrt(
+            loss_fn, outputs, targets, mc_samples=mc_samples, generator=generator
+        )
+
+    outputs_parts: list[Tensor] = []
+    total: list[Tensor] | None = None
+    for chunk in iter_factors(
+        model,
+        inputs,
+        params,
+        backprop_columns,
+        sample_chunk_size=sample_chunk_size,
+        column_chunk_size=column_chunk_size,
+    ):
+        if chunk.columns.start == 0:
+            outputs_parts.append(chunk.outputs)
+        part = quantity(chunk.factors)
+        total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+    assert total is not None  # a batch has at least one sample and one column
+    return torch.cat(outputs_parts), total
 
 
 def _autodiff_product(
@@ -741,6 +823,22 @@ def _check_indices(indices: Iterable[int] | Tensor | None, dim: int) -> Tensor:
         if not 0 <= value < dim:
             raise ValueError(f"index {value} is out of range: the GGN has {dim} columns [0, {dim})")
     return torch.tensor(values, dtype=torch.long)
+
+
+def _check_chunking(
+    sample_chunk_size: int | None, column_chunk_size: int | None
+) -> tuple[int | None, int | None]:
+    for name, value in (
+        ("sample_chunk_size", sample_chunk_size),
+        ("column_chunk_size", column_chunk_size),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    return sample_chunk_size, column_chunk_size
 
 
 def _check_chunk_size(chunk_size: int | None, dim: int) -> int:

@@ -375,3 +375,43 @@ def test_vector_product_without_forward_mode_rules():
     vector = torch.randn(expected.shape[0], dtype=torch.float64)
     product = curvkit.ggn_vector_product(model, loss_fn, (inputs, targets), vector)
     compare(product, expected @ vector, rtol=RTOL, atol=ATOL).assert_passed()
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "attention", "two_inputs"])
+def test_chunks_of_samples_and_columns_give_the_same_result(model_name: str):
+    model, loss_fn, inputs, targets = problem(model_name, "ce", "mean", 7)
+    data = (inputs, targets)
+    diagonal = curvkit.diag_ggn(model, loss_fn, data)
+    matrix = curvkit.ggn_matrix(model, loss_fn, data)
+    for samples, columns in [(3, None), (None, 2), (2, 1)]:
+        chunked = curvkit.diag_ggn(
+            model, loss_fn, data, sample_chunk_size=samples, column_chunk_size=columns
+        )
+        compare(chunked, diagonal, rtol=RTOL, atol=ATOL).assert_passed()
+        chunked_matrix = curvkit.ggn_matrix(
+            model, loss_fn, data, sample_chunk_size=samples, column_chunk_size=columns
+        )
+        compare(chunked_matrix, matrix, rtol=RTOL, atol=ATOL).assert_passed()
+    # Monte-Carlo: the columns are drawn once for the whole batch, so chunks change nothing.
+    generator_state = torch.Generator().manual_seed(3).get_state()
+    whole, chunked = (
+        curvkit.diag_ggn(
+            model,
+            loss_fn,
+            data,
+            mc_samples=2,
+            generator=torch.Generator().set_state(generator_state),
+            sample_chunk_size=size,
+        )
+        for size in (None, 2)
+    )
+    compare(chunked, whole, rtol=RTOL, atol=ATOL).assert_passed()
+
+
+def test_bad_chunk_sizes(mlp_problem):
+    model, loss_fn, inputs, targets = mlp_problem
+    data = (inputs, targets)
+    with pytest.raises(ValueError, match="sample_chunk_size must be positive"):
+        curvkit.diag_ggn(model, loss_fn, data, sample_chunk_size=0)
+    with pytest.raises(TypeError, match="column_chunk_size"):
+        curvkit.ggn_matrix(model, loss_fn, data, column_chunk_size=1.5)
