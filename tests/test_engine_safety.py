@@ -361,3 +361,15 @@ def test_parameter_free_sample_mixing_is_refused(mixing) -> None:
     with pytest.raises(ValueError, match=r"changes with the other samples.*model\.eval\(\)"):
         compute_factors(model, torch.randn(6, 3), list(model.parameters()), lambda o: o[None])
     _assert_same_state(before, _state(model))
+
+
+@pytest.mark.parametrize("first", [nn.Linear(4, 3), nn.Conv1d(1, 3, 2)])
+def test_factor_of_an_input_changed_in_place_afterwards_refuses(first: nn.Module) -> None:
+    model = nn.Sequential(first, nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(5, 4) if isinstance(first, nn.Linear) else torch.randn(5, 1, 4)
+    model(x)  # materialise the lazy layer
+    _, factors = compute_factors(model, x, list(model.parameters()), lambda o: o[None])
+    factors[0].diag()
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="changed in place after the factor was computed"):
+        factors[0].diag()

@@ -163,7 +163,7 @@ def _combine(parts: list[Factor]) -> Factor:
     if len(parts) == 1:
         return parts[0]
     if all(isinstance(p, KroneckerFactor) for p in parts):
-        shapes = {(p.output_grads.shape[3:], p.inputs.shape[2:]) for p in parts}
+        shapes = {(p.output_grads.shape[3:], p.input_shape[2:]) for p in parts}
         if len(shapes) == 1:
             return KroneckerFactor.concatenate(parts)
     if all(isinstance(p, DenseFactor) for p in parts):

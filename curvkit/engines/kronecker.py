@@ -23,12 +23,20 @@ A grouped convolution is one such layer per group :math:`g`. :class:`KroneckerFa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
 from curvkit.engines.factor import Factor, square_sum
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "KroneckerFactor"]
+
+#: Raised when a tensor a factor refers to was changed in place after the factor was made.
+STALE_INPUT_MESSAGE = (
+    "a module input this factor refers to was changed in place after the factor was computed; "
+    "compute the factors again (or change a copy of the input)"
+)
 
 #: Default bound on the bytes of an intermediate tensor a factor method materialises at once.
 DEFAULT_CHUNK_BYTES = 2**28
@@ -39,34 +47,61 @@ class KroneckerFactor(Factor):
 
     Args:
         output_grads: :math:`b`, shape ``[K, N, T, G, O]``.
-        inputs: :math:`x`, shape ``[N, T, G, I]``.
+        inputs: :math:`x`, shape ``[N, T, G, I]``, or a function returning it. A function
+            (with ``input_shape``) keeps only what it needs to build :math:`x`: a convolution's
+            input instead of its ``prod(kernel_size)`` times larger patches, which every method
+            then builds anew and frees when done.
         param_shape: The weight's shape; it has ``G * O * I`` entries, laid out as ``[G, O, I]``.
         max_chunk_bytes: Bound on the bytes of the per-sample gradients or pairwise products
             materialised at once.
+        input_shape: The shape of :math:`x` when ``inputs`` is a function.
+
+    Raises:
+        ValueError: If the shapes do not fit together.
     """
 
     def __init__(
         self,
         output_grads: Tensor,
-        inputs: Tensor,
+        inputs: Tensor | Callable[[], Tensor],
         param_shape: torch.Size,
         *,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
-        if output_grads.dim() != 5 or inputs.dim() != 4:
+        if isinstance(inputs, Tensor):
+            input_shape = inputs.shape
+        elif input_shape is None:
+            raise ValueError("input_shape is needed when inputs is a function")
+        self.input_shape = torch.Size(input_shape)
+        if output_grads.dim() != 5 or len(self.input_shape) != 4:
             raise ValueError("output_grads must be [K, N, T, G, O] and inputs [N, T, G, I]")
-        if output_grads.shape[1:4] != inputs.shape[:3]:
+        if output_grads.shape[1:4] != self.input_shape[:3]:
             raise ValueError(
-                f"output_grads {tuple(output_grads.shape)} and inputs {tuple(inputs.shape)} "
+                f"output_grads {tuple(output_grads.shape)} and inputs {tuple(self.input_shape)} "
                 "disagree on [N, T, G]"
             )
         k, n, _, g, o = output_grads.shape
-        if torch.Size(param_shape).numel() != g * o * inputs.shape[-1]:
+        if torch.Size(param_shape).numel() != g * o * self.input_shape[-1]:
             raise ValueError(f"param_shape {tuple(param_shape)} does not hold G * O * I entries")
         super().__init__(param_shape, k, n)
         self.output_grads = output_grads
-        self.inputs = inputs
+        self._inputs = inputs
+        self._version = inputs._version if isinstance(inputs, Tensor) else None
         self.max_chunk_bytes = max_chunk_bytes
+
+    @property
+    def inputs(self) -> Tensor:
+        """:math:`x`, shape ``[N, T, G, I]`` (built on each access if given as a function).
+
+        Raises:
+            RuntimeError: If :math:`x` was changed in place since the factor was made.
+        """
+        if not isinstance(self._inputs, Tensor):
+            return self._inputs()
+        if self._inputs._version != self._version:
+            raise RuntimeError(STALE_INPUT_MESSAGE)
+        return self._inputs
 
     @classmethod
     def concatenate(cls, factors: list[KroneckerFactor]) -> KroneckerFactor:
@@ -82,23 +117,21 @@ class KroneckerFactor(Factor):
     @property
     def _sizes(self) -> tuple[int, int, int, int, int, int]:
         k, n, t, g, o = self.output_grads.shape
-        return k, n, t, g, o, self.inputs.shape[-1]
+        return k, n, t, g, o, self.input_shape[-1]
 
     def _sample_chunks(self, bytes_per_sample: int) -> list[slice]:
         n = self.num_samples
         step = max(1, min(n, self.max_chunk_bytes // max(bytes_per_sample, 1)))
         return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
-    def _per_sample(self, column: int, samples: slice) -> Tensor:
+    def _per_sample(self, x: Tensor, column: int, samples: slice) -> Tensor:
         """:math:`v_{k,n}` for one column :math:`k` and the given samples, ``[n, G, O, I]``.
 
         One column at a time: the engine's :math:`b` is laid out ``[K, N, G, O, T]`` in memory,
         so a single column is a batch of ``[O, T]`` matrices that a batched matmul reads in
         place, where all columns at once would need a transposed copy of :math:`b`.
         """
-        return torch.einsum(
-            "ntgo,ntgi->ngoi", self.output_grads[column, samples], self.inputs[samples]
-        )
+        return torch.einsum("ntgo,ntgi->ngoi", self.output_grads[column, samples], x[samples])
 
     def diag(self) -> Tensor:  # noqa: D102
         k, _, t, g, o, i = self._sizes
@@ -118,7 +151,7 @@ class KroneckerFactor(Factor):
         else:
             for s in self._sample_chunks(itemsize * g * o * i):
                 for column in range(k):
-                    out = out + self._per_sample(column, s).square().sum(dim=0)
+                    out = out + self._per_sample(x, column, s).square().sum(dim=0)
         return out.reshape(self.param_shape)
 
     def gram(self) -> Tensor:  # noqa: D102
@@ -154,7 +187,8 @@ class KroneckerFactor(Factor):
     def select(self, start: int, stop: int) -> KroneckerFactor:  # noqa: D102
         return KroneckerFactor(
             self.output_grads[start:stop],
-            self.inputs,
+            self._inputs,
             self.param_shape,
             max_chunk_bytes=self.max_chunk_bytes,
+            input_shape=self.input_shape,
         )

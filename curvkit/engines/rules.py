@@ -10,13 +10,14 @@ the generic :func:`torch.func` rule.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvkit.engines.factor import DenseFactor, Factor
 from curvkit.engines.generic import generic_columns
-from curvkit.engines.kronecker import KroneckerFactor
+from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, KroneckerFactor
 from curvkit.engines.recording import ModuleCall
 
 __all__ = ["factors_for_call"]
@@ -71,7 +72,16 @@ def _linear(
     return factors
 
 
-def _patches(x: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
+def _patches(
+    x: Tensor,
+    version: int,
+    pads: tuple[int, ...],
+    padding_mode: str,
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    stride: tuple[int, ...],
+    groups: int,
+) -> Tensor:
     """The input patches a convolution multiplies with its weight, shape ``[N, T, G, I]``.
 
     ``T`` counts output positions, ``G`` groups, ``I = C / G * prod(kernel_size)`` in the
@@ -79,13 +89,15 @@ def _patches(x: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
     once into memory laid out as ``[N, G, I, T]`` (where one group of one sample is a matrix a
     batched matmul reads in place) and returned as a permuted view. ``F.unfold`` would be
     slower (measured 20x on CPU) and exists for 2d only.
+
+    Raises:
+        RuntimeError: If ``x`` was changed in place since its version was ``version``.
     """
-    pads = module._reversed_padding_repeated_twice
+    if x._version != version:
+        raise RuntimeError(STALE_INPUT_MESSAGE)
     if any(pads):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pads, mode=mode)
+        x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
     n, channels, *size = x.shape
-    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     out_size = [
         (s - d * (k - 1) - 1) // st + 1
         for s, k, d, st in zip(size, kernel, dilation, stride, strict=True)
@@ -101,7 +113,7 @@ def _patches(x: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
         ),
         x.storage_offset(),
     )
-    patches = view.reshape(n, module.groups, -1, math.prod(out_size))
+    patches = view.reshape(n, groups, -1, math.prod(out_size))
     return patches.permute(0, 3, 1, 2)
 
 
@@ -119,15 +131,30 @@ def _conv(
         return None
     k = output_grad.shape[0]
     groups = module.groups
-    patches = _patches(x, module)
     b = output_grad.reshape(k, num_samples, groups, module.out_channels // groups, -1)
     b = b.permute(0, 1, 4, 2, 3)
-    if b.shape[2] != patches.shape[1]:
-        raise RuntimeError(
-            f"unfolded input has {patches.shape[1]} positions, the output {b.shape[2]}"
-        )
+    # The patches are prod(kernel_size) times larger than the input: the factor builds them
+    # when a method needs them and frees them afterwards.
+    patches = partial(
+        _patches,
+        x,
+        x._version,
+        tuple(module._reversed_padding_repeated_twice),
+        module.padding_mode,
+        module.kernel_size,
+        module.dilation,
+        module.stride,
+        groups,
+    )
+    input_shape = (num_samples, b.shape[2], groups, math.prod(module.weight.shape[1:]))
     factors: dict[str, Factor] = {
-        "weight": KroneckerFactor(b, patches, module.weight.shape, max_chunk_bytes=max_chunk_bytes)
+        "weight": KroneckerFactor(
+            b,
+            patches,
+            module.weight.shape,
+            max_chunk_bytes=max_chunk_bytes,
+            input_shape=input_shape,
+        )
     }
     if module.bias is not None:
         factors["bias"] = DenseFactor(_bias_columns(b), module.bias.shape)
