@@ -113,7 +113,7 @@ def check_first_sample_alone(model: nn.Module, inputs: tuple[Any, ...], outputs:
     ):
         return
     with torch.no_grad():
-        alone = model(*(x[:1] for x in inputs))
+        alone = model(*(x[:1].clone() for x in inputs))
     if not isinstance(alone, Tensor) or alone.shape[1:] != outputs.shape[1:]:
         return
     expected = outputs[:1].detach()
