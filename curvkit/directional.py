@@ -105,12 +105,12 @@ def top_k(k: int) -> TopK:
 
 
 def default_criterion(evals: Tensor) -> list[int]:
-    r"""Keep every eigenvalue above :math:`\sqrt{\varepsilon} \max_k |\lambda_k|`, and its cluster.
+    r"""Keep the eigenvalues above :math:`\sqrt{\varepsilon} \max_k |\lambda_k|` (whole clusters).
 
-    The cut never splits a cluster of numerically equal eigenvalues: eigenvalues closer to the
-    smallest kept one than the eigensolver's backward error
-    (:math:`4 \sqrt{n}\, \varepsilon \max_k |\lambda_k|`) are kept too, so the result does not
-    depend on an arbitrary basis of a degenerate eigenspace.
+    The cut never splits a cluster of numerically equal eigenvalues (closer than the
+    eigensolver's backward error :math:`4 \sqrt{n}\, \varepsilon \max_k |\lambda_k|`): a cluster
+    that straddles the threshold is dropped whole, so that the result does not depend on an
+    arbitrary basis of a degenerate eigenspace and every kept eigenvalue is above the threshold.
 
     Args:
         evals: Eigenvalues in ascending order.
@@ -128,8 +128,8 @@ def default_criterion(evals: Tensor) -> list[int]:
         return []
     first = int(above[0])
     tolerance = 4 * math.sqrt(size) * eps * max_abs
-    while first > 0 and bool(evals[first] - evals[first - 1] <= tolerance):
-        first -= 1
+    while first > 0 and first < size and bool(evals[first] - evals[first - 1] <= tolerance):
+        first += 1
     return list(range(first, size))
 
 

@@ -133,7 +133,7 @@ def test_default_criterion_keeps_eigenvalues_above_relative_threshold():
     threshold = torch.finfo(torch.float64).eps ** 0.5
     above = threshold + 5e-17
     evals = torch.tensor([0.0, above - 1e-16, above, 0.5, 1.0], dtype=torch.float64)
-    assert curvkit.default_criterion(evals) == [1, 2, 3, 4]
+    assert curvkit.default_criterion(evals) == [3, 4]
     evals = torch.tensor([0.0, above - 1e-9, above, 0.5, 1.0], dtype=torch.float64)
     assert curvkit.default_criterion(evals) == [2, 3, 4]
 
@@ -379,10 +379,16 @@ def test_bad_subsampling_raises(kwargs, error, match):
         curvkit.directional_derivatives(model, loss_fn, (inputs, targets), **kwargs)
 
 
-def test_bad_model_and_top_k_raise():
-    _, loss_fn, inputs, targets = _small()
+def test_bad_model_data_gram_and_top_k_raise():
+    model, loss_fn, inputs, targets = _small()
     with pytest.raises(TypeError, match=r"nn\.Module"):
         curvkit.ggn_eigh(lambda x: x, loss_fn, (inputs, targets))
+    with pytest.raises(TypeError, match="batch"):
+        curvkit.ggn_eigh(model, loss_fn, 3)
+    from curvkit.gram_eigen import gram_directions
+
+    with pytest.raises(ValueError, match=r"\[C', S, C', S\]"):
+        gram_directions(torch.eye(4), 2, curvkit.top_k(1))
     with pytest.raises(ValueError, match="positive integer"):
         curvkit.top_k(0)
 
