@@ -29,7 +29,7 @@ from torch import Tensor
 
 def square_sum(tensor: Tensor) -> Tensor:
     """``tensor.square().sum(dim=0)``, for a few rows without holding all squares at once."""
-    if tensor.shape[0] > 32:
+    if not 0 < tensor.shape[0] <= 32:
         return tensor.square().sum(dim=0)
     out = tensor[0].square()
     for row in tensor[1:]:
