@@ -19,12 +19,13 @@ computation once all its parameters are done. The mathematics is curvkit's own
 (:mod:`curvkit.gram_eigen`), shared with the functional API (:mod:`curvkit.directional`), which
 needs neither BackPACK nor ``extend()`` and is faster.
 
-As in ViViT: the loss must use ``reduction="mean"`` (BackPACK's scaling conventions assume it),
-results are keyed by the group dict's identity, and the hook deletes the BackPACK quantities it
-consumed from the parameters. Beyond ViViT: ``"damping"`` may also be a number, Monte-Carlo
-directional derivatives accept any number of samples, eigenvalues that are numerically zero give
-zero directions instead of a division by zero, and invalid groups or criterion results raise
-clear errors.
+As in ViViT: results are keyed by the group dict's identity, and the hook deletes the BackPACK
+quantities it consumed from the parameters. Beyond ViViT: ``reduction="sum"`` works as well as
+``"mean"`` (ViViT documents ``"mean"`` only; BackPACK's factors carry the reduction, and the
+conventions of :mod:`curvkit.gram_eigen` hold for both, with the same results as the functional
+API), ``"damping"`` may also be a number, Monte-Carlo directional derivatives accept any number of
+samples, eigenvalues that are numerically zero give zero directions instead of a division by
+zero, and invalid groups or criterion results raise clear errors.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ class _GroupsComputation:
 class EigvalshComputation(_GroupsComputation):
     """GGN eigenvalues of each group's block, ViViT's ``EigvalshComputation`` on torch 2.
 
-    The loss must use ``reduction="mean"``. ``get_result(group)`` returns all eigenvalues of the
+    ``get_result(group)`` returns all eigenvalues of the
     group's Gram matrix (the GGN's nonzero eigenvalues and zeros), ascending.
 
     Args:
@@ -250,7 +251,7 @@ class EigvalshComputation(_GroupsComputation):
 class EighComputation(_GroupsComputation):
     """Selected GGN eigenpairs of each group's block, ViViT's ``EighComputation`` on torch 2.
 
-    Groups need ``"criterion"``. The loss must use ``reduction="mean"``. ``get_result(group)``
+    Groups need ``"criterion"``. ``get_result(group)``
     returns ``(evals, evecs)``: the selected eigenvalues ``[K]`` and unit eigenvectors as one
     tensor ``[K, *p.shape]`` per parameter.
 
@@ -293,7 +294,7 @@ class EighComputation(_GroupsComputation):
 class DirectionalDerivativesComputation(_GroupsComputation):
     r"""Per-sample directional derivatives along GGN eigenvectors, ViViT's class on torch 2.
 
-    Groups need ``"criterion"``. The loss must use ``reduction="mean"``. ``get_result(group)``
+    Groups need ``"criterion"``. ``get_result(group)``
     returns ``(gammas, lambdas)``: :math:`\gamma_{n,k} = N \nabla L_n^\top e_k` ``[N_grad, K]``
     and :math:`\lambda_{n,k} = N e_k^\top G(L_n) e_k` ``[N_ggn, K]`` (see
     :mod:`curvkit.gram_eigen`).
@@ -331,7 +332,7 @@ class DirectionalDerivativesComputation(_GroupsComputation):
 class DirectionalDampedNewtonComputation(_GroupsComputation):
     """Directionally damped Newton steps, ViViT's class on torch 2.
 
-    Groups need ``"criterion"`` and ``"damping"``. The loss must use ``reduction="mean"``.
+    Groups need ``"criterion"`` and ``"damping"``.
     ``get_result(group)`` returns the step as one tensor per parameter of the group.
 
     Args:

@@ -18,6 +18,7 @@ from test_directional_reference import (
     signs,
 )
 
+import curvkit
 from curvkit import (
     DirectionalDampedNewtonComputation,
     DirectionalDerivativesComputation,
@@ -211,3 +212,30 @@ def test_degenerate_cluster_kept_whole_gives_the_unique_step():
     group["criterion"] = top(2)
     with pytest.warns(RuntimeWarning, match="cluster"):
         backward_with(EighComputation(), [group], model, loss_fn, inputs, targets)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_sum_reduction_matches_functional_api_and_reference(loss):
+    model, loss_fn, inputs, targets = problem(loss, "sum", 4)
+    group = {"params": list(model.parameters()), "criterion": top(2), "damping": 0.5}
+    (step,) = backward_with(
+        DirectionalDampedNewtonComputation(), [group], model, loss_fn, inputs, targets
+    )
+    ((gammas, lambdas),) = backward_with(
+        DirectionalDerivativesComputation(), [group], model, loss_fn, inputs, targets
+    )
+    (functional,) = curvkit.damped_newton_step(model, loss_fn, (inputs, targets), [group])
+    assert_close(flat(step), flat(functional), what="drop-in vs functional")
+    ref = reference(
+        model, loss_fn, inputs, targets, group["params"], top(2), num_sqrt_columns=3, damping=0.5
+    )
+    assert_close(flat(step), ref.step, what="step")
+    assert_close(lambdas, ref.lambdas, what="lambdas")
+    assert_close(gammas.abs(), ref.gammas.abs(), what="gammas up to sign")
+
+
+def test_verbose_mode_reports_progress(capsys):
+    model, loss_fn, inputs, targets = problem("mse", "mean", 2)
+    group = {"params": list(model.parameters()), "criterion": top(1)}
+    backward_with(EighComputation(verbose=True), [group], model, loss_fn, inputs, targets)
+    assert "computing the result of group" in capsys.readouterr().out
