@@ -359,9 +359,11 @@ class GGNOperator:
     the GGN over the flat concatenation of ``params``; ``op.to_scipy()`` wraps it for
     :mod:`scipy.sparse.linalg` (``eigsh``, ``cg``, ...).
 
-    For one batch, the factors are computed on the first product and kept, so that later
-    products cost two contractions each. For an iterable of batches, each product makes a pass
-    over the data (which must be re-iterable, e.g. a list or a DataLoader).
+    For one batch (per rank), the factors are computed on the first product and kept, so that
+    later products cost two contractions each: the operator is the GGN at the parameters' values
+    of that first product (build a new operator after changing them). For an iterable of
+    batches, each product makes a pass over the data (which must be re-iterable, e.g. a list or
+    a DataLoader) at the parameters' current values.
 
     With ``mc_samples > 0`` the operator is one fixed Monte-Carlo estimate of the GGN: the random
     state is taken at construction and replayed on every pass, so that repeated products see
@@ -478,23 +480,12 @@ class GGNOperator:
                 matrix.split([p.numel() for p in self._params]), self._params, strict=True
             )
         ]
-        if self._single_batch and data_utils.distributed_world() == 1:
-            if self._cached is None:
-                inputs, targets = data_utils.check_batch(self._data)
-                self._cached = _factors(
-                    self._model,
-                    self._loss_fn,
-                    inputs,
-                    targets,
-                    self._params,
-                    self._mc_samples,
-                    self._generator(),
-                )
-            product = _matmul_factors(self._cached[1], blocks)
-        else:
-            generator = self._generator()
+        generator = self._generator()
 
-            def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+            if self._cached is not None:
+                outputs, factors = self._cached
+            else:
                 outputs, factors = _factors(
                     self._model,
                     self._loss_fn,
@@ -504,16 +495,18 @@ class GGNOperator:
                     self._mc_samples,
                     generator,
                 )
-                return outputs, _matmul_factors(factors, blocks)
+                if self._single_batch:
+                    self._cached = (outputs, factors)
+            return outputs, _matmul_factors(factors, blocks)
 
-            product = data_utils.dataset_average(
-                self._loss_fn,
-                self._data,
-                batch_product,
-                progress=self._progress,
-                description="GGNOperator",
-                passes=2,
-            )
+        product = data_utils.dataset_average(
+            self._loss_fn,
+            self._data,
+            batch_product,
+            progress=self._progress,
+            description="GGNOperator",
+            passes=2,
+        )
         return torch.cat([p.reshape(p.shape[0], -1) for p in product], dim=1).T
 
 
