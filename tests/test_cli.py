@@ -216,3 +216,13 @@ def test_bench_finds_the_repository_benchmarks(monkeypatch, tmp_path):
     scripts = [script.name for script in bench.select_scripts(directory, [])]
     assert "bench_ggn.py" in scripts
     assert all(name.startswith("bench_") and name.endswith(".py") for name in scripts)
+
+
+@pytest.mark.slow
+def test_bench_quick_smoke(monkeypatch, capfd):
+    """The quickest real benchmark end to end (the others' quick modes take minutes on 2 cores)."""
+    pytest.importorskip("pyro")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert exit_code(["bench", "--quick", "newton"]) == 0
+    out = capfd.readouterr().out
+    assert "== bench_newton.py (quick) ==" in out and "ratio" in out
