@@ -73,6 +73,19 @@ class EmbeddingBag(nn.Module):
         return self.head(torch.tanh(self.embedding(tokens)).mean(dim=1))
 
 
+class PaddedTwice(nn.Module):
+    """An embedding with a padding index, called twice, on tokens repeated within samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(4, 3, padding_idx=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embedding(tokens) * self.embedding(tokens.flip(1)).sum(dim=1, keepdim=True)
+        return self.head(torch.tanh(h)).flatten(start_dim=1)
+
+
 class Attention(nn.Module):
     """``nn.MultiheadAttention`` (it reads ``out_proj.weight`` itself) and a direct parameter."""
 
@@ -267,6 +280,7 @@ ZOO: dict[str, ModelCase] = {
     "residual": (Residual, _randn(4)),
     "sequence_layernorm": (SequenceNorm, _randn(4, 4)),
     "embedding": (EmbeddingBag, _tokens(11, 3)),
+    "embedding_padding_twice": (PaddedTwice, _tokens(4, 6)),
     "attention_batch_first": (lambda: Attention(True), _randn(3, 4)),
     "attention_sequence_first": (lambda: Attention(False), _randn(3, 4)),
     "transformer": (Transformer, _randn(3, 4)),

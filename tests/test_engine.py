@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from curvkit.engines import (
     DenseFactor,
+    EmbeddingFactor,
     Factor,
     KroneckerFactor,
     SumFactor,
@@ -256,3 +257,14 @@ def test_tiny_memory_budget_gives_the_same_factors(name: str) -> None:
     for a, b in zip(chunked, whole, strict=True):
         assert torch.allclose(a.dense(), b.dense(), rtol=1e-12, atol=1e-14)
         assert torch.allclose(a.diag(), b.diag(), rtol=1e-12, atol=1e-14)
+
+
+def test_embedding_factor_bad_shapes() -> None:
+    b = torch.zeros(2, 3, 4, 5)
+    indices = torch.zeros(3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\[K, N, T, E\]"):
+        EmbeddingFactor(b[0], indices, torch.Size([7, 5]))
+    with pytest.raises(ValueError, match="do not fit"):
+        EmbeddingFactor(b, indices[:, :2], torch.Size([7, 5]))
+    with pytest.raises(ValueError, match="embedding dimension"):
+        EmbeddingFactor(b, indices, torch.Size([7, 6]))

@@ -3,9 +3,10 @@ r"""Engines: per-parameter square-root factors of the GGN (:mod:`curvkit.engines
 :func:`compute_factors` runs a model forward once with temporary hooks and pushes the columns
 of the loss Hessian's square root back in one batched backward pass; it returns one
 :class:`Factor` per parameter. Linear and convolution weights get a structured
-:class:`KroneckerFactor`; every other module owning parameters goes through a generic
-:mod:`torch.func` rule (a :class:`DenseFactor`); a parameter used several times gets the sum of
-its uses; a parameter the outputs do not depend on gets a :class:`ZeroFactor`.
+:class:`KroneckerFactor`, embedding tables an :class:`EmbeddingFactor`; every other module
+owning parameters goes through a generic :mod:`torch.func` rule (a :class:`DenseFactor`); a
+parameter used several times gets the sum of its uses; a parameter the outputs do not depend on
+gets a :class:`ZeroFactor`.
 
 .. rubric:: Memory
 
@@ -25,12 +26,14 @@ numbers per parameter). Two knobs bound the rest:
 """
 
 from curvkit.engines.compute import FactorChunk, compute_factors, iter_factors
+from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DenseFactor",
+    "EmbeddingFactor",
     "Factor",
     "FactorChunk",
     "KroneckerFactor",

@@ -24,6 +24,7 @@ from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
 from curvkit.engines.recording import Recording, record_forward
@@ -166,6 +167,8 @@ def _combine(parts: list[Factor]) -> Factor:
         shapes = {(p.output_grads.shape[3:], p.input_shape[2:]) for p in parts}
         if len(shapes) == 1:
             return KroneckerFactor.concatenate(parts)
+    if all(isinstance(p, EmbeddingFactor) for p in parts):
+        return EmbeddingFactor.concatenate(parts)
     if all(isinstance(p, DenseFactor) for p in parts):
         return DenseFactor(sum(p.columns for p in parts), parts[0].param_shape)
     return SumFactor(parts)

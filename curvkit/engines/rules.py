@@ -3,8 +3,9 @@ r"""Per-call rules: turn a recorded call and the columns at its output into fact
 Hand-written rules cover the hot path: ``nn.Linear`` (inputs ``[N, in]`` and ``[N, ..., in]``)
 and ``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups, padding mode), whose weights get
 a :class:`~curvkit.engines.kronecker.KroneckerFactor` and whose biases get the columns at the
-output summed over positions. Every other call, and subclasses that override ``forward``, go to
-the generic :func:`torch.func` rule.
+output summed over positions; ``nn.Embedding`` (without ``max_norm`` or
+``scale_grad_by_freq``) gets an :class:`~curvkit.engines.embedding.EmbeddingFactor`. Every
+other call, and subclasses that override ``forward``, go to the generic :func:`torch.func` rule.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor
 from curvkit.engines.generic import generic_columns
 from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, KroneckerFactor
@@ -161,6 +163,26 @@ def _conv(
     return factors
 
 
+def _embedding(call: ModuleCall, output_grad: Tensor, num_samples: int) -> dict[str, Factor] | None:
+    module = call.module
+    # max_norm renormalises rows in place; scale_grad_by_freq couples the samples' gradients.
+    if module.max_norm is not None or module.scale_grad_by_freq:
+        return None
+    tokens = _single_input(call, create_graph=False)
+    if (
+        tokens is None
+        or tokens.dim() == 0
+        or tokens.shape[0] != num_samples
+        or tokens.is_floating_point()
+    ):
+        return None
+    indices = tokens.reshape(num_samples, -1).clone()
+    b = output_grad.reshape(output_grad.shape[0], num_samples, -1, module.embedding_dim)
+    if module.padding_idx is not None:
+        b = b * (indices != module.padding_idx)[None, :, :, None]
+    return {"weight": EmbeddingFactor(b, indices, module.weight.shape)}
+
+
 def _structured(
     call: ModuleCall,
     output_grads: list[Tensor | None],
@@ -171,6 +193,8 @@ def _structured(
     module = call.module
     if not isinstance(call.output, Tensor) or output_grads[0] is None:
         return None
+    if _is_plain(module, nn.Embedding, "forward"):
+        return _embedding(call, output_grads[0], num_samples)
     if _is_plain(module, nn.Linear, "forward"):
         return _linear(call, output_grads[0], num_samples, max_chunk_bytes, create_graph)
     for base in _CONV_CLASSES:

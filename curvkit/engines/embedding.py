@@ -1,0 +1,112 @@
+r"""Structured factor of an embedding table: one-hot rows, never a dense table per sample.
+
+An embedding :math:`y_{n,t} = W[i_{n,t}]` looked up at positions :math:`t` has per-sample
+gradients
+
+.. math::
+
+    v_{k,n} = \sum_t e_{i_{n,t}} \otimes b_{k,n,t},
+
+nonzero only in the rows of the tokens sample :math:`n` uses. :class:`EmbeddingFactor` keeps the
+indices :math:`i` (``[N, T]``) and :math:`b` (``[K, N, T, E]``); a dense factor would hold
+:math:`K N V E` numbers for a vocabulary of :math:`V` tokens. Positions looking up the same
+token in the same sample add up before anything is squared.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvkit.engines.factor import Factor
+
+__all__ = ["EmbeddingFactor"]
+
+
+class EmbeddingFactor(Factor):
+    r"""The factor :math:`v_{k,n} = \sum_t e_{i_{n,t}} \otimes b_{k,n,t}` of an embedding table.
+
+    Args:
+        output_grads: :math:`b`, shape ``[K, N, T, E]`` (zero where the padding index is
+            looked up, whose row gets no gradient).
+        indices: :math:`i`, integer tensor ``[N, T]``.
+        param_shape: The table's shape ``[V, E]``.
+
+    Raises:
+        ValueError: If the shapes do not fit together.
+    """
+
+    def __init__(self, output_grads: Tensor, indices: Tensor, param_shape: torch.Size) -> None:
+        if output_grads.dim() != 4 or indices.dim() != 2:
+            raise ValueError("output_grads must be [K, N, T, E] and indices [N, T]")
+        if output_grads.shape[1:3] != indices.shape or len(param_shape) != 2:
+            raise ValueError(
+                f"output_grads {tuple(output_grads.shape)}, indices {tuple(indices.shape)} and "
+                f"param_shape {tuple(param_shape)} do not fit [K, N, T, E], [N, T], [V, E]"
+            )
+        if output_grads.shape[3] != param_shape[1]:
+            raise ValueError("the embedding dimension of output_grads and param_shape differ")
+        super().__init__(param_shape, output_grads.shape[0], output_grads.shape[1])
+        self.output_grads = output_grads
+        self.indices = indices
+
+    def _per_sample_rows(self) -> tuple[Tensor, Tensor]:
+        """The distinct (sample, token) pairs and the summed columns of each.
+
+        Returns:
+            ``(tokens [P], rows [K, P, E])``: pair ``p`` is token ``tokens[p]`` of some sample;
+            ``rows[:, p]`` sums :math:`b_{k,n,t}` over the positions of that token in it.
+        """
+        k, n, t, e = self.output_grads.shape
+        vocabulary = self.param_shape[0]
+        samples = torch.arange(n, device=self.indices.device)[:, None]
+        pair_ids = (samples * vocabulary + self.indices).flatten()
+        unique, inverse = torch.unique(pair_ids, return_inverse=True)
+        rows = self.output_grads.new_zeros(k, unique.numel(), e)
+        rows.index_add_(1, inverse, self.output_grads.reshape(k, n * t, e))
+        return unique % vocabulary, rows
+
+    def diag(self) -> Tensor:  # noqa: D102
+        tokens, rows = self._per_sample_rows()
+        out = rows.new_zeros(self.param_shape)
+        return out.index_add_(0, tokens, rows.square().sum(dim=0))
+
+    def gram(self) -> Tensor:  # noqa: D102
+        k, n, t, _ = self.output_grads.shape
+        flat = self.indices.flatten()
+        same_token = (flat[:, None] == flat[None, :]).to(self.output_grads.dtype)
+        b = self.output_grads.reshape(k, n * t, -1)
+        products = torch.einsum("kae,lbe->kalb", b, b)  # all pairs of (column, position)
+        masked = products * same_token[None, :, None, :]
+        return masked.reshape(k, n, t, k, n, t).sum(dim=(2, 5))
+
+    def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
+        looked_up = mat[:, self.indices]  # [J, N, T, E]
+        return torch.einsum("knte,jnte->knj", self.output_grads, looked_up)
+
+    def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
+        weighted = torch.einsum("knj,knte->jnte", coefficients, self.output_grads)
+        out = weighted.new_zeros(coefficients.shape[-1], *self.param_shape)
+        return out.index_add_(1, self.indices.flatten(), weighted.flatten(1, 2))
+
+    def dense(self) -> Tensor:  # noqa: D102
+        k, n, t, e = self.output_grads.shape
+        out = self.output_grads.new_zeros(k, n, *self.param_shape)
+        rows = (torch.arange(n, device=self.indices.device)[:, None] * self.param_shape[0]) + (
+            self.indices
+        )
+        flat = out.view(k, n * self.param_shape[0], e)
+        flat.index_add_(1, rows.flatten(), self.output_grads.reshape(k, n * t, e))
+        return out
+
+    @classmethod
+    def concatenate(cls, factors: list[EmbeddingFactor]) -> EmbeddingFactor:
+        """The factor of a table used by several calls: positions of all calls side by side."""
+        return cls(
+            torch.cat([f.output_grads for f in factors], dim=2),
+            torch.cat([f.indices for f in factors], dim=1),
+            factors[0].param_shape,
+        )
+
+    def select(self, start: int, stop: int) -> EmbeddingFactor:  # noqa: D102
+        return EmbeddingFactor(self.output_grads[start:stop], self.indices, self.param_shape)
