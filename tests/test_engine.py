@@ -268,3 +268,16 @@ def test_embedding_factor_bad_shapes() -> None:
         EmbeddingFactor(b, indices[:, :2], torch.Size([7, 5]))
     with pytest.raises(ValueError, match="embedding dimension"):
         EmbeddingFactor(b, indices, torch.Size([7, 6]))
+
+
+@pytest.mark.parametrize("name", ["transformer_sequence_first", "attention_sequence_first"])
+def test_sample_axis_when_sequence_length_equals_batch_size(name: str) -> None:
+    """Tensors ``[T, N, E]`` with ``T == N``: the probe pass of one sample tells the axes."""
+    model, inputs = make_case(name, 3)  # the zoo's sequences have length 3
+    assert inputs[0].shape[:2] == (3, 3)
+    params = list(model.parameters())
+    columns = _columns_for(model, inputs)
+    _, factors = compute_factors(model, inputs, params, lambda out: columns)
+    expected = reference_columns(model, inputs, params, columns)
+    for factor, reference in zip(factors, expected, strict=True):
+        assert _rel_error(factor.dense(), reference) < 1e-10

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
-from curvkit.engines.recording import Recording, record_forward
+from curvkit.engines.recording import ModuleCall, Recording, record_forward
 from curvkit.engines.rules import factors_for_call
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
@@ -97,13 +97,20 @@ def refuse_sample_mixing(model: nn.Module) -> None:
             )
 
 
-def check_first_sample_alone(model: nn.Module, inputs: tuple[Any, ...], outputs: Tensor) -> None:
-    """Raise if the first sample's output changes when the model sees it alone.
+def probe_first_sample(
+    model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor], outputs: Tensor
+) -> dict[tuple[int, int], ModuleCall]:
+    """Run the first sample alone: refuse models that mix samples, find sample axes.
 
-    A cheap test (one forward pass of one sample, without gradients) that catches models
-    mixing samples in ways no module type reveals (``x - x.mean(0)`` in a ``forward``, dropout
-    in training mode). Skipped for a single sample or when an input does not hold the samples
-    along axis 0.
+    One forward pass of one sample without gradients. If the first sample's output differs
+    from its output in the batch, the model mixes samples in a way no module type reveals
+    (``x - x.mean(0)`` in a ``forward``, dropout in training mode). The pass is recorded like
+    the batch's: the axis of a recorded tensor that shrinks from :math:`N` to 1 is its sample
+    axis, even where another axis also has size :math:`N`. Skipped for a single sample or when
+    an input does not hold the samples along axis 0.
+
+    Returns:
+        The recorded calls of the pass by :attr:`ModuleCall.key` (empty when skipped).
 
     Raises:
         ValueError: If the outputs differ beyond floating-point noise.
@@ -112,11 +119,11 @@ def check_first_sample_alone(model: nn.Module, inputs: tuple[Any, ...], outputs:
     if num_samples == 1 or not all(
         isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == num_samples for x in inputs
     ):
-        return
-    with torch.no_grad():
-        alone = model(*(x[:1].clone() for x in inputs))
+        return {}
+    probe = record_forward(model, tuple(x[:1].clone() for x in inputs), params, build_graph=False)
+    alone = probe.outputs
     if not isinstance(alone, Tensor) or alone.shape[1:] != outputs.shape[1:]:
-        return
+        return {}
     expected = outputs[:1].detach()
     tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
     scale = max(expected.abs().max().item(), 1.0)
@@ -126,6 +133,12 @@ def check_first_sample_alone(model: nn.Module, inputs: tuple[Any, ...], outputs:
             "(batch statistics, dropout, an operation across samples), so per-sample curvature "
             "is undefined. Call `model.eval()` first, and make sure no operation mixes samples."
         )
+    return {call.key: call for call in probe.calls}
+
+
+def _attach_probes(recording: Recording, probes: dict[tuple[int, int], ModuleCall]) -> None:
+    for call in recording.calls:
+        call.probe = probes.get(call.key)
 
 
 def _check_outputs(outputs: Any) -> Tensor:
@@ -402,7 +415,7 @@ def compute_factors(
     refuse_sample_mixing(model)
     recording = record_forward(model, inputs, params)
     outputs = _check_outputs(recording.outputs)
-    check_first_sample_alone(model, inputs, outputs)
+    _attach_probes(recording, probe_first_sample(model, inputs, params, outputs))
     columns = _check_columns(backprop_columns(outputs.detach()), outputs)
     factors = _factors(
         recording,
@@ -471,13 +484,13 @@ def iter_factors(
     if sample_chunk_size is None:
         recording = record_forward(model, inputs, params)
         outputs = _check_outputs(recording.outputs)
-        check_first_sample_alone(model, inputs, outputs)
+        probes = probe_first_sample(model, inputs, params, outputs)
         columns = _check_columns(backprop_columns(outputs.detach()), outputs)
         sample_slices = [slice(0, outputs.shape[0])]
     else:
         with torch.no_grad():
             outputs = _check_outputs(model(*inputs))
-        check_first_sample_alone(model, inputs, outputs)
+        probes = probe_first_sample(model, inputs, params, outputs)
         columns = _check_columns(backprop_columns(outputs), outputs)
         num_samples = outputs.shape[0]
         for i, value in enumerate(inputs):
@@ -491,6 +504,7 @@ def iter_factors(
     for samples in sample_slices:
         if sample_chunk_size is not None:
             recording = record_forward(model, tuple(x[samples] for x in inputs), params)
+        _attach_probes(recording, probes)
         chunk_outputs = recording.outputs
         for j, cols in enumerate(column_slices):
             factors = _factors(

@@ -30,19 +30,38 @@ from curvkit.engines.recording import ModuleCall
 __all__ = ["generic_columns"]
 
 
-def sample_axis(tensor: Tensor, num_samples: int, batch_first: bool = True) -> int | None:
+def sample_axis(
+    tensor: Tensor, num_samples: int, batch_first: bool = True, probe: object = None
+) -> int | None:
     """The axis of ``tensor`` that indexes samples, ``None`` if it is shared by all samples.
 
-    Axis 0 if it has size :math:`N` (axis 1 first for modules with ``batch_first=False``),
-    otherwise the only other axis of size :math:`N` before the last axis (a layer normalising
-    ``[T, N, E]`` inside a sequence-first transformer), otherwise none.
+    With ``probe``, the same tensor from a forward pass of the first sample alone, the sample
+    axis is the one axis that shrinks from :math:`N` to 1 (none if nothing shrinks). Without
+    it, or if the shapes say nothing clear, the shape alone decides: axis 0 if it has size
+    :math:`N` (axis 1 first for modules with ``batch_first=False``), otherwise the only other
+    axis of size :math:`N` before the last axis (a layer normalising ``[T, N, E]`` inside a
+    sequence-first transformer), otherwise none.
     """
+    if isinstance(probe, Tensor) and probe.dim() == tensor.dim() and num_samples > 1:
+        changed = [a for a in range(tensor.dim()) if tensor.shape[a] != probe.shape[a]]
+        if not changed:
+            return None
+        axis = changed[0]
+        if len(changed) == 1 and tensor.shape[axis] == num_samples and probe.shape[axis] == 1:
+            return axis
     if not batch_first and tensor.dim() >= 3 and tensor.shape[1] == num_samples:
         return 1
     if tensor.dim() >= 1 and tensor.shape[0] == num_samples:
         return 0
     candidates = [axis for axis in range(1, tensor.dim() - 1) if tensor.shape[axis] == num_samples]
     return candidates[0] if len(candidates) == 1 else None
+
+
+def _probe_leaves(tree: object, probe_tree: object, count: int) -> list[object]:
+    """The leaves of ``probe_tree`` if it has the structure of ``tree``, else ``None``s."""
+    leaves, spec = pytree.tree_flatten(tree)
+    probe_leaves, probe_spec = pytree.tree_flatten(probe_tree)
+    return probe_leaves if spec == probe_spec and len(leaves) == count else [None] * count
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -78,21 +97,32 @@ def generic_columns(
             samples gives outputs other than the batched call's (the module mixes samples).
     """
     batch_first = getattr(call.module, "batch_first", True) is not False
+    probe = call.probe
     input_leaves, input_spec = pytree.tree_flatten((call.args, call.kwargs))
-    batched = [
-        i
-        for i, leaf in enumerate(input_leaves)
-        if isinstance(leaf, Tensor) and sample_axis(leaf, num_samples, batch_first) is not None
+    probe_inputs = _probe_leaves(
+        (call.args, call.kwargs),
+        None if probe is None else (probe.args, probe.kwargs),
+        len(input_leaves),
+    )
+    axes = [
+        sample_axis(leaf, num_samples, batch_first, probe_leaf)
+        if isinstance(leaf, Tensor)
+        else None
+        for leaf, probe_leaf in zip(input_leaves, probe_inputs, strict=True)
     ]
-    input_axes = [sample_axis(input_leaves[i], num_samples, batch_first) for i in batched]
+    batched = [i for i, axis in enumerate(axes) if axis is not None]
+    input_axes = [axes[i] for i in batched]
 
     output_leaves = pytree.tree_leaves(call.output)
+    probe_outputs = _probe_leaves(
+        call.output, None if probe is None else probe.output, len(output_leaves)
+    )
     tensor_positions = [i for i, leaf in enumerate(output_leaves) if isinstance(leaf, Tensor)]
     pairs = zip(tensor_positions, output_grads, strict=True)
     selected = [(pos, g) for pos, g in pairs if g is not None]
     output_axes = []
     for pos, _ in selected:
-        axis = sample_axis(output_leaves[pos], num_samples, batch_first)
+        axis = sample_axis(output_leaves[pos], num_samples, batch_first, probe_outputs[pos])
         if axis is None:
             raise ValueError(
                 f"output {pos} of {type(call.module).__name__} has shape "

@@ -44,6 +44,8 @@ class ModuleCall:
             ``module`` (for :func:`torch.func.functional_call`).
         input_versions: Version counters of the recorded input tensors when they were recorded.
         output_versions: Version counters of the output tensors when they were recorded.
+        probe: The same call in a forward pass of the first sample alone (when there is one):
+            the axis that shrinks from :math:`N` to 1 there is a tensor's sample axis.
     """
 
     module: nn.Module
@@ -55,6 +57,7 @@ class ModuleCall:
     params: dict[int, str] = field(default_factory=dict)
     input_versions: list[int] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)
+    probe: ModuleCall | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -218,7 +221,9 @@ def _changed_in_place(call: ModuleCall) -> bool:
     return inputs != call.input_versions or outputs != call.output_versions
 
 
-def record_forward(model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor]) -> Recording:
+def record_forward(
+    model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor], *, build_graph: bool = True
+) -> Recording:
     """Run ``model(*inputs)`` once, recording the calls that use ``params``.
 
     If a recorded input or output is changed in place later in the forward pass, the pass is
@@ -228,6 +233,7 @@ def record_forward(model: nn.Module, inputs: tuple[Any, ...], params: list[Tenso
         model: The model.
         inputs: Positional inputs of the model.
         params: The requested parameters (each one in ``model``).
+        build_graph: Whether to record the autograd graph (a probe pass needs none).
 
     Returns:
         The recording.
@@ -240,7 +246,7 @@ def record_forward(model: nn.Module, inputs: tuple[Any, ...], params: list[Tenso
     copy_calls: set[tuple[int, int]] = set()
     for attempt in range(2):
         recorder = _Recorder(params, holders, copy_calls)
-        with torch.enable_grad():
+        with torch.set_grad_enabled(build_graph):
             outputs = recorder.run(lambda: model(*inputs))
         calls = recorder.attribute()
         changed = {call.key for call in calls if _changed_in_place(call)}

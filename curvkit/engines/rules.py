@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor
-from curvkit.engines.generic import generic_columns
+from curvkit.engines.generic import generic_columns, sample_axis
 from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, KroneckerFactor
 from curvkit.engines.recording import ModuleCall
 
@@ -41,6 +41,13 @@ def _single_input(call: ModuleCall, create_graph: bool) -> Tensor | None:
     return None
 
 
+def _sample_axis(call: ModuleCall, x: Tensor, num_samples: int) -> int | None:
+    """The sample axis of the call's only input, from the probe pass where there is one."""
+    probe = call.probe
+    probe_input = probe.args[0] if probe is not None and len(probe.args) == 1 else None
+    return sample_axis(x, num_samples, probe=probe_input)
+
+
 def _bias_columns(output_grads: Tensor) -> Tensor:
     """A bias's columns: those at the output ``[K, N, T, G, O]`` summed over positions."""
     k, n, t = output_grads.shape[:3]
@@ -59,10 +66,9 @@ def _linear(
     module = call.module
     if x is None or x.dim() < 2:
         return None
-    leading = [axis for axis in range(x.dim() - 1) if x.shape[axis] == num_samples]
-    if not leading:
+    axis = _sample_axis(call, x, num_samples)
+    if axis is None or axis == x.dim() - 1:
         return None
-    axis = leading[0]
     k = output_grad.shape[0]
     x = x.movedim(axis, 0).reshape(num_samples, -1, 1, module.in_features)
     b = output_grad.movedim(axis + 1, 1).reshape(k, num_samples, -1, 1, module.out_features)
@@ -129,7 +135,7 @@ def _conv(
     x = _single_input(call, create_graph)
     module = call.module
     nd = len(module.kernel_size)
-    if x is None or x.dim() != nd + 2 or x.shape[0] != num_samples:
+    if x is None or x.dim() != nd + 2 or _sample_axis(call, x, num_samples) != 0:
         return None
     k = output_grad.shape[0]
     groups = module.groups
@@ -171,9 +177,9 @@ def _embedding(call: ModuleCall, output_grad: Tensor, num_samples: int) -> dict[
     tokens = _single_input(call, create_graph=False)
     if (
         tokens is None
-        or tokens.dim() == 0
-        or tokens.shape[0] != num_samples
         or tokens.is_floating_point()
+        or tokens.dim() == 0
+        or _sample_axis(call, tokens, num_samples) != 0
     ):
         return None
     indices = tokens.reshape(num_samples, -1).clone()
