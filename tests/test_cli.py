@@ -226,3 +226,16 @@ def test_bench_quick_smoke(monkeypatch, capfd):
     assert exit_code(["bench", "--quick", "newton"]) == 0
     out = capfd.readouterr().out
     assert "== bench_newton.py (quick) ==" in out and "ratio" in out
+
+
+def test_demo_without_scikit_learn_says_what_to_do(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    assert exit_code(["demo", "--out", str(tmp_path), "--no-figures"]) == 1
+    assert "--data synthetic" in capsys.readouterr().err
+
+
+def test_demo_without_matplotlib_says_what_to_do(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert exit_code(["demo", "--data", "synthetic", "--out", str(tmp_path)]) == 1
+    assert "--no-figures" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # failed before any work

@@ -50,10 +50,14 @@ from curvkit.optim import DampedNewton
 #: Relative tolerance of the checks (error relative to the largest reference entry) per dtype.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
 BATCH_SIZE = 64
+#: Hidden units per layer: 1482 parameters keep the dense reference GGN's eigh to a second.
 HIDDEN = 16
+#: Damped Newton directions per step and their damping. With fewer directions training stalls
+#: (the step ignores the rest of the gradient); with damping 0.1 or less it diverged on digits
+#: after a few epochs; 0.3 trains stably over seeds in our runs.
 NUM_DIRECTIONS = 50
-NUM_COLUMNS = 16
 DAMPING = 0.3
+NUM_COLUMNS = 16
 ADAM_LR = 1e-2
 
 
@@ -266,12 +270,13 @@ def run(args: argparse.Namespace) -> int:
     checks = _check_against_autograd(model, loss_fn, batch, TOLERANCES[dtype], timings, device)
 
     histories = {}
+    trained = {}
     for name, make_step in (("damped Newton", _damped_newton), ("Adam", _adam)):
-        trained = copy.deepcopy(model)
-        histories[name] = train(trained, loss_fn, dataset, make_step(trained, loss_fn), args, name)
+        trained[name] = copy.deepcopy(model)  # both start from the same initialisation
+        step = make_step(trained[name], loss_fn)
+        histories[name] = train(trained[name], loss_fn, dataset, step, args, name)
         timings[f"train with {name}, {args.epochs} epochs"] = histories[name]["seconds"][-1]
-        if name == "damped Newton":
-            final_spectrum = _spectrum(trained, loss_fn, batch)
+    final_spectrum = _spectrum(trained["damped Newton"], loss_fn, batch)
 
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
