@@ -12,10 +12,11 @@ the vector-Jacobian product of the module applied to sample :math:`n` alone. The
 the :math:`K` columns and the :math:`N` samples with :func:`torch.func.vmap`, and so needs only
 the module's own inputs: its memory is bounded by the module, not by the model.
 
-The sample axis of each input and output tensor is found from its shape (axis 0 of size
-:math:`N`; axis 1 for modules with ``batch_first=False``); tensors without it are shared by all
-samples. Recomputing the module on single samples also checks it: if the outputs differ from the
-batched call's, the module mixes samples (batch statistics, for instance) and is refused.
+The sample axis of each input and output tensor is the axis that shrinks to 1 in the engine's
+probe pass of the first sample alone, or, without one, found from the shape (see
+:func:`sample_axis`); tensors without it are shared by all samples. Recomputing the module on
+single samples also checks it: if the outputs differ from the batched call's, the module mixes
+samples (batch statistics, for instance) and is refused.
 """
 
 from __future__ import annotations
