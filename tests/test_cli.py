@@ -131,6 +131,7 @@ def test_verify_passes(capsys):
     assert "FAIL" not in out
     for model in ("MLP", "CNN", "residual", "LayerNorm + attention", "embedding"):
         assert model in out
+    assert "batch of 5-d problems  Newton step, trust radius 0.5" in out
 
 
 def test_verify_fails_on_a_wrong_quantity(monkeypatch, capsys):
@@ -144,9 +145,22 @@ def test_verify_fails_on_a_wrong_quantity(monkeypatch, capsys):
 
     monkeypatch.setattr(verify, "ggn_vector_product", wrong_product)
     monkeypatch.setattr(verify, "model_zoo", first_case)
+    monkeypatch.setattr(verify, "check_newton_steps", lambda *args: [])
     assert exit_code(["verify"]) == 1
     rows = [line for line in capsys.readouterr().out.splitlines() if "FAIL" in line]
     assert len(rows) == 1 and "GGN-vector product" in rows[0]
+
+
+def test_verify_newton_check_catches_a_wrong_step(monkeypatch):
+    right = verify.newton_step
+
+    def wrong_step(loss, x, trust_radius=None):
+        mode, cov = right(loss, x, trust_radius)
+        return mode * (1 + 1e-6), cov
+
+    monkeypatch.setattr(verify, "newton_step", wrong_step)
+    results = verify.check_newton_steps(torch.device("cpu"), torch.float64, 1e-9)
+    assert len(results) == 8 and not any(r.passed for r in results)
 
 
 def test_verify_reports_an_error_as_a_failure(monkeypatch, capsys):

@@ -3,7 +3,9 @@ r"""``curvkit verify``: every curvature quantity against plain autograd, on a mo
 For each model of :mod:`curvkit.cli.zoo` the dense references are built once from
 :mod:`curvkit.verify` (dense GGN, output Hessians) and from plain ``torch.autograd`` (per-sample
 gradients :math:`\nabla L_n`, Jacobian-vector products), and every quantity of curvkit is
-compared with them. Errors are relative to the largest reference entry.
+compared with them; the batched Newton steps of :mod:`curvkit.ops.newton` are compared with
+solves of per-item Hessians from double backward. Errors are relative to the largest reference
+entry.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from curvkit.ggn import (
     ggn_matrix,
     ggn_vector_product,
 )
+from curvkit.ops.newton import newton_step
 
 #: Tolerance per dtype, relative to the largest reference entry.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -58,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Compare every curvature quantity of curvkit (output Hessian square roots, GGN "
             "diagonal, GGN-vector products, columns, dense GGN, linear operator, eigenpairs, "
             "directional derivatives, damped Newton steps) with references from plain autograd, "
-            "on small models: MLP, CNN, residual network, LayerNorm + attention, embedding. "
+            "on small models: MLP, CNN, residual network, LayerNorm + attention, embedding; and "
+            "batched low-dimensional Newton steps with and without a trust region. "
             "Prints a pass/fail table; exit code 1 on any mismatch. Run it on a new GPU or torch "
             "version."
         ),
@@ -102,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     for case in model_zoo(device, dtype, args.seed):
         results.extend(check_case(case, tolerance, EIGEN_FACTOR[dtype] * tolerance))
+    results.extend(check_newton_steps(device, dtype, tolerance, args.seed))
     print(
         format_table(
             ["model", "quantity", "max rel error", "result"],
@@ -154,18 +159,107 @@ def check_case(case: Case, tolerance: float, eigen_tolerance: float) -> list[Res
     ]
     if isinstance(case.loss_fn, nn.MSELoss):
         checks.insert(2, ("Gauss-Newton diagonal", references.gauss_newton_diagonal, tolerance))
+    return [_run_check(case.name, quantity, compute, tol) for quantity, compute, tol in checks]
+
+
+def _run_check(
+    model: str, quantity: str, compute: Callable[[], tuple[Tensor, Tensor]], tolerance: float
+) -> Result:
+    """Compare ``compute()``'s pair with a tolerance relative to the largest reference entry."""
+    try:
+        actual, expected = compute()
+    except Exception as error:
+        traceback.print_exc()
+        return Result(model, quantity, float("nan"), False, type(error).__name__)
+    atol = tolerance * expected.abs().max().item()
+    [row] = verify.compare(actual, expected, rtol=0.0, atol=atol, names=[quantity]).rows
+    return Result(model, quantity, row.max_rel_error, row.passed)
+
+
+def check_newton_steps(
+    device: torch.device, dtype: torch.dtype, tolerance: float, seed: int = 0
+) -> list[Result]:
+    r"""Batched Newton steps (:mod:`curvkit.ops.newton`) against per-item autograd Hessians.
+
+    The loss :math:`\sum_b \tfrac12 x_b^\top A_b x_b - c_b^\top x_b + \tfrac1{4} \|x_b\|_4^4`
+    is convex and not quadratic. The reference differentiates the gradient once per entry of the
+    whole batch, keeps each item's diagonal block :math:`H_b` and solves; with a trust radius
+    :math:`r`, a step longer than :math:`r` becomes :math:`-(H_b + \mu I)^{-1} g_b` with
+    :math:`\mu = \|g_b\| / r - \lambda_{\min}(H_b)` (:math:`d \ge 2`), or is clipped to
+    :math:`\pm r` (:math:`d = 1`).
+
+    Args:
+        device: Where the problems live.
+        dtype: Their dtype.
+        tolerance: Relative tolerance.
+        seed: Seed of the problems.
+
+    Returns:
+        One result per dimension and trust setting.
+    """
     results = []
-    for quantity, compute, tol in checks:
-        try:
-            actual, expected = compute()
-        except Exception as error:
-            traceback.print_exc()
-            results.append(Result(case.name, quantity, float("nan"), False, type(error).__name__))
-            continue
-        atol = tol * expected.abs().max().item()
-        [row] = verify.compare(actual, expected, rtol=0.0, atol=atol, names=[quantity]).rows
-        results.append(Result(case.name, quantity, row.max_rel_error, row.passed))
+    generator = torch.Generator().manual_seed(seed)
+    for dim in (1, 2, 3, 5):
+        for trust_radius in (None, 0.5):
+            problem = _NewtonProblem(dim, generator, device, dtype)
+            label = "Newton step" + (
+                "" if trust_radius is None else f", trust radius {trust_radius}"
+            )
+            results.append(
+                _run_check(
+                    f"batch of {dim}-d problems",
+                    label,
+                    lambda p=problem, r=trust_radius: p.check(r),
+                    tolerance,
+                )
+            )
     return results
+
+
+class _NewtonProblem:
+    """A batch of independent convex problems in ``dim`` dimensions."""
+
+    def __init__(
+        self, dim: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        def draw(*shape: int) -> Tensor:
+            sample = torch.randn(*shape, generator=generator, dtype=torch.float64)
+            return sample.to(device=device, dtype=dtype)
+
+        factor = draw(6, dim, dim)
+        self.matrices = factor @ factor.mT + 0.1 * torch.eye(dim, device=device, dtype=dtype)
+        self.linear = 3 * draw(6, dim)
+        self.start = draw(6, dim)
+
+    def loss(self, x: Tensor) -> Tensor:
+        quadratic = 0.5 * torch.einsum("bi,bij,bj->", x, self.matrices, x)
+        return quadratic - (self.linear * x).sum() + 0.25 * x.pow(4).sum()
+
+    def check(self, trust_radius: float | None) -> tuple[Tensor, Tensor]:
+        x = self.start.clone().requires_grad_()
+        mode, _ = newton_step(self.loss(x), x, trust_radius)
+
+        x = self.start.clone().requires_grad_()
+        (gradient,) = torch.autograd.grad(self.loss(x), x, create_graph=True)
+        flat = gradient.reshape(-1)
+        rows = [torch.autograd.grad(entry, x, retain_graph=True)[0].reshape(-1) for entry in flat]
+        hessian = torch.stack(rows)
+        batch, dim = x.shape
+        blocks = torch.stack(
+            [hessian[b * dim : (b + 1) * dim, b * dim : (b + 1) * dim] for b in range(batch)]
+        )
+        gradient = gradient.detach()
+        step = -torch.linalg.solve(blocks, gradient)
+        if trust_radius is not None:
+            too_long = step.norm(dim=-1) > trust_radius
+            if dim == 1:
+                shortened = step.clamp(-trust_radius, trust_radius)
+            else:
+                shift = gradient.norm(dim=-1) / trust_radius - torch.linalg.eigvalsh(blocks)[:, 0]
+                eye = torch.eye(dim, device=x.device, dtype=x.dtype)
+                shortened = -torch.linalg.solve(blocks + shift[:, None, None] * eye, gradient)
+            step = torch.where(too_long[:, None], shortened, step)
+        return mode.detach(), self.start + step
 
 
 class _References:
