@@ -11,8 +11,10 @@ entry.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from curvkit.ggn import (
     ggn_vector_product,
 )
 from curvkit.ops.newton import newton_step
+from curvkit.vivit import DirectionalDampedNewtonComputation
 
 #: Tolerance per dtype, relative to the largest reference entry.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -159,6 +162,14 @@ def check_case(case: Case, tolerance: float, eigen_tolerance: float) -> list[Res
     ]
     if isinstance(case.loss_fn, nn.MSELoss):
         checks.insert(2, ("Gauss-Newton diagonal", references.gauss_newton_diagonal, tolerance))
+    if case.backpack_compatible:
+        checks.append(
+            (
+                "ViViT drop-in on BackPACK: step",
+                references.vivit_damped_newton_step,
+                eigen_tolerance,
+            )
+        )
     return [_run_check(case.name, quantity, compute, tol) for quantity, compute, tol in checks]
 
 
@@ -377,6 +388,29 @@ class _References:
         gradient = _flat(torch.autograd.grad(loss, self.params))
         evals, evecs = self.evals[-NUM_DIRECTIONS:], self.evecs[:, -NUM_DIRECTIONS:]
         return _flat(step), evecs @ (-(evecs.T @ gradient) / (evals + DAMPING))
+
+    def vivit_damped_newton_step(self) -> tuple[Tensor, Tensor]:
+        """Curvkit's ViViT-compatible class, run by BackPACK on a copy of the model."""
+        from backpack import backpack, extend
+
+        case = self.case
+        model, loss_fn = extend(copy.deepcopy(case.model)), extend(copy.deepcopy(case.loss_fn))
+        computation = DirectionalDampedNewtonComputation()
+        group = {**self.group, "params": [p for p in model.parameters() if p.requires_grad]}
+        loss = loss_fn(model(case.inputs), case.targets)
+        with (
+            warnings.catch_warnings(),
+            backpack(
+                *computation.get_extensions(),
+                extension_hook=computation.get_extension_hook([group]),
+            ),
+        ):
+            # BackPACK's module hooks trigger torch's notice about full backward hooks on inputs
+            # that do not require grad: expected here, and not a finding of the check.
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            loss.backward()
+        expected = self.damped_newton_step()[1]
+        return _flat(computation.get_result(group)), expected
 
     def _sample_gradients(self) -> Tensor:
         r""":math:`\nabla L_n` for each sample, ``[N, D]``: the batch loss's gradient through f_n.

@@ -17,13 +17,14 @@ from torch import Tensor, nn
 
 @dataclass
 class Case:
-    """A model, its loss and a batch."""
+    """A model, its loss and a batch, and whether BackPACK's ``extend`` supports the pair."""
 
     name: str
     model: nn.Module
     loss_fn: nn.Module
     inputs: Tensor
     targets: Tensor
+    backpack_compatible: bool = False
 
 
 class Residual(nn.Module):
@@ -87,7 +88,7 @@ def _mlp(generator: torch.Generator, **like: Any) -> Case:
     )
     inputs = torch.randn(5, 6, generator=generator).to(**like)
     targets = torch.randint(4, (5,), generator=generator).to(like["device"])
-    return Case("MLP", model, nn.CrossEntropyLoss(), inputs, targets)
+    return Case("MLP", model, nn.CrossEntropyLoss(), inputs, targets, backpack_compatible=True)
 
 
 def _cnn(generator: torch.Generator, **like: Any) -> Case:
