@@ -24,8 +24,10 @@ step is not acceptable (the Hessian is not positive definite, or the step is lon
 
 whose smallest eigenvalue is :math:`\max(\|g\| / r, \epsilon_H)`, so that
 :math:`\|dx\| \le \|g\| / (\|g\| / r) = r`. Here
-:math:`\epsilon_H = \epsilon_{\text{dtype}} (1 + \sum_{ij} |H_{ij}|)` is the smallest curvature
-the dtype resolves at the scale of :math:`H`. Any excess of :math:`\|dx\|` over :math:`r` left by
+:math:`\epsilon_H = \epsilon_{\text{dtype}} (1 + s_H)`, with :math:`s_H \ge \|H\|_2` a bound on
+the spectral radius (:math:`\sum_{ij} |H_{ij}|`; in 2-d the exact eigenvalues' bound
+:math:`|\text{mean}| + \text{half gap}`), is the smallest curvature the dtype resolves at the
+scale of :math:`H`. Any excess of :math:`\|dx\|` over :math:`r` left by
 rounding (the closed-form 3x3 eigenvalues lose accuracy where the two smallest nearly coincide) is
 removed by scaling the step back onto the ball, so :math:`\|dx\| \le r` always holds.
 
@@ -206,23 +208,15 @@ def _solve_1d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
     return dx, cov.unsqueeze(-1)
 
 
-def _step_2d(
-    h00: Tensor, h11: Tensor, h01: Tensor, g0: Tensor, g1: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    inv_det = torch.addcmul(h00 * h11, h01, h01, value=-1).reciprocal()
-    dx0 = torch.addcmul(h01 * g1, h11, g0, value=-1) * inv_det
-    dx1 = torch.addcmul(h01 * g0, h00, g1, value=-1) * inv_det
-    return dx0, dx1, inv_det
-
-
 def _solve_2d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
     h00, h11 = rows[0][..., 0], rows[1][..., 1]
     h01 = torch.lerp(rows[0][..., 1], rows[1][..., 0], 0.5)
     g0, g1 = g[..., 0], g[..., 1]
-    dx0, dx1, inv_det = _step_2d(h00, h11, h01, g0, g1)
-    if trust_radius is None:
-        dx = torch.stack([dx0, dx1], dim=-1)
-    else:
+    # dx = -adj(H) g / det(H) = (n0, n1) / det.
+    n0 = torch.addcmul(h01 * g1, h11, g0, value=-1)
+    n1 = torch.addcmul(h01 * g0, h00, g1, value=-1)
+    det = torch.addcmul(h00 * h11, h01, h01, value=-1)
+    if trust_radius is not None:
         # Eigenvalues mean -/+ half_gap. The clamp (by the dtype's tiniest number, far below any
         # rounding) keeps the gradient finite for multiples of the identity.
         mean = torch.lerp(h00, h11, 0.5)
@@ -230,21 +224,33 @@ def _solve_2d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
         half_gap = torch.addcmul(h01 * h01, difference, difference, value=0.25)
         half_gap = half_gap.clamp(min=torch.finfo(half_gap.dtype).tiny).sqrt()
         lambda_min = mean - half_gap
-        step_squared = torch.addcmul(dx0 * dx0, dx1, dx1)
-        acceptable = (lambda_min > 0) & (step_squared <= trust_radius**2)
-        if bool(acceptable.all()):
-            dx = torch.stack([dx0, dx1], dim=-1)
-        else:
+        # Positive definite, and ||n|| <= r det: the plain step is acceptable.
+        n_squared = torch.addcmul(n0 * n0, n1, n1)
+        acceptable = (lambda_min > 0) & (n_squared <= (trust_radius * det).square())
+        if not bool(acceptable.all()):
             # |mean| + half_gap bounds the spectral radius: the scale of the curvature floor.
-            floor = _curvature_floor(mean.abs() + half_gap)
-            shift = _trust_shift(g, lambda_min, floor, trust_radius)
-            shift = torch.where(acceptable, 0.0, shift)
+            g_norm = torch.addcmul(g0 * g0, g1, g1).sqrt()
+            target = torch.maximum(g_norm / trust_radius, _curvature_floor(mean.abs() + half_gap))
+            shift = torch.where(acceptable, 0.0, target - lambda_min)
             h00, h11 = h00 + shift, h11 + shift
-            dx0, dx1, inv_det = _step_2d(h00, h11, h01, g0, g1)
-            dx = _into_ball(torch.stack([dx0, dx1], dim=-1), trust_radius)
+            n0 = torch.addcmul(n0, shift, g0, value=-1)
+            n1 = torch.addcmul(n1, shift, g1, value=-1)
+            # det(H + shift I) = target (target + 2 half_gap), a product of positive factors:
+            # accurate even where the shifted matrix is nearly singular.
+            det = torch.where(acceptable, det, target * (target + 2 * half_gap))
+            inv_det = det.reciprocal()
+            # Onto the ball what rounding leaves outside (see _into_ball); det > 0 here.
+            step_norm = torch.addcmul(n0 * n0, n1, n1).sqrt() * inv_det
+            step_scale = inv_det * (trust_radius / step_norm).clamp(max=1)
+            dx = torch.stack([n0 * step_scale, n1 * step_scale], dim=-1)
+            off = -h01 * inv_det
+            cov = torch.stack([h11 * inv_det, off, off, h00 * inv_det], dim=-1)
+            return dx, cov.unflatten(-1, (2, 2))
+    inv_det = det.reciprocal()
+    dx = torch.stack([n0 * inv_det, n1 * inv_det], dim=-1)
     off = -h01 * inv_det
-    cov = torch.stack([h11 * inv_det, off, off, h00 * inv_det], dim=-1).unflatten(-1, (2, 2))
-    return dx, cov
+    cov = torch.stack([h11 * inv_det, off, off, h00 * inv_det], dim=-1)
+    return dx, cov.unflatten(-1, (2, 2))
 
 
 def _step_3d(
