@@ -22,6 +22,7 @@ included (BackPACK stores them on the parameters); the model, data and warm-up s
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -121,8 +122,9 @@ def backpack_diag(mc_samples: int) -> Callable[[Problem], Callable[[], object]]:
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact, DiagGGNMC
 
-        model = extend(problem.model)
-        loss_fn = extend(problem.loss_fn)
+        # extend() hooks into the modules for good: a copy keeps them off the other methods' model
+        model = extend(copy.deepcopy(problem.model))
+        loss_fn = extend(copy.deepcopy(problem.loss_fn))
         extension = DiagGGNExact() if mc_samples == 0 else DiagGGNMC(mc_samples=mc_samples)
         savefield = extension.savefield
 
