@@ -121,6 +121,14 @@ def build(name: str, n: int, seed: int = 0) -> tuple[nn.Module, Tensor | tuple[T
         )
         _randomize_batchnorm(model)
         inputs = torch.randn(n, 2, 4, 4)
+    elif name == "conv1d":
+        model = nn.Sequential(
+            nn.Conv1d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(9, OUT)
+        )
+        inputs = torch.randn(n, 2, 7)
+    elif name == "conv3d":
+        model = nn.Sequential(nn.Conv3d(1, 2, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, OUT))
+        inputs = torch.randn(n, 1, 3, 3, 3)
     elif name == "residual":
         model, inputs = Residual(), torch.randn(n, 4)
     elif name == "layernorm":
@@ -186,6 +194,8 @@ def make_loss(
 MODELS = [
     "mlp",
     "cnn",
+    "conv1d",
+    "conv3d",
     "residual",
     "layernorm",
     "embedding",
