@@ -119,7 +119,9 @@ print(f"{len(indices)} columns match the autograd GGN")
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
 jitter = torch.Generator().manual_seed(2)
 for row, entries in enumerate(diagonal):
-    values = entries.reshape(-1).clamp_min(1e-12)
+    # Exact zeros (e.g. weights of dead inputs) have no place on a log axis: leave them out.
+    values = entries.reshape(-1)
+    values = values[values > 0]
     offsets = 0.3 * (torch.rand(values.numel(), generator=jitter) - 0.5)
     left.scatter(values.numpy(), (row + offsets).numpy(), s=6, alpha=0.6)
 left.set_yticks(range(len(names)), names)

@@ -125,7 +125,7 @@ panels = [
     ("custom loss: autograd Hessian", custom_hessian[0]),
     ("custom loss: $S_0 S_0^\\top$", sqrt_gram(custom_sqrt)[0]),
 ]
-fig, axes = plt.subplots(2, 3, figsize=(10, 6.5))
+fig, axes = plt.subplots(2, 3, figsize=(11, 7), layout="constrained")
 for ax, (title, matrix) in zip(axes.flat, panels, strict=False):
     limit = matrix.abs().max().item()
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
@@ -140,5 +140,4 @@ axes.flat[-1].loglog(
 axes.flat[-1].set_xlabel("Monte-Carlo samples $M$")
 axes.flat[-1].set_ylabel("relative error")
 axes.flat[-1].legend()
-fig.tight_layout()
 plt.show()
