@@ -304,78 +304,87 @@ def _symmetric_entries(rows: list[Tensor]) -> list[list[Tensor]]:
     return h
 
 
-def _ldl_inverse(
-    h: list[list[Tensor]], shift: Tensor | None = None
-) -> tuple[list[list[Tensor]], list[Tensor]]:
-    r"""Entries of every item's :math:`(H + \text{shift}\, I)^{-1}` by :math:`LDL^\top`, batched.
+class _LDL:
+    r"""Entrywise :math:`LDL^\top` of every item's :math:`H + \text{shift}\, I`, batched.
 
     Every operation acts on one matrix entry across the whole batch (:math:`O(D^3)` elementwise
     operations, each over the batch), which for millions of small matrices beats a loop of LAPACK
     calls many times over. No pivoting: stable for positive definite matrices; the callers fall
-    back to LAPACK for indefinite items with small pivots.
-
-    Returns:
-        ``(inverse, pivots)``: ``inverse[i][j]`` (symmetric, the same tensor at ``[j][i]``) and the
-        ``D`` pivots :math:`D_{jj}`, all of batch shape. The matrix is positive definite exactly
-        where every pivot is positive.
+    back to LAPACK for indefinite items with small pivots. The matrix is positive definite
+    exactly where every pivot :math:`D_{jj}` is positive.
     """
-    dim = len(h)
-    unit_lower = [[None] * dim for _ in range(dim)]  # L[i][j], j < i
-    scaled = [[None] * dim for _ in range(dim)]  # L[i][j] * D[j]
-    pivots, inverse_pivots = [], []
-    for j in range(dim):
-        pivot = h[j][j] if shift is None else h[j][j] + shift
-        for k in range(j):
-            pivot = torch.addcmul(pivot, unit_lower[j][k], scaled[j][k], value=-1)
-        inverse_pivot = pivot.reciprocal()
-        pivots.append(pivot)
-        inverse_pivots.append(inverse_pivot)
-        for i in range(j + 1, dim):
-            entry = h[i][j]
+
+    def __init__(self, h: list[list[Tensor]], shift: Tensor | None = None) -> None:
+        dim = len(h)
+        self.unit_lower = [[None] * dim for _ in range(dim)]  # L[i][j], j < i
+        scaled = [[None] * dim for _ in range(dim)]  # L[i][j] * D[j]
+        self.pivots, self.inverse_pivots = [], []
+        for j in range(dim):
+            pivot = h[j][j] if shift is None else h[j][j] + shift
             for k in range(j):
-                entry = torch.addcmul(entry, unit_lower[i][k], scaled[j][k], value=-1)
-            scaled[i][j] = entry
-            unit_lower[i][j] = entry * inverse_pivot
-    # W = L^{-1} (unit lower triangular), then H^{-1} = W^T D^{-1} W.
-    inverse_lower = [[None] * dim for _ in range(dim)]
-    for i in range(dim):
-        for j in range(i):
-            entry = -unit_lower[i][j]
-            for k in range(j + 1, i):
-                entry = torch.addcmul(entry, unit_lower[i][k], inverse_lower[k][j], value=-1)
-            inverse_lower[i][j] = entry
-    # weighted[k][j] = W[k][j] / D[k] for j <= k.
-    weighted = [
-        [inverse_lower[k][j] * inverse_pivots[k] for j in range(k)] + [inverse_pivots[k]]
-        for k in range(dim)
-    ]
-    inverse = [[None] * dim for _ in range(dim)]
-    for i in range(dim):
-        for j in range(i, dim):
-            # Sum over k >= j of W[k][i] W[k][j] / D[k], with W[j][j] = 1.
-            entry = weighted[j][i]
-            for k in range(j + 1, dim):
-                entry = torch.addcmul(entry, inverse_lower[k][i], weighted[k][j])
-            inverse[i][j] = inverse[j][i] = entry
-    return inverse, pivots
+                pivot = torch.addcmul(pivot, self.unit_lower[j][k], scaled[j][k], value=-1)
+            inverse_pivot = pivot.reciprocal()
+            self.pivots.append(pivot)
+            self.inverse_pivots.append(inverse_pivot)
+            for i in range(j + 1, dim):
+                entry = h[i][j]
+                for k in range(j):
+                    entry = torch.addcmul(entry, self.unit_lower[i][k], scaled[j][k], value=-1)
+                scaled[i][j] = entry
+                self.unit_lower[i][j] = entry * inverse_pivot
 
+    def step(self, g: list[Tensor]) -> Tensor:
+        r"""The step :math:`-(H + \text{shift}\, I)^{-1} g`, ``(..., D)``, by substitution."""
+        dim = len(g)
+        forward = []
+        for i in range(dim):
+            entry = g[i]
+            for k in range(i):
+                entry = torch.addcmul(entry, self.unit_lower[i][k], forward[k], value=-1)
+            forward.append(entry)
+        step = [None] * dim
+        for i in reversed(range(dim)):
+            entry = forward[i] * self.inverse_pivots[i]
+            for k in range(i + 1, dim):
+                entry = torch.addcmul(entry, self.unit_lower[k][i], step[k], value=-1)
+            step[i] = entry
+        return -torch.stack(step, dim=-1)
 
-def _ldl_solve(
-    h: list[list[Tensor]], g: Tensor, shift: Tensor | None = None
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Step ``-cov g`` ``(..., D)``, ``cov`` ``(..., D, D)`` and pivots (:func:`_ldl_inverse`)."""
-    dim = len(h)
-    cov, pivots = _ldl_inverse(h, shift)
-    # Contiguous copies: each is read D times, and a strided read pulls in all of g.
-    g_entries = g.movedim(-1, 0).contiguous().unbind(0)
-    dx = []
-    for i in range(dim):
-        entry = cov[i][0] * g_entries[0]
-        for j in range(1, dim):
-            entry = torch.addcmul(entry, cov[i][j], g_entries[j])
-        dx.append(-entry)
-    cov_matrix = torch.stack([entry for row in cov for entry in row], dim=-1)
-    return torch.stack(dx, dim=-1), cov_matrix.unflatten(-1, (dim, dim)), pivots
+    def inverse(self) -> list[list[Tensor]]:
+        """``inverse[i][j]``: the entries of the inverse (the same tensor at ``[j][i]``)."""
+        dim = len(self.pivots)
+        # W = L^{-1} (unit lower triangular), then H^{-1} = W^T D^{-1} W.
+        inverse_lower = [[None] * dim for _ in range(dim)]
+        for i in range(dim):
+            for j in range(i):
+                entry = -self.unit_lower[i][j]
+                for k in range(j + 1, i):
+                    entry = torch.addcmul(
+                        entry, self.unit_lower[i][k], inverse_lower[k][j], value=-1
+                    )
+                inverse_lower[i][j] = entry
+        # weighted[k][j] = W[k][j] / D[k] for j <= k.
+        weighted = [
+            [inverse_lower[k][j] * self.inverse_pivots[k] for j in range(k)]
+            + [self.inverse_pivots[k]]
+            for k in range(dim)
+        ]
+        inverse = [[None] * dim for _ in range(dim)]
+        for i in range(dim):
+            for j in range(i, dim):
+                # Sum over k >= j of W[k][i] W[k][j] / D[k], with W[j][j] = 1.
+                entry = weighted[j][i]
+                for k in range(j + 1, dim):
+                    entry = torch.addcmul(entry, inverse_lower[k][i], weighted[k][j])
+                inverse[i][j] = inverse[j][i] = entry
+        return inverse
+
+    def covariance(self) -> Tensor:
+        """The inverse as matrices ``(..., D, D)``."""
+        inverse = self.inverse()
+        return torch.stack([entry for row in inverse for entry in row], dim=-1).unflatten(
+            -1, (len(inverse), len(inverse))
+        )
 
 
 def _stacked_items(rows: list[Tensor], items: Tensor) -> Tensor:
@@ -385,12 +394,122 @@ def _stacked_items(rows: list[Tensor], items: Tensor) -> Tensor:
     return (H + H.mT) / 2
 
 
+_EIGEN_CHUNK = 1 << 15
+
+
+def _smallest_eigenvectors(H: Tensor, tolerance: Tensor, max_iters: int) -> Tensor:
+    r"""Unit eigenvectors ``(R, D)`` of the smallest eigenvalues of ``H``; NaN where unconverged.
+
+    See :func:`_smallest_eigenvalue`; ``H`` is detached, ``tolerance`` the rounding of its scale.
+    """
+    dim = H.shape[-1]
+    upper = [(i, j) for i in range(dim) for j in range(i, dim)]
+    # The distinct entries as contiguous rows over the batch, for the elementwise factorisation.
+    packed = torch.stack([H[:, i, j] for i, j in upper])
+
+    def entries(items: Tensor | None) -> list[list[Tensor]]:
+        rows = packed if items is None else packed.index_select(1, items)
+        by_index = dict(zip(upper, rows.unbind(0), strict=True))
+        return [[by_index[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
+
+    radii = H.abs().sum(-1)
+    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    # Strictly below the spectrum also where Gershgorin's bound is attained (diagonal H).
+    sigma = (diagonal + diagonal.abs() - radii).amin(-1) - tolerance
+    # Items with NaN or Inf entries do not iterate (the caller warns about them).
+    active = torch.isfinite(sigma)
+    retreated = torch.zeros_like(active)
+    members = active.nonzero().squeeze(-1)  # the items factorised in each step
+    h = entries(members)
+    for _ in range(max_iters):
+        live = active[members]
+        count = int(live.sum())
+        if count == 0:
+            break
+        if 2 * count <= members.numel():
+            # Most items are done: compact the batch to the others.
+            members = members[live]
+            h = entries(members)
+            live = active[members]
+        current, margin, pulled_back = sigma[members], tolerance[members], retreated[members]
+        factors = _LDL(h, -current)
+        inverse, pivots = factors.inverse(), factors.pivots
+        definite = functools.reduce(torch.logical_and, [pivot > 0 for pivot in pivots])
+        trace = sum(inverse[i][i] for i in range(dim))
+        frobenius = sum(inverse[i][j].square() * (1 if i == j else 2) for i, j in upper)
+        spread = ((dim - 1) * (dim * frobenius - trace.square())).clamp(min=0).sqrt()
+        step = dim / (trace + spread)
+        # Done where the next step is within rounding, or after a retreat.
+        moving = live & ~(definite & (pulled_back | (step <= 2 * margin)))
+        # The cubic convergence can land on lambda_min to within rounding, where A is no longer
+        # numerically definite: such items step back by a rounding margin.
+        sigma[members] = torch.where(
+            moving, torch.where(definite, current + step, current - 2 * margin), current
+        )
+        retreated[members] = pulled_back | (live & ~definite)
+        active[members] = moving
+    # One more factorisation, at every item's final sigma, gives the eigenvectors.
+    inverse = _LDL(entries(None), -sigma).inverse()
+    # Elementwise selection of the column with the largest diagonal entry: reductions across
+    # the rows of the batch would run over strided memory.
+    largest, column = inverse[0][0], [inverse[i][0] for i in range(dim)]
+    for j in range(1, dim):
+        larger = inverse[j][j] > largest
+        largest = torch.where(larger, inverse[j][j], largest)
+        column = [torch.where(larger, inverse[i][j], column[i]) for i in range(dim)]
+    # NaN marks the items still iterating (unconverged).
+    scale = torch.where(active, float("nan"), sum(entry.square() for entry in column).rsqrt())
+    return torch.stack([entry * scale for entry in column], dim=-1)
+
+
+def _smallest_eigenvalue(H: Tensor, abs_sum: Tensor, max_iters: int = 30) -> Tensor:
+    r"""Smallest eigenvalues of symmetric matrices ``H`` ``(R, D, D)``, differentiable.
+
+    LAPACK's ``eigvalsh`` costs about a microsecond per matrix; here Laguerre's iteration on the
+    characteristic polynomial :math:`p(\sigma) = \det(H - \sigma I)` runs across the batch on
+    the entrywise :math:`LDL^\top` inverse of :math:`A = H - \sigma I`, whose trace
+    :math:`\sum_i 1 / (\lambda_i - \sigma)` and squared Frobenius norm
+    :math:`\sum_i 1 / (\lambda_i - \sigma)^2` are all Laguerre's step needs. Started below the
+    spectrum (Gershgorin's bound), it rises monotonically towards :math:`\lambda_{\min}` without
+    overshooting (all roots are real) and converges cubically, and :math:`A` stays positive
+    definite, where :math:`LDL^\top` needs no pivoting. Each item stops once its next step is
+    within the rounding of :math:`H` (``abs_sum`` bounds its scale) and drops out of the batch;
+    items not done in ``max_iters`` steps go to LAPACK. The batch is taken in chunks whose
+    entries stay in the processor's cache across the many elementwise passes.
+
+    Near :math:`\lambda_{\min}`, :math:`A^{-1}` is dominated by :math:`v v^\top / (\lambda_{\min}
+    - \sigma)`: its column with the largest diagonal entry is the eigenvector :math:`v` to working
+    precision (one step of inverse iteration). The eigenvalue returned is the Rayleigh quotient
+    :math:`v^\top H v` at that detached unit :math:`v`: exact to second order in the error of
+    :math:`v`, and with the eigenvalue's derivative :math:`v v^\top` in ``H``.
+    """
+    with torch.no_grad():
+        tolerance = _curvature_floor(abs_sum)
+        vectors = torch.cat(
+            [
+                _smallest_eigenvectors(chunk, chunk_tolerance, max_iters)
+                for chunk, chunk_tolerance in zip(
+                    H.detach().split(_EIGEN_CHUNK), tolerance.split(_EIGEN_CHUNK), strict=True
+                )
+            ]
+        )
+    rayleigh = ((H * vectors.unsqueeze(-2)).sum(-1) * vectors).sum(-1)
+    unconverged = (torch.isnan(vectors[:, 0]) & torch.isfinite(abs_sum)).nonzero().squeeze(-1)
+    if unconverged.numel() == 0:
+        return rayleigh
+    return rayleigh.index_put((unconverged,), torch.linalg.eigvalsh(H[unconverged])[..., 0])
+
+
 def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
     dim, batch_shape = g.shape[-1], g.shape[:-1]
     h = _symmetric_entries(rows)
-    dx, cov, pivots = _ldl_solve(h, g)
-    positive_definite = functools.reduce(torch.logical_and, [pivot > 0 for pivot in pivots])
+    # Contiguous copies: each is read D times, and a strided read pulls in all of g.
+    g_entries = g.movedim(-1, 0).contiguous().unbind(0)
+    factors = _LDL(h)
+    dx = factors.step(g_entries)
+    positive_definite = functools.reduce(torch.logical_and, [pivot > 0 for pivot in factors.pivots])
     if trust_radius is None:
+        cov = factors.covariance()
         if bool(positive_definite.all()):
             return dx, cov
         # Without pivoting, LDL^T of an indefinite matrix is unreliable where a pivot is small:
@@ -400,7 +519,7 @@ def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
             threshold = torch.finfo(g.dtype).eps ** 0.5 * scale
             # NaN-safe: a NaN pivot (after a zero one) counts as small.
             small = ~functools.reduce(
-                torch.logical_and, [pivot.abs() > threshold for pivot in pivots]
+                torch.logical_and, [pivot.abs() > threshold for pivot in factors.pivots]
             )
         fallback = (~positive_definite & small).reshape(-1).nonzero().squeeze(-1)
         if fallback.numel() == 0:
@@ -413,17 +532,24 @@ def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
         return dx.reshape(g.shape), cov.reshape(*batch_shape, dim, dim)
     acceptable = positive_definite & (torch.linalg.vector_norm(dx, dim=-1) <= trust_radius)
     if bool(acceptable.all()):
-        return dx, cov
-    # Eigenvalues (LAPACK) only for the items whose step is rejected.
+        return dx, factors.covariance()
+    # Smallest eigenvalues, the regularised factorisation and its inverse only for the items
+    # whose step is rejected; the accepted items' inverse only where there are any.
     rejected = (~acceptable).reshape(-1).nonzero().squeeze(-1)
     H_rejected = _stacked_items(rows, rejected)
-    lambda_min = torch.linalg.eigvalsh(H_rejected)[..., 0]
-    floor = _curvature_floor(H_rejected.abs().sum((-2, -1)))
+    abs_sum = H_rejected.abs().sum((-2, -1))
+    lambda_min = _smallest_eigenvalue(H_rejected, abs_sum)
+    floor = _curvature_floor(abs_sum)
     g_rejected = g.reshape(-1, dim)[rejected]
-    shift_rejected = _trust_shift(g_rejected, lambda_min, floor, trust_radius)
-    shift = g.new_zeros(batch_shape.numel()).index_put((rejected,), shift_rejected)
-    dx, cov, _ = _ldl_solve(h, g, shift.reshape(batch_shape))
-    return _into_ball(dx, trust_radius), cov
+    shift = _trust_shift(g_rejected, lambda_min, floor, trust_radius)
+    if rejected.numel() == batch_shape.numel():
+        shifted = _LDL(h, shift.reshape(batch_shape))
+        return _into_ball(shifted.step(g_entries), trust_radius), shifted.covariance()
+    shifted = _LDL([[entry.reshape(-1)[rejected] for entry in row] for row in h], shift)
+    dx_rejected = _into_ball(shifted.step(g_rejected.unbind(-1)), trust_radius)
+    dx = dx.reshape(-1, dim).index_put((rejected,), dx_rejected)
+    cov = factors.covariance().reshape(-1, dim, dim).index_put((rejected,), shifted.covariance())
+    return dx.reshape(g.shape), cov.reshape(*batch_shape, dim, dim)
 
 
 _SOLVERS = {1: _solve_1d, 2: _solve_2d, 3: _solve_3d}
