@@ -12,8 +12,8 @@ prints the ratio curvkit / Pyro. The time is broken down into
 
 Pyro has no D >= 4; for D = 4..8 the table compares curvkit against its own D = 3 time.
 
-Run: ``python benchmarks/bench_newton.py`` (``--quick`` for a short smoke run, ``--device cuda``
-on a GPU).
+Run: ``python benchmarks/bench_newton.py`` (``--quick`` for a short smoke run,
+``--largest-only`` for the largest batch size alone, ``--device cuda`` on a GPU).
 """
 
 import argparse
@@ -137,12 +137,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--trust-radius", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="batch sizes 1e3, 1e4 only")
+    parser.add_argument(
+        "--largest-only",
+        action="store_true",
+        help="compare with Pyro at the largest batch size only (the D >= 4 table's reference)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     batches = [10**3, 10**4] if args.quick else [10**4, 10**5, 10**6]
     largest = batches[-1]
+    if args.largest_only:
+        batches = [largest]
     print(
         f"curvkit.ops.newton vs pyro.ops.newton: {device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, best of {args.repeats}, torch {torch.__version__}"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from curvkit.ops.newton import (
+    _smallest_eigenvalue,
     newton_minimize,
     newton_step,
     newton_step_1d,
@@ -378,3 +379,52 @@ def test_errors():
         newton_minimize(lambda z: (z**2).sum(), x, max_iters=0)
     with pytest.raises(ValueError, match="tol must be positive"):
         newton_minimize(lambda z: (z**2).sum(), x, tol=0.0)
+
+
+def symmetric_matrices(dim, dtype, seed):
+    """Indefinite, positive definite, diagonal, a multiple of the identity, and a nearly double
+    smallest eigenvalue (where Laguerre's iteration converges slowest): ``(9, D, D)``."""
+    gen = generator(seed)
+    A = torch.randn(4, dim, dim, generator=gen, dtype=torch.float64)
+    indefinite = A + A.mT
+    definite = A @ A.mT + 0.1 * torch.eye(dim, dtype=torch.float64)
+    diagonal = torch.diag_embed(torch.randn(1, dim, generator=gen, dtype=torch.float64))
+    identity = 3 * torch.eye(dim, dtype=torch.float64).unsqueeze(0)
+    Q = torch.linalg.qr(torch.randn(1, dim, dim, generator=gen, dtype=torch.float64))[0]
+    spectrum = torch.linspace(1.0, 4.0, dim, dtype=torch.float64)
+    spectrum[1] = 1 + 1e-9
+    nearly_double = Q @ torch.diag_embed(spectrum) @ Q.mT
+    H = torch.cat([indefinite[:2], definite[2:], diagonal, identity, nearly_double])
+    return ((H + H.mT) / 2).to(dtype)
+
+
+@pytest.mark.parametrize("dim", [4, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("max_iters", [30, 1])
+def test_batched_smallest_eigenvalue_matches_lapack_and_its_gradient(dim, dtype, max_iters):
+    # max_iters=1 leaves most items unconverged: those go to LAPACK.
+    H = symmetric_matrices(dim, dtype, seed=70 + dim).requires_grad_()
+    abs_sum = H.detach().abs().sum((-2, -1))
+    lambda_min = _smallest_eigenvalue(H, abs_sum, max_iters=max_iters)
+    expected = torch.linalg.eigvalsh(H.detach().double())[..., 0]
+    error = (lambda_min.detach().double() - expected).abs()
+    assert (error <= 8 * torch.finfo(dtype).eps * abs_sum.double()).all()
+    if dtype == torch.float64:
+        # The derivative v v^T, where the smallest eigenvalue is simple (not the last two).
+        (grad,) = torch.autograd.grad(lambda_min[:-2].sum(), H)
+        H_reference = H.detach().clone().requires_grad_()
+        (expected_grad,) = torch.autograd.grad(
+            torch.linalg.eigvalsh(H_reference[:-2])[..., 0].sum(), H_reference
+        )
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-7)
+
+
+def test_batched_smallest_eigenvalue_is_nan_only_for_non_finite_matrices():
+    H = symmetric_matrices(4, DTYPE, seed=80)
+    H[1, 0, 0] = float("nan")
+    H[2, 1, 2] = H[2, 2, 1] = float("inf")
+    lambda_min = _smallest_eigenvalue(H, H.abs().sum((-2, -1)))
+    finite = torch.tensor([True, False, False, *[True] * (len(H) - 3)])
+    assert not torch.isfinite(lambda_min[~finite]).any()
+    expected = torch.linalg.eigvalsh(H[finite])[..., 0]
+    torch.testing.assert_close(lambda_min[finite], expected, rtol=0, atol=1e-13)

@@ -43,8 +43,9 @@ This follows ``pyro.ops.newton`` (same signatures and shapes) with these deliber
 - Any ``D >= 1`` is supported: closed forms for ``D <= 3``; beyond, an :math:`LDL^\top`
   factorisation computed entry by entry across the whole batch (LAPACK's per-matrix calls cost
   microseconds each, too much for millions of items), with LAPACK's pivoted LU for the rare
-  indefinite items whose pivots are too small, and LAPACK's ``eigvalsh`` for the smallest
-  eigenvalue of the items whose step the trust region rejects.
+  indefinite items whose pivots are too small. The smallest eigenvalue of the items whose step
+  the trust region rejects comes from Laguerre's iteration on the same entrywise factorisation
+  (LAPACK's ``eigvalsh`` only for items where it does not converge).
 - The Hessian is symmetrised, so ``cov`` is exactly symmetric. Its rows come from backward passes
   of the one-hot directions expanded over the batch, rather than of ``g[..., i].sum()``, which
   saves a select-and-sum backward per pass.
@@ -493,8 +494,11 @@ def _smallest_eigenvalue(H: Tensor, abs_sum: Tensor, max_iters: int = 30) -> Ten
                 )
             ]
         )
+    unconverged = torch.isnan(vectors[:, 0]) & torch.isfinite(abs_sum)
+    # Zero, not NaN, where LAPACK takes over: NaN would leak into the derivative.
+    vectors = vectors.masked_fill(unconverged.unsqueeze(-1), 0.0)
     rayleigh = ((H * vectors.unsqueeze(-2)).sum(-1) * vectors).sum(-1)
-    unconverged = (torch.isnan(vectors[:, 0]) & torch.isfinite(abs_sum)).nonzero().squeeze(-1)
+    unconverged = unconverged.nonzero().squeeze(-1)
     if unconverged.numel() == 0:
         return rayleigh
     return rayleigh.index_put((unconverged,), torch.linalg.eigvalsh(H[unconverged])[..., 0])
