@@ -398,25 +398,27 @@ def _stacked_items(rows: list[Tensor], items: Tensor) -> Tensor:
 _EIGEN_CHUNK = 1 << 15
 
 
-def _smallest_eigenvectors(H: Tensor, tolerance: Tensor, max_iters: int) -> Tensor:
-    r"""Unit eigenvectors ``(R, D)`` of the smallest eigenvalues of ``H``; NaN where unconverged.
+def _smallest_eigenvectors(packed: Tensor, tolerance: Tensor, max_iters: int) -> Tensor:
+    r"""Unit eigenvectors ``(R, D)`` of the smallest eigenvalues; NaN where unconverged.
 
-    See :func:`_smallest_eigenvalue`; ``H`` is detached, ``tolerance`` the rounding of its scale.
+    See :func:`_smallest_eigenvalue`; ``packed`` ``(D (D + 1) / 2, R)`` holds the upper
+    triangles' entries row by row, ``tolerance`` the rounding of each matrix's scale.
     """
-    dim = H.shape[-1]
+    dim = round(((8 * packed.shape[0] + 1) ** 0.5 - 1) / 2)
     upper = [(i, j) for i in range(dim) for j in range(i, dim)]
-    # The distinct entries as contiguous rows over the batch, for the elementwise factorisation.
-    packed = torch.stack([H[:, i, j] for i, j in upper])
 
     def entries(items: Tensor | None) -> list[list[Tensor]]:
         rows = packed if items is None else packed.index_select(1, items)
         by_index = dict(zip(upper, rows.unbind(0), strict=True))
         return [[by_index[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
 
-    radii = H.abs().sum(-1)
-    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    h = entries(None)
     # Strictly below the spectrum also where Gershgorin's bound is attained (diagonal H).
-    sigma = (diagonal + diagonal.abs() - radii).amin(-1) - tolerance
+    sigma = functools.reduce(
+        torch.minimum,
+        [h[i][i] + h[i][i].abs() - sum(entry.abs() for entry in h[i]) for i in range(dim)],
+    )
+    sigma = sigma - tolerance
     # Items with NaN or Inf entries do not iterate (the caller warns about them).
     active = torch.isfinite(sigma)
     retreated = torch.zeros_like(active)
@@ -463,8 +465,8 @@ def _smallest_eigenvectors(H: Tensor, tolerance: Tensor, max_iters: int) -> Tens
     return torch.stack([entry * scale for entry in column], dim=-1)
 
 
-def _smallest_eigenvalue(H: Tensor, abs_sum: Tensor, max_iters: int = 30) -> Tensor:
-    r"""Smallest eigenvalues of symmetric matrices ``H`` ``(R, D, D)``, differentiable.
+def _smallest_eigenvalue(h: list[list[Tensor]], abs_sum: Tensor, max_iters: int = 30) -> Tensor:
+    r"""Smallest eigenvalues of symmetric matrices given by their entries ``h[i][j]`` ``(R,)``.
 
     LAPACK's ``eigvalsh`` costs about a microsecond per matrix; here Laguerre's iteration on the
     characteristic polynomial :math:`p(\sigma) = \det(H - \sigma I)` runs across the batch on
@@ -484,24 +486,30 @@ def _smallest_eigenvalue(H: Tensor, abs_sum: Tensor, max_iters: int = 30) -> Ten
     :math:`v^\top H v` at that detached unit :math:`v`: exact to second order in the error of
     :math:`v`, and with the eigenvalue's derivative :math:`v v^\top` in ``H``.
     """
+    dim = len(h)
+    upper = [(i, j) for i in range(dim) for j in range(i, dim)]
     with torch.no_grad():
         tolerance = _curvature_floor(abs_sum)
+        packed = torch.stack([h[i][j].detach() for i, j in upper])
         vectors = torch.cat(
             [
-                _smallest_eigenvectors(chunk, chunk_tolerance, max_iters)
+                _smallest_eigenvectors(chunk.contiguous(), chunk_tolerance, max_iters)
                 for chunk, chunk_tolerance in zip(
-                    H.detach().split(_EIGEN_CHUNK), tolerance.split(_EIGEN_CHUNK), strict=True
+                    packed.split(_EIGEN_CHUNK, dim=1),
+                    tolerance.split(_EIGEN_CHUNK),
+                    strict=True,
                 )
             ]
         )
-    unconverged = torch.isnan(vectors[:, 0]) & torch.isfinite(abs_sum)
-    # Zero, not NaN, where LAPACK takes over: NaN would leak into the derivative.
-    vectors = vectors.masked_fill(unconverged.unsqueeze(-1), 0.0)
-    rayleigh = ((H * vectors.unsqueeze(-2)).sum(-1) * vectors).sum(-1)
+        unconverged = torch.isnan(vectors[:, 0]) & torch.isfinite(abs_sum)
+        # Zero, not NaN, where LAPACK takes over: NaN would leak into the derivative.
+        v = vectors.masked_fill(unconverged.unsqueeze(-1), 0.0).T.contiguous()
+    rayleigh = sum(h[i][j] * (v[i] * v[j] * (1 if i == j else 2)) for i, j in upper)
     unconverged = unconverged.nonzero().squeeze(-1)
     if unconverged.numel() == 0:
         return rayleigh
-    return rayleigh.index_put((unconverged,), torch.linalg.eigvalsh(H[unconverged])[..., 0])
+    H = torch.stack([torch.stack([entry[unconverged] for entry in row], -1) for row in h], -2)
+    return rayleigh.index_put((unconverged,), torch.linalg.eigvalsh(H)[..., 0])
 
 
 def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
@@ -540,16 +548,22 @@ def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
     # Smallest eigenvalues, the regularised factorisation and its inverse only for the items
     # whose step is rejected; the accepted items' inverse only where there are any.
     rejected = (~acceptable).reshape(-1).nonzero().squeeze(-1)
-    H_rejected = _stacked_items(rows, rejected)
-    abs_sum = H_rejected.abs().sum((-2, -1))
-    lambda_min = _smallest_eigenvalue(H_rejected, abs_sum)
-    floor = _curvature_floor(abs_sum)
-    g_rejected = g.reshape(-1, dim)[rejected]
-    shift = _trust_shift(g_rejected, lambda_min, floor, trust_radius)
-    if rejected.numel() == batch_shape.numel():
+    everything = rejected.numel() == batch_shape.numel()
+    upper = {
+        (i, j): h[i][j].reshape(-1) if everything else h[i][j].reshape(-1)[rejected]
+        for i in range(dim)
+        for j in range(i, dim)
+    }
+    h_rejected = [[upper[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
+    with torch.no_grad():
+        abs_sum = sum(entry.abs() * (1 if i == j else 2) for (i, j), entry in upper.items())
+    lambda_min = _smallest_eigenvalue(h_rejected, abs_sum)
+    g_rejected = g.reshape(-1, dim) if everything else g.reshape(-1, dim)[rejected]
+    shift = _trust_shift(g_rejected, lambda_min, _curvature_floor(abs_sum), trust_radius)
+    if everything:
         shifted = _LDL(h, shift.reshape(batch_shape))
         return _into_ball(shifted.step(g_entries), trust_radius), shifted.covariance()
-    shifted = _LDL([[entry.reshape(-1)[rejected] for entry in row] for row in h], shift)
+    shifted = _LDL(h_rejected, shift)
     dx_rejected = _into_ball(shifted.step(g_rejected.unbind(-1)), trust_radius)
     dx = dx.reshape(-1, dim).index_put((rejected,), dx_rejected)
     cov = factors.covariance().reshape(-1, dim, dim).index_put((rejected,), shifted.covariance())
