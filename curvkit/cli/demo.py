@@ -512,46 +512,6 @@ def _damped_newton(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Te
     return step
 
 
-def _adam(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
-
-    def step(inputs: Tensor, targets: Tensor) -> None:
-        optimizer.zero_grad()
-        loss_fn(model(inputs), targets).backward()
-        optimizer.step()
-
-    return step
-
-
-def _damped_newton(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], None]:
-    groups = [
-        {
-            "params": list(model.parameters()),
-            "criterion": top_k(NUM_DIRECTIONS),
-            "damping": DAMPING,
-        }
-    ]
-
-    def step(inputs: Tensor, targets: Tensor) -> None:
-        [steps] = damped_newton_step(model, loss_fn, (inputs, targets), groups)
-        with torch.no_grad():
-            for param, update in zip(groups[0]["params"], steps, strict=True):
-                param.add_(update)
-
-    return step
-
-
-def _adam(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor, Tensor], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
-
-    def step(inputs: Tensor, targets: Tensor) -> None:
-        optimizer.zero_grad()
-        loss_fn(model(inputs), targets).backward()
-        optimizer.step()
-
-    return step
-
-
 def _write_figures(
     out: Path,
     names: list[str],
