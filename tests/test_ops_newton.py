@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from curvkit.ops.entrywise import smallest_eigenvectors
 from curvkit.ops.newton import (
-    _smallest_eigenvalue,
     newton_minimize,
     newton_step,
     newton_step_1d,
@@ -404,31 +404,133 @@ def upper_entries(H):
     return [[H[:, min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
 
 
+def rayleigh_quotients(H, v):
+    return (v.unsqueeze(-2) @ H @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
 @pytest.mark.parametrize("dim", [4, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("max_iters", [30, 1])
-def test_batched_smallest_eigenvalue_matches_lapack_and_its_gradient(dim, dtype, max_iters):
-    # max_iters=1 leaves most items unconverged: those go to LAPACK.
-    S = symmetric_matrices(dim, dtype, seed=70 + dim).requires_grad_()
-    H = (S + S.mT) / 2
-    abs_sum = H.detach().abs().sum((-2, -1))
-    lambda_min = _smallest_eigenvalue(upper_entries(H), abs_sum, max_iters=max_iters)
-    expected = torch.linalg.eigvalsh(H.detach().double())[..., 0]
-    error = (lambda_min.detach().double() - expected).abs()
+def test_smallest_eigenvectors_match_lapack(dim, dtype):
+    H = symmetric_matrices(dim, dtype, seed=70 + dim)
+    abs_sum = H.abs().sum((-2, -1))
+    v = smallest_eigenvectors(upper_entries(H), torch.finfo(dtype).eps * (1 + abs_sum), 30)
+    assert torch.isfinite(v).all()
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(len(H), dtype=dtype))
+    expected = torch.linalg.eigvalsh(H.double())[..., 0]
+    error = (rayleigh_quotients(H, v).double() - expected).abs()
     assert (error <= 8 * torch.finfo(dtype).eps * abs_sum.double()).all()
-    if dtype == torch.float64:
-        # The derivative v v^T, where the smallest eigenvalue is simple (not the last two).
-        (grad,) = torch.autograd.grad(lambda_min[:-2].sum(), S, retain_graph=True)
-        (expected_grad,) = torch.autograd.grad(torch.linalg.eigvalsh(H[:-2])[..., 0].sum(), S)
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-7)
+    # v is the eigenvector: H v = lambda v, to the rounding of H's scale (simple eigenvalues only).
+    residual = (H @ v.unsqueeze(-1)).squeeze(-1) - expected.to(dtype).unsqueeze(-1) * v
+    scale = abs_sum.unsqueeze(-1)
+    tolerance = 1e-6 if dtype == torch.float64 else 1e-2
+    assert (residual[:-2].abs() <= tolerance * scale[:-2]).all()
 
 
-def test_batched_smallest_eigenvalue_is_nan_only_for_non_finite_matrices():
-    H = symmetric_matrices(4, DTYPE, seed=80)
+def test_smallest_eigenvectors_are_nan_where_unconverged_or_not_finite():
+    H = symmetric_matrices(5, DTYPE, seed=80)
+    abs_sum = H.abs().sum((-2, -1))
+    one_step = smallest_eigenvectors(upper_entries(H), torch.finfo(DTYPE).eps * (1 + abs_sum), 1)
+    assert torch.isnan(one_step[:, 0]).any()  # one Laguerre step does not converge everywhere
+    converged = ~torch.isnan(one_step[:, 0])
+    torch.testing.assert_close(
+        rayleigh_quotients(H[converged], one_step[converged]),
+        torch.linalg.eigvalsh(H[converged])[..., 0],
+        rtol=0,
+        atol=1e-13,
+    )
     H[1, 0, 0] = float("nan")
     H[2, 1, 2] = H[2, 2, 1] = float("inf")
-    lambda_min = _smallest_eigenvalue(upper_entries(H), H.abs().sum((-2, -1)))
+    v = smallest_eigenvectors(upper_entries(H), torch.finfo(DTYPE).eps * (1 + abs_sum), 30)
     finite = torch.tensor([True, False, False, *[True] * (len(H) - 3)])
-    assert not torch.isfinite(lambda_min[~finite]).any()
-    expected = torch.linalg.eigvalsh(H[finite])[..., 0]
-    torch.testing.assert_close(lambda_min[finite], expected, rtol=0, atol=1e-13)
+    assert torch.isnan(v[~finite]).all() and torch.isfinite(v[finite]).all()
+    torch.testing.assert_close(
+        rayleigh_quotients(H[finite], v[finite]),
+        torch.linalg.eigvalsh(H[finite])[..., 0],
+        rtol=0,
+        atol=1e-13,
+    )
+
+
+def mixed_problem(dim, items=40, seed=120):
+    """Indefinite, positive definite with short and with long steps, and zero leading pivots."""
+    A, b, x0 = indefinite_problem((items,), dim, seed=seed)
+    A[: items // 2] = A[: items // 2] @ A[: items // 2].mT / dim + torch.eye(dim, dtype=DTYPE)
+    b[: items // 4] *= 0.01  # short steps: accepted by the trust region
+    A[-2:, 0, 0] = 0.0  # a zero first pivot without pivoting
+    A[-2:, 0, 1] = A[-2:, 1, 0] = 1.0
+    return A, b, x0
+
+
+@pytest.mark.parametrize("dim", [4, 6])
+@pytest.mark.parametrize("trust_radius", [None, 1.0])
+def test_chunked_solve_is_the_unchunked_one(dim, trust_radius, monkeypatch):
+    # On a CPU the D >= 4 solve runs chunk by chunk; every item's arithmetic is its own.
+    A, b, x0 = mixed_problem(dim)
+    results = []
+    for chunk_items in (1 << 14, 7):
+        monkeypatch.setattr("curvkit.ops.newton._CPU_CHUNK_ITEMS", chunk_items)
+        x = x0.clone().requires_grad_()
+        results.append(newton_step(indefinite_loss(A, b, x), x, trust_radius=trust_radius))
+    (mode, cov), (chunked_mode, chunked_cov) = results
+    assert torch.equal(mode, chunked_mode) and torch.equal(cov, chunked_cov)
+    if trust_radius is None:
+        expected = -torch.linalg.solve(A, (A @ x0.unsqueeze(-1)).squeeze(-1) + b)
+    else:
+        expected = expected_trust_region_step(A, b, x0, trust_radius)
+    torch.testing.assert_close(chunked_mode - x0, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [5, 6])
+@pytest.mark.parametrize("trust_radius", [None, 0.3])
+def test_gradcheck_mode_and_covariance_beyond_closed_forms(dim, trust_radius):
+    step, theta = gradcheck_function(dim, trust_radius)
+    assert torch.autograd.gradcheck(step, (theta,))
+
+
+@pytest.mark.parametrize("dim", [4, 5])
+def test_gradgradcheck_without_trust_radius(dim):
+    # The D >= 4 derivative is written in differentiable operations: it has a derivative itself.
+    step, theta = gradcheck_function(dim, None)
+    assert torch.autograd.gradgradcheck(step, (theta,))
+
+
+@pytest.mark.parametrize("dim", [4, 5])
+def test_covariance_gradient_matches_an_autograd_inverse(dim):
+    # Only cov used (the step's incoming gradient is None), with a chunk boundary inside the batch.
+    A, _, x0 = mixed_problem(dim, items=12)
+    A = (A[:6] @ A[:6].mT + torch.eye(dim, dtype=DTYPE)).requires_grad_()
+    weights = torch.randn(6, dim, dim, dtype=DTYPE, generator=generator(130))
+    x = x0[:6].clone().requires_grad_()
+    _, cov = newton_step(quadratic_form(A, x).sum(), x)
+    (grad,) = torch.autograd.grad((cov * weights).sum(), A)
+    (expected,) = torch.autograd.grad((torch.linalg.inv((A + A.mT) / 2) * weights).sum(), A)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_laplace_approximation_from_a_d_ge_4_step():
+    # cov of D >= 4 is a view with the batch innermost in memory; distributions take it as it is.
+    H, m, x0 = quadratic_problem((3, 2), 5, seed=140)
+    x = x0.clone().requires_grad_()
+    mode, cov = newton_step(quadratic_form(H, x - m).sum(), x)
+    laplace = torch.distributions.MultivariateNormal(mode, cov)
+    expected = torch.distributions.MultivariateNormal(m, torch.linalg.inv(H))
+    point = torch.randn(3, 2, 5, dtype=DTYPE, generator=generator(141))
+    torch.testing.assert_close(laplace.log_prob(point), expected.log_prob(point))
+
+
+def test_warnings_name_the_non_finite_quantity_beyond_closed_forms():
+    x = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]], dtype=DTYPE, requires_grad=True)
+    with pytest.warns(UserWarning, match="the gradient and the Hessian contain NaN"):
+        newton_step((x**3).sum(), x)
+    x = torch.zeros(2, 4, dtype=DTYPE, requires_grad=True)
+    with pytest.warns(UserWarning, match="the Hessian contains NaN or Inf") as record:
+        newton_step(x.abs().pow(1.5).sum(), x, trust_radius=1.0)
+    assert "gradient" not in str(record[0].message)
+    x = torch.zeros(2, 4, dtype=DTYPE, requires_grad=True)
+    with pytest.warns(UserWarning, match="singular"):
+        newton_step((x[:, :3] ** 2).sum() + x[:, 3].sum(), x)
+    x = torch.zeros(2, 4, dtype=DTYPE, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        newton_step((x**2).sum(), x)
+        newton_step((x**2).sum() + x.sum(), x, trust_radius=0.1)

@@ -68,6 +68,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from curvkit.ops.entrywise import EntrywiseLDL, smallest_eigenvectors, stack_matrices
 from curvkit.ops.linalg import sym_adjugate_3x3, sym_eigvals_3x3
 
 __all__ = [
@@ -120,14 +121,16 @@ def _check_inputs(loss: Tensor, x: Tensor, trust_radius: float | None, dim: int 
             )
 
 
-def _warn_if_not_finite(g: Tensor, rows: list[Tensor], cov: Tensor) -> None:
-    # One reduction and one host sync on the common path; a false alarm from overflow in the
-    # sums is sorted out by the exact checks below.
-    # In 1-d, cov is finite wherever the Hessian is (its curvature is floored).
-    total = g.sum() if len(rows) == 1 else g.sum() + cov.sum()
-    for row in rows:
-        total = total + row.sum()
-    if bool(torch.isfinite(total)):
+def _warn_if_not_finite(g: Tensor, rows: list[Tensor], cov: Tensor, check: Tensor | None) -> None:
+    # One host sync on the common path, on a sum that is finite unless the gradient, the Hessian
+    # or the covariance is not (the D >= 4 solver sums cheaper stand-ins: see _SolveND); a false
+    # alarm from overflow in the sums is sorted out by the exact checks below.
+    if check is None:
+        # In 1-d, cov is finite wherever the Hessian is (its curvature is floored).
+        check = g.sum() if len(rows) == 1 else g.sum() + cov.sum()
+        for row in rows:
+            check = check + row.sum()
+    if bool(torch.isfinite(check)):
         return
     culprits = [
         name
@@ -292,285 +295,221 @@ def _solve_3d(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tupl
     return dx, cov
 
 
-def _symmetric_entries(rows: list[Tensor]) -> list[list[Tensor]]:
-    """``h[i][j]``: entry (i, j) of every item's symmetrised Hessian, a tensor of batch shape."""
+# On a CPU the D >= 4 solve runs on slices of the batch whose entries stay in the processor's
+# cache across its O(D^3) elementwise passes, and whose temporaries the memory allocator recycles
+# (fresh full-batch temporaries cost page faults). 16384 items measured best for D = 4..8.
+_CPU_CHUNK_ITEMS = 1 << 14
+
+
+def _chunk_items(items: int, device: torch.device) -> int:
+    # A GPU's kernels need the whole batch's parallelism.
+    return _CPU_CHUNK_ITEMS if device.type == "cpu" else max(items, 1)
+
+
+def _chunk_entries(rows: list[Tensor], start: int, stop: int) -> list[list[Tensor]]:
+    """``h[i][j]``: entry (i, j) of the symmetrised Hessians of items ``start:stop``."""
     dim = len(rows)
-    # One transposing copy per row: the entries are then contiguous, whereas every strided read
-    # of an entry would pull in the whole row.
-    columns = [row.movedim(-1, 0).contiguous() for row in rows]
-    h = [[columns[i][i] if i == j else None for j in range(dim)] for i in range(dim)]
+    h = [[row[start:stop, i] if i == j else None for j in range(dim)] for i, row in enumerate(rows)]
     for i in range(dim):
         for j in range(i):
-            h[i][j] = h[j][i] = torch.lerp(columns[i][j], columns[j][i], 0.5)
+            h[i][j] = h[j][i] = torch.lerp(rows[i][start:stop, j], rows[j][start:stop, i], 0.5)
     return h
 
 
-class _LDL:
-    r"""Entrywise :math:`LDL^\top` of every item's :math:`H + \text{shift}\, I`, batched.
+def _upper(dim: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(dim) for j in range(i, dim)]
 
-    Every operation acts on one matrix entry across the whole batch (:math:`O(D^3)` elementwise
-    operations, each over the batch), which for millions of small matrices beats a loop of LAPACK
-    calls many times over. No pivoting: stable for positive definite matrices; the callers fall
-    back to LAPACK for indefinite items with small pivots. The matrix is positive definite
-    exactly where every pivot :math:`D_{jj}` is positive.
-    """
 
-    def __init__(self, h: list[list[Tensor]], shift: Tensor | None = None) -> None:
-        dim = len(h)
-        self.unit_lower = [[None] * dim for _ in range(dim)]  # L[i][j], j < i
-        scaled = [[None] * dim for _ in range(dim)]  # L[i][j] * D[j]
-        self.pivots, self.inverse_pivots = [], []
+def _write(dx: list[Tensor], inverse: list[list[Tensor]], dx_out: Tensor, cov_out: Tensor) -> None:
+    """Entries into the output slices ``dx_out`` ``(D, C)`` and ``cov_out`` ``(D * D, C)``."""
+    dim = len(dx)
+    for i in range(dim):
+        dx_out[i].copy_(dx[i])
         for j in range(dim):
-            pivot = h[j][j] if shift is None else h[j][j] + shift
-            for k in range(j):
-                pivot = torch.addcmul(pivot, self.unit_lower[j][k], scaled[j][k], value=-1)
-            inverse_pivot = pivot.reciprocal()
-            self.pivots.append(pivot)
-            self.inverse_pivots.append(inverse_pivot)
-            for i in range(j + 1, dim):
-                entry = h[i][j]
-                for k in range(j):
-                    entry = torch.addcmul(entry, self.unit_lower[i][k], scaled[j][k], value=-1)
-                scaled[i][j] = entry
-                self.unit_lower[i][j] = entry * inverse_pivot
-
-    def step(self, g: list[Tensor]) -> Tensor:
-        r"""The step :math:`-(H + \text{shift}\, I)^{-1} g`, ``(..., D)``, by substitution."""
-        dim = len(g)
-        forward = []
-        for i in range(dim):
-            entry = g[i]
-            for k in range(i):
-                entry = torch.addcmul(entry, self.unit_lower[i][k], forward[k], value=-1)
-            forward.append(entry)
-        step = [None] * dim
-        for i in reversed(range(dim)):
-            entry = forward[i] * self.inverse_pivots[i]
-            for k in range(i + 1, dim):
-                entry = torch.addcmul(entry, self.unit_lower[k][i], step[k], value=-1)
-            step[i] = entry
-        return -torch.stack(step, dim=-1)
-
-    def inverse(self) -> list[list[Tensor]]:
-        """``inverse[i][j]``: the entries of the inverse (the same tensor at ``[j][i]``)."""
-        dim = len(self.pivots)
-        # W = L^{-1} (unit lower triangular), then H^{-1} = W^T D^{-1} W.
-        inverse_lower = [[None] * dim for _ in range(dim)]
-        for i in range(dim):
-            for j in range(i):
-                entry = -self.unit_lower[i][j]
-                for k in range(j + 1, i):
-                    entry = torch.addcmul(
-                        entry, self.unit_lower[i][k], inverse_lower[k][j], value=-1
-                    )
-                inverse_lower[i][j] = entry
-        # weighted[k][j] = W[k][j] / D[k] for j <= k.
-        weighted = [
-            [inverse_lower[k][j] * self.inverse_pivots[k] for j in range(k)]
-            + [self.inverse_pivots[k]]
-            for k in range(dim)
-        ]
-        inverse = [[None] * dim for _ in range(dim)]
-        for i in range(dim):
-            for j in range(i, dim):
-                # Sum over k >= j of W[k][i] W[k][j] / D[k], with W[j][j] = 1.
-                entry = weighted[j][i]
-                for k in range(j + 1, dim):
-                    entry = torch.addcmul(entry, inverse_lower[k][i], weighted[k][j])
-                inverse[i][j] = inverse[j][i] = entry
-        return inverse
-
-    def covariance(self) -> Tensor:
-        """The inverse as matrices ``(..., D, D)``."""
-        inverse = self.inverse()
-        return torch.stack([entry for row in inverse for entry in row], dim=-1).unflatten(
-            -1, (len(inverse), len(inverse))
-        )
+            cov_out[i * dim + j].copy_(inverse[i][j])
 
 
-def _stacked_items(rows: list[Tensor], items: Tensor) -> Tensor:
-    """Symmetrised Hessians ``(len(items), D, D)`` of the given flat item indices."""
-    dim = len(rows)
-    H = torch.stack([row.reshape(-1, dim)[items] for row in rows], dim=-2)
-    return (H + H.mT) / 2
+def _write_items(dx: Tensor, cov: Tensor, items: Tensor, dx_out: Tensor, cov_out: Tensor) -> None:
+    """``dx`` ``(R, D)`` and ``cov`` ``(R, D, D)`` of the chunk's ``items`` into the slices."""
+    dx_out.index_copy_(1, items, dx.T)
+    cov_out.index_copy_(1, items, cov.flatten(-2).T)
 
 
-_EIGEN_CHUNK = 1 << 15
+def _solve_chunk_plain(
+    h: list[list[Tensor]], g: list[Tensor], dx_out: Tensor, cov_out: Tensor
+) -> Tensor:
+    """The plain Newton step of one chunk, LAPACK for indefinite items with small pivots.
 
-
-def _smallest_eigenvectors(packed: Tensor, tolerance: Tensor, max_iters: int) -> Tensor:
-    r"""Unit eigenvectors ``(R, D)`` of the smallest eigenvalues; NaN where unconverged.
-
-    See :func:`_smallest_eigenvalue`; ``packed`` ``(D (D + 1) / 2, R)`` holds the upper
-    triangles' entries row by row, ``tolerance`` the rounding of each matrix's scale.
+    Returns:
+        A sum that is finite unless ``H`` or ``g`` has NaN or Inf entries, or ``H`` is singular.
     """
-    dim = round(((8 * packed.shape[0] + 1) ** 0.5 - 1) / 2)
-    upper = [(i, j) for i in range(dim) for j in range(i, dim)]
-
-    def entries(items: Tensor | None) -> list[list[Tensor]]:
-        rows = packed if items is None else packed.index_select(1, items)
-        by_index = dict(zip(upper, rows.unbind(0), strict=True))
-        return [[by_index[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
-
-    h = entries(None)
-    # Strictly below the spectrum also where Gershgorin's bound is attained (diagonal H).
-    sigma = functools.reduce(
-        torch.minimum,
-        [h[i][i] + h[i][i].abs() - sum(entry.abs() for entry in h[i]) for i in range(dim)],
+    factors = EntrywiseLDL(h)
+    dx = factors.step(g)
+    _write(dx, factors.inverse(), dx_out, cov_out)
+    definite = factors.positive_definite()
+    if bool(definite.all()):
+        return _finite_check(factors, dx)
+    # Without pivoting, LDL^T of an indefinite matrix is unreliable where a pivot is small.
+    scale = sum(entry.abs() for row in h for entry in row)
+    threshold = torch.finfo(scale.dtype).eps ** 0.5 * scale
+    # NaN-safe: a NaN pivot (after a zero one) counts as small.
+    small = ~functools.reduce(
+        torch.logical_and, [pivot.abs() > threshold for pivot in factors.pivots]
     )
-    sigma = sigma - tolerance
-    # Items with NaN or Inf entries do not iterate (the caller warns about them).
-    active = torch.isfinite(sigma)
-    retreated = torch.zeros_like(active)
-    members = active.nonzero().squeeze(-1)  # the items factorised in each step
-    h = entries(members)
-    for _ in range(max_iters):
-        live = active[members]
-        count = int(live.sum())
-        if count == 0:
-            break
-        if 2 * count <= members.numel():
-            # Most items are done: compact the batch to the others.
-            members = members[live]
-            h = entries(members)
-            live = active[members]
-        current, margin, pulled_back = sigma[members], tolerance[members], retreated[members]
-        factors = _LDL(h, -current)
-        inverse, pivots = factors.inverse(), factors.pivots
-        definite = functools.reduce(torch.logical_and, [pivot > 0 for pivot in pivots])
-        trace = sum(inverse[i][i] for i in range(dim))
-        frobenius = sum(inverse[i][j].square() * (1 if i == j else 2) for i, j in upper)
-        spread = ((dim - 1) * (dim * frobenius - trace.square())).clamp(min=0).sqrt()
-        step = dim / (trace + spread)
-        # Done where the next step is within rounding, or after a retreat.
-        moving = live & ~(definite & (pulled_back | (step <= 2 * margin)))
-        # The cubic convergence can land on lambda_min to within rounding, where A is no longer
-        # numerically definite: such items step back by a rounding margin.
-        sigma[members] = torch.where(
-            moving, torch.where(definite, current + step, current - 2 * margin), current
-        )
-        retreated[members] = pulled_back | (live & ~definite)
-        active[members] = moving
-    # One more factorisation, at every item's final sigma, gives the eigenvectors.
-    inverse = _LDL(entries(None), -sigma).inverse()
-    # Elementwise selection of the column with the largest diagonal entry: reductions across
-    # the rows of the batch would run over strided memory.
-    largest, column = inverse[0][0], [inverse[i][0] for i in range(dim)]
-    for j in range(1, dim):
-        larger = inverse[j][j] > largest
-        largest = torch.where(larger, inverse[j][j], largest)
-        column = [torch.where(larger, inverse[i][j], column[i]) for i in range(dim)]
-    # NaN marks the items still iterating (unconverged).
-    scale = torch.where(active, float("nan"), sum(entry.square() for entry in column).rsqrt())
-    return torch.stack([entry * scale for entry in column], dim=-1)
+    fallback = (~definite & small).nonzero().squeeze(-1)
+    if fallback.numel() == 0:
+        return _finite_check(factors, dx)
+    cov = torch.linalg.inv_ex(stack_matrices(h, fallback))[0]
+    cov = (cov + cov.mT) / 2
+    dx = -(cov @ torch.stack([entry[fallback] for entry in g], -1).unsqueeze(-1)).squeeze(-1)
+    _write_items(dx, cov, fallback, dx_out, cov_out)
+    # The unpivoted factors of the LAPACK items may hold NaN: sum the inputs and outputs instead.
+    return sum(entry.sum() for row in h for entry in row) + dx_out.sum()
 
 
-def _smallest_eigenvalue(h: list[list[Tensor]], abs_sum: Tensor, max_iters: int = 30) -> Tensor:
-    r"""Smallest eigenvalues of symmetric matrices given by their entries ``h[i][j]`` ``(R,)``.
+def _finite_check(factors: EntrywiseLDL, dx: list[Tensor]) -> Tensor:
+    # NaN or Inf in H reaches a pivot; in g, or a zero pivot (singular H), the step.
+    return sum(pivot.sum() for pivot in factors.pivots) + sum(entry.sum() for entry in dx)
 
-    LAPACK's ``eigvalsh`` costs about a microsecond per matrix; here Laguerre's iteration on the
-    characteristic polynomial :math:`p(\sigma) = \det(H - \sigma I)` runs across the batch on
-    the entrywise :math:`LDL^\top` inverse of :math:`A = H - \sigma I`, whose trace
-    :math:`\sum_i 1 / (\lambda_i - \sigma)` and squared Frobenius norm
-    :math:`\sum_i 1 / (\lambda_i - \sigma)^2` are all Laguerre's step needs. Started below the
-    spectrum (Gershgorin's bound), it rises monotonically towards :math:`\lambda_{\min}` without
-    overshooting (all roots are real) and converges cubically, and :math:`A` stays positive
-    definite, where :math:`LDL^\top` needs no pivoting. Each item stops once its next step is
-    within the rounding of :math:`H` (``abs_sum`` bounds its scale) and drops out of the batch;
-    items not done in ``max_iters`` steps go to LAPACK. The batch is taken in chunks whose
-    entries stay in the processor's cache across the many elementwise passes.
 
-    Near :math:`\lambda_{\min}`, :math:`A^{-1}` is dominated by :math:`v v^\top / (\lambda_{\min}
-    - \sigma)`: its column with the largest diagonal entry is the eigenvector :math:`v` to working
-    precision (one step of inverse iteration). The eigenvalue returned is the Rayleigh quotient
-    :math:`v^\top H v` at that detached unit :math:`v`: exact to second order in the error of
-    :math:`v`, and with the eigenvalue's derivative :math:`v v^\top` in ``H``.
+def _solve_chunk_trust(
+    h: list[list[Tensor]], g: list[Tensor], trust_radius: float, dx_out: Tensor, cov_out: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    r"""The trust-region step of one chunk (see the module doc).
+
+    Returns:
+        A sum that is finite unless ``H`` or ``g`` has NaN or Inf entries, and ``None`` if every
+        plain step is acceptable; else the rejected items (chunk indices), the unit eigenvectors
+        ``(R, D)`` of their :math:`\lambda_{\min}` (NaN for items with NaN or Inf entries) and
+        where their shift depends on :math:`\|g\|` (not on the floor).
     """
-    dim = len(h)
-    upper = [(i, j) for i in range(dim) for j in range(i, dim)]
-    with torch.no_grad():
-        tolerance = _curvature_floor(abs_sum)
-        packed = torch.stack([h[i][j].detach() for i, j in upper])
-        vectors = torch.cat(
-            [
-                _smallest_eigenvectors(chunk.contiguous(), chunk_tolerance, max_iters)
-                for chunk, chunk_tolerance in zip(
-                    packed.split(_EIGEN_CHUNK, dim=1),
-                    tolerance.split(_EIGEN_CHUNK),
-                    strict=True,
-                )
-            ]
-        )
-        unconverged = torch.isnan(vectors[:, 0]) & torch.isfinite(abs_sum)
-        # Zero, not NaN, where LAPACK takes over: NaN would leak into the derivative.
-        v = vectors.masked_fill(unconverged.unsqueeze(-1), 0.0).T.contiguous()
-    rayleigh = sum(h[i][j] * (v[i] * v[j] * (1 if i == j else 2)) for i, j in upper)
-    unconverged = unconverged.nonzero().squeeze(-1)
-    if unconverged.numel() == 0:
-        return rayleigh
-    H = torch.stack([torch.stack([entry[unconverged] for entry in row], -1) for row in h], -2)
-    return rayleigh.index_put((unconverged,), torch.linalg.eigvalsh(H)[..., 0])
-
-
-def _solve_nd(g: Tensor, rows: list[Tensor], trust_radius: float | None) -> tuple[Tensor, Tensor]:
-    dim, batch_shape = g.shape[-1], g.shape[:-1]
-    h = _symmetric_entries(rows)
-    # Contiguous copies: each is read D times, and a strided read pulls in all of g.
-    g_entries = g.movedim(-1, 0).contiguous().unbind(0)
-    factors = _LDL(h)
-    dx = factors.step(g_entries)
-    positive_definite = functools.reduce(torch.logical_and, [pivot > 0 for pivot in factors.pivots])
-    if trust_radius is None:
-        cov = factors.covariance()
-        if bool(positive_definite.all()):
-            return dx, cov
-        # Without pivoting, LDL^T of an indefinite matrix is unreliable where a pivot is small:
-        # LAPACK's pivoted LU takes those items.
-        with torch.no_grad():
-            scale = sum(row.abs().sum(-1) for row in rows)
-            threshold = torch.finfo(g.dtype).eps ** 0.5 * scale
-            # NaN-safe: a NaN pivot (after a zero one) counts as small.
-            small = ~functools.reduce(
-                torch.logical_and, [pivot.abs() > threshold for pivot in factors.pivots]
-            )
-        fallback = (~positive_definite & small).reshape(-1).nonzero().squeeze(-1)
-        if fallback.numel() == 0:
-            return dx, cov
-        cov_fallback = torch.linalg.inv_ex(_stacked_items(rows, fallback))[0]
-        cov_fallback = (cov_fallback + cov_fallback.mT) / 2
-        dx_fallback = -(cov_fallback @ g.reshape(-1, dim)[fallback].unsqueeze(-1)).squeeze(-1)
-        cov = cov.reshape(-1, dim, dim).index_put((fallback,), cov_fallback)
-        dx = dx.reshape(-1, dim).index_put((fallback,), dx_fallback)
-        return dx.reshape(g.shape), cov.reshape(*batch_shape, dim, dim)
-    acceptable = positive_definite & (torch.linalg.vector_norm(dx, dim=-1) <= trust_radius)
+    dim = len(g)
+    factors = EntrywiseLDL(h)
+    dx = factors.step(g)
+    definite = factors.positive_definite()
+    acceptable = definite & (sum(entry.square() for entry in dx) <= trust_radius**2)
     if bool(acceptable.all()):
-        return dx, factors.covariance()
-    # Smallest eigenvalues, the regularised factorisation and its inverse only for the items
-    # whose step is rejected; the accepted items' inverse only where there are any.
-    rejected = (~acceptable).reshape(-1).nonzero().squeeze(-1)
-    everything = rejected.numel() == batch_shape.numel()
-    upper = {
-        (i, j): h[i][j].reshape(-1) if everything else h[i][j].reshape(-1)[rejected]
-        for i in range(dim)
-        for j in range(i, dim)
-    }
-    h_rejected = [[upper[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
-    with torch.no_grad():
-        abs_sum = sum(entry.abs() * (1 if i == j else 2) for (i, j), entry in upper.items())
-    lambda_min = _smallest_eigenvalue(h_rejected, abs_sum)
-    g_rejected = g.reshape(-1, dim) if everything else g.reshape(-1, dim)[rejected]
-    shift = _trust_shift(g_rejected, lambda_min, _curvature_floor(abs_sum), trust_radius)
-    if everything:
-        shifted = _LDL(h, shift.reshape(batch_shape))
-        return _into_ball(shifted.step(g_entries), trust_radius), shifted.covariance()
-    shifted = _LDL(h_rejected, shift)
-    dx_rejected = _into_ball(shifted.step(g_rejected.unbind(-1)), trust_radius)
-    dx = dx.reshape(-1, dim).index_put((rejected,), dx_rejected)
-    cov = factors.covariance().reshape(-1, dim, dim).index_put((rejected,), shifted.covariance())
-    return dx.reshape(g.shape), cov.reshape(*batch_shape, dim, dim)
+        _write(dx, factors.inverse(), dx_out, cov_out)
+        return _finite_check(factors, dx), None
+    check = _finite_check(factors, [])
+    rejected = (~acceptable).nonzero().squeeze(-1)
+    # Positive definite H (a step too long): the spectrum lies above 0, Laguerre's start.
+    lower_bound = torch.where(definite, 0.0, float("-inf"))
+    if rejected.numel() < acceptable.numel():
+        _write(dx, factors.inverse(), dx_out, cov_out)
+        upper = {(i, j): h[i][j][rejected] for i, j in _upper(dim)}
+        h = [[upper[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
+        g = [entry[rejected] for entry in g]
+        lower_bound = lower_bound[rejected]
+    abs_sum = sum(h[i][j].abs() * (1 if i == j else 2) for i, j in _upper(dim))
+    floor = _curvature_floor(abs_sum)
+    v = smallest_eigenvectors(h, floor, _LAGUERRE_ITERS, lower_bound)
+    unconverged = (torch.isnan(v[:, 0]) & torch.isfinite(abs_sum)).nonzero().squeeze(-1)
+    if unconverged.numel() > 0:
+        v[unconverged] = torch.linalg.eigh(stack_matrices(h, unconverged))[1][..., 0]
+    # The Rayleigh quotient at the eigenvector: lambda_min to second order in its error.
+    lambda_min = sum(h[i][j] * (v[:, i] * v[:, j] * (1 if i == j else 2)) for i, j in _upper(dim))
+    g_norm = sum(entry.square() for entry in g).sqrt()
+    from_gradient = g_norm / trust_radius > floor
+    shifted = EntrywiseLDL(h, torch.where(from_gradient, g_norm / trust_radius, floor) - lambda_min)
+    dx = shifted.step(g)
+    # Onto the ball what rounding leaves outside (see the module doc).
+    scale = (trust_radius / sum(entry.square() for entry in dx).sqrt()).clamp(max=1)
+    dx = [entry * scale for entry in dx]
+    check = check + sum(entry.sum() for entry in dx)
+    if rejected.numel() == acceptable.numel():
+        _write(dx, shifted.inverse(), dx_out, cov_out)
+    else:
+        cov = stack_matrices(shifted.inverse())
+        _write_items(torch.stack(dx, -1), cov, rejected, dx_out, cov_out)
+    return check, (rejected, v, from_gradient)
+
+
+class _SolveND(torch.autograd.Function):
+    r"""The step and covariance for ``D >= 4`` without a graph, with an analytic derivative.
+
+    Forward: chunk by chunk, the entrywise :math:`LDL^\top` of the symmetrised Hessian gives the
+    plain step :math:`dx = -K g` and :math:`K = H^{-1}`; with a trust radius, the rejected items
+    are solved again with :math:`K = (H + \lambda I)^{-1}`, :math:`\lambda = t - \lambda_{\min}`,
+    :math:`t = \max(\|g\| / r, \epsilon_H)`. Recording hundreds of elementwise operations over the
+    whole batch would keep all their outputs alive for the backward pass; this keeps two.
+
+    Backward, with :math:`\bar{dx}, \bar K` the incoming gradients and :math:`a = -K \bar{dx}`:
+    :math:`\bar g = a`, :math:`\bar H = a\, dx^\top - K \bar K K` (symmetrised), and for shifted
+    items :math:`\bar\lambda = \operatorname{tr} \bar H`, which adds
+    :math:`-\bar\lambda\, v v^\top` to :math:`\bar H` (:math:`\partial \lambda_{\min} / \partial H
+    = v v^\top`) and :math:`\bar\lambda\, g / (r \|g\|)` to :math:`\bar g` where :math:`t` is
+    :math:`\|g\| / r`. Written in differentiable operations on the saved outputs, so that it can
+    be differentiated again (up to :math:`\lambda_{\min}`'s own second derivative, not kept).
+    The factor that scales a step back onto the ball by rounding is taken as a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, trust_radius: float | None, g: Tensor, *rows: Tensor):
+        dim = g.shape[-1]
+        items = g.numel() // dim
+        g_flat = g.reshape(items, dim)
+        rows_flat = [row.reshape(items, dim) for row in rows]
+        # Entry-major buffers: every chunk writes whole contiguous runs of each entry.
+        dx = g.new_empty(dim, items)
+        cov = g.new_empty(dim * dim, items)
+        check = g.new_zeros(())
+        eigenvectors = from_gradient = None
+        chunk = _chunk_items(items, g.device)
+        for start in range(0, items, chunk):
+            stop = min(start + chunk, items)
+            h = _chunk_entries(rows_flat, start, stop)
+            g_chunk = list(g_flat[start:stop].unbind(-1))
+            dx_out, cov_out = dx[:, start:stop], cov[:, start:stop]
+            if trust_radius is None:
+                check += _solve_chunk_plain(h, g_chunk, dx_out, cov_out)
+            else:
+                chunk_check, shifted = _solve_chunk_trust(h, g_chunk, trust_radius, dx_out, cov_out)
+                check += chunk_check
+                if shifted is not None:
+                    if eigenvectors is None:
+                        eigenvectors = g.new_zeros(items, dim)
+                        from_gradient = g.new_zeros(items)
+                    rejected, v, by_gradient = shifted
+                    eigenvectors[start:stop].index_copy_(0, rejected, v)
+                    from_gradient[start:stop].index_copy_(0, rejected, by_gradient.to(g.dtype))
+        dx = dx.T.reshape(g.shape)
+        cov = cov.T.unflatten(-1, (dim, dim)).reshape(*g.shape, dim)
+        ctx.trust_radius = trust_radius
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(check)
+        ctx.save_for_backward(g, dx, cov, eigenvectors, from_gradient)
+        return dx, cov, check
+
+    @staticmethod
+    def backward(ctx, grad_dx: Tensor | None, grad_cov: Tensor | None, _: Tensor | None):
+        g, dx, cov, eigenvectors, from_gradient = ctx.saved_tensors
+        dim = g.shape[-1]
+        g, dx, cov = g.reshape(-1, dim), dx.reshape(-1, dim), cov.reshape(-1, dim, dim)
+        grad_g = torch.zeros_like(g)
+        grad_h = g.new_zeros(g.shape[0], dim, dim)
+        if grad_dx is not None:
+            grad_g = -(cov @ grad_dx.reshape(-1, dim, 1)).squeeze(-1)
+            grad_h = grad_g.unsqueeze(-1) * dx.unsqueeze(-2)
+        if grad_cov is not None:
+            grad_h = grad_h - cov @ grad_cov.reshape(-1, dim, dim) @ cov
+        if eigenvectors is not None:
+            grad_shift = grad_h.diagonal(dim1=-2, dim2=-1).sum(-1)
+            grad_h = grad_h - grad_shift[:, None, None] * (
+                eigenvectors.unsqueeze(-1) * eigenvectors.unsqueeze(-2)
+            )
+            g_norm = torch.linalg.vector_norm(g, dim=-1).clamp(min=torch.finfo(g.dtype).tiny)
+            weight = grad_shift * from_gradient / (ctx.trust_radius * g_norm)
+            grad_g = grad_g + weight.unsqueeze(-1) * g
+        grad_h = (grad_h + grad_h.mT) / 2
+        shape = ctx.saved_tensors[0].shape
+        return None, grad_g.reshape(shape), *(grad_h[:, i].reshape(shape) for i in range(dim))
 
 
 _SOLVERS = {1: _solve_1d, 2: _solve_2d, 3: _solve_3d}
+
+# Laguerre steps before LAPACK takes an item's smallest eigenvalue (4-6 are typical for D <= 8).
+_LAGUERRE_ITERS = 30
 
 
 def _newton_step(
@@ -578,8 +517,12 @@ def _newton_step(
 ) -> tuple[Tensor, Tensor]:
     _check_inputs(loss, x, trust_radius, dim)
     g, rows = _gradient_and_hessian_rows(loss, x, create_graph)
-    dx, cov = _SOLVERS.get(x.shape[-1], _solve_nd)(g, rows, trust_radius)
-    _warn_if_not_finite(g, rows, cov)
+    if x.shape[-1] in _SOLVERS:
+        dx, cov = _SOLVERS[x.shape[-1]](g, rows, trust_radius)
+        check = None
+    else:
+        dx, cov, check = _SolveND.apply(trust_radius, g, *rows)
+    _warn_if_not_finite(g, rows, cov, check)
     return x.detach() + dx, cov
 
 
