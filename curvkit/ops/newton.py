@@ -45,7 +45,12 @@ This follows ``pyro.ops.newton`` (same signatures and shapes) with these deliber
   microseconds each, too much for millions of items), with LAPACK's pivoted LU for the rare
   indefinite items whose pivots are too small. The smallest eigenvalue of the items whose step
   the trust region rejects comes from Laguerre's iteration on the same entrywise factorisation
-  (LAPACK's ``eigvalsh`` only for items where it does not converge).
+  (LAPACK's ``eigh`` only for items where it does not converge); see :mod:`curvkit.ops.entrywise`.
+  This solve runs without recording a graph, on a CPU in cache-sized chunks of the batch, and its
+  derivative is written out (:math:`\bar H = a\, dx^\top - K \bar K K`,
+  :math:`\bar g = a = -K \bar{dx}`, plus :math:`\lambda_{\min}`'s :math:`v v^\top` for the
+  regularised items): the backward pass keeps two tensors instead of hundreds. For ``D >= 4``,
+  ``cov`` is a view whose batch dimensions are innermost in memory.
 - The Hessian is symmetrised, so ``cov`` is exactly symmetric. Its rows come from backward passes
   of the one-hot directions expanded over the batch, rather than of ``g[..., i].sum()``, which
   saves a select-and-sum backward per pass.
