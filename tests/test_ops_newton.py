@@ -534,3 +534,22 @@ def test_warnings_name_the_non_finite_quantity_beyond_closed_forms():
         warnings.simplefilter("error")
         newton_step((x**2).sum(), x)
         newton_step((x**2).sum() + x.sum(), x, trust_radius=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_beyond_closed_forms_low_precision_dtypes(dtype):
+    A, b, x0 = mixed_problem(5, items=20)
+    A, b, x0 = A[:-2], b[:-2], x0[:-2]  # no LAPACK fallback items: LAPACK has no bfloat16
+    expected = {}
+    for trust_radius in (None, 1.0):
+        x = x0.clone().requires_grad_()
+        expected[trust_radius] = newton_step(indefinite_loss(A, b, x), x, trust_radius)
+        x = x0.to(dtype).requires_grad_()
+        mode, cov = newton_step(indefinite_loss(A.to(dtype), b.to(dtype), x), x, trust_radius)
+        assert mode.dtype == cov.dtype == dtype
+        if trust_radius is not None:
+            assert ((mode.double() - x0).norm(dim=-1) <= trust_radius * (1 + 1e-2)).all()
+        if dtype == torch.float32:
+            reference_mode, reference_cov = expected[trust_radius]
+            torch.testing.assert_close(mode.double(), reference_mode, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(cov.double(), reference_cov, rtol=1e-3, atol=1e-3)

@@ -340,6 +340,11 @@ def _write_items(dx: Tensor, cov: Tensor, items: Tensor, dx_out: Tensor, cov_out
     cov_out.index_copy_(1, items, cov.flatten(-2).T)
 
 
+def _lapack_dtype(dtype: torch.dtype) -> torch.dtype:
+    # LAPACK (and cuSOLVER) have no half precision: their rare items are solved in float32.
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
 def _solve_chunk_plain(
     h: list[list[Tensor]], g: list[Tensor], dx_out: Tensor, cov_out: Tensor
 ) -> Tensor:
@@ -364,7 +369,8 @@ def _solve_chunk_plain(
     fallback = (~definite & small).nonzero().squeeze(-1)
     if fallback.numel() == 0:
         return _finite_check(factors, dx)
-    cov = torch.linalg.inv_ex(stack_matrices(h, fallback))[0]
+    H = stack_matrices(h, fallback)
+    cov = torch.linalg.inv_ex(H.to(_lapack_dtype(H.dtype)))[0].to(H.dtype)
     cov = (cov + cov.mT) / 2
     dx = -(cov @ torch.stack([entry[fallback] for entry in g], -1).unsqueeze(-1)).squeeze(-1)
     _write_items(dx, cov, fallback, dx_out, cov_out)
@@ -399,7 +405,7 @@ def _solve_chunk_trust(
     check = _finite_check(factors, [])
     rejected = (~acceptable).nonzero().squeeze(-1)
     # Positive definite H (a step too long): the spectrum lies above 0, Laguerre's start.
-    lower_bound = torch.where(definite, 0.0, float("-inf"))
+    lower_bound = torch.zeros_like(factors.pivots[0]).masked_fill_(~definite, float("-inf"))
     if rejected.numel() < acceptable.numel():
         _write(dx, factors.inverse(), dx_out, cov_out)
         upper = {(i, j): h[i][j][rejected] for i, j in _upper(dim)}
@@ -411,7 +417,8 @@ def _solve_chunk_trust(
     v = smallest_eigenvectors(h, floor, _LAGUERRE_ITERS, lower_bound)
     unconverged = (torch.isnan(v[:, 0]) & torch.isfinite(abs_sum)).nonzero().squeeze(-1)
     if unconverged.numel() > 0:
-        v[unconverged] = torch.linalg.eigh(stack_matrices(h, unconverged))[1][..., 0]
+        H = stack_matrices(h, unconverged)
+        v[unconverged] = torch.linalg.eigh(H.to(_lapack_dtype(H.dtype)))[1][..., 0].to(H.dtype)
     # The Rayleigh quotient at the eigenvector: lambda_min to second order in its error.
     lambda_min = sum(h[i][j] * (v[:, i] * v[:, j] * (1 if i == j else 2)) for i, j in _upper(dim))
     g_norm = sum(entry.square() for entry in g).sqrt()
