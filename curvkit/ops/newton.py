@@ -497,14 +497,17 @@ class _SolveND(torch.autograd.Function):
     def backward(ctx, grad_dx: Tensor | None, grad_cov: Tensor | None, _: Tensor | None):
         g, dx, cov, eigenvectors, from_gradient = ctx.saved_tensors
         dim = g.shape[-1]
-        g, dx, cov = g.reshape(-1, dim), dx.reshape(-1, dim), cov.reshape(-1, dim, dim)
+        # Batched matmul is several times faster on contiguous matrices than on the entry-major
+        # layout of the forward's output or on expanded ones.
+        g, dx, cov = g.reshape(-1, dim), dx.reshape(-1, dim), cov.reshape(-1, dim, dim).contiguous()
         grad_g = torch.zeros_like(g)
         grad_h = g.new_zeros(g.shape[0], dim, dim)
         if grad_dx is not None:
-            grad_g = -(cov @ grad_dx.reshape(-1, dim, 1)).squeeze(-1)
+            grad_g = -(cov @ grad_dx.reshape(-1, dim, 1).contiguous()).squeeze(-1)
             grad_h = grad_g.unsqueeze(-1) * dx.unsqueeze(-2)
         if grad_cov is not None:
-            grad_h = grad_h - cov @ grad_cov.reshape(-1, dim, dim) @ cov
+            # (An expanded incoming gradient, as from cov.sum(), would take matmul's slow path.)
+            grad_h = grad_h - cov @ grad_cov.reshape(-1, dim, dim).contiguous() @ cov
         if eigenvectors is not None:
             grad_shift = grad_h.diagonal(dim1=-2, dim2=-1).sum(-1)
             grad_h = grad_h - grad_shift[:, None, None] * (
