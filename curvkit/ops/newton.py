@@ -128,7 +128,7 @@ def _check_inputs(loss: Tensor, x: Tensor, trust_radius: float | None, dim: int 
 
 def _warn_if_not_finite(g: Tensor, rows: list[Tensor], cov: Tensor, check: Tensor | None) -> None:
     # One host sync on the common path, on a sum that is finite unless the gradient, the Hessian
-    # or the covariance is not (the D >= 4 solver sums cheaper stand-ins: see _SolveND); a false
+    # or the covariance is not (the D >= 4 solver sums stand-ins: see _finite_check); a false
     # alarm from overflow in the sums is sorted out by the exact checks below.
     if check is None:
         # In 1-d, cov is finite wherever the Hessian is (its curvature is floored).
@@ -564,7 +564,8 @@ def newton_step(
 
     Returns:
         ``(mode, cov)``: the new point, shape ``(..., D)``, and the inverse of the (regularised)
-        Hessian, shape ``(..., D, D)``, symmetric; at the minimum,
+        Hessian, shape ``(..., D, D)``, symmetric (for ``D >= 4`` a view whose batch dimensions
+        are innermost in memory); at the minimum,
         ``MultivariateNormal(mode, cov)`` is the Laplace approximation of
         :math:`\exp(-\text{loss})`.
 
