@@ -159,8 +159,8 @@ def smallest_eigenvectors(
     upper = [(i, j) for i in range(dim) for j in range(i, dim)]
     packed = torch.stack([h[i][j] for i, j in upper])
 
-    def entries(items: Tensor) -> list[list[Tensor]]:
-        by_index = dict(zip(upper, packed.index_select(1, items).unbind(0), strict=True))
+    def unpack(rows: Tensor) -> list[list[Tensor]]:
+        by_index = dict(zip(upper, rows.unbind(0), strict=True))
         return [[by_index[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
 
     # Strictly below the spectrum also where Gershgorin's bound is attained (diagonal H).
@@ -171,16 +171,17 @@ def smallest_eigenvectors(
     sigma = sigma - tolerance
     if lower_bound is not None:
         sigma = torch.maximum(sigma, lower_bound)
-    vectors = torch.full((len(sigma), dim), float("nan"), dtype=sigma.dtype, device=sigma.device)
-    active = torch.isfinite(sigma)
-    retreated = torch.zeros_like(active)
-    members = active.nonzero().squeeze(-1)  # the matrices factorised in each step
-    h_members = entries(members)
+    # The state of the matrices still iterating, compacted as they finish; each finished matrix
+    # leaves the (packed upper triangle of the) inverse at its final sigma in `final_inverse`.
+    members = torch.isfinite(sigma).nonzero().squeeze(-1)
+    sigma, margin = sigma[members], tolerance[members]
+    retreated = torch.zeros_like(sigma, dtype=torch.bool)
+    h_members = unpack(packed.index_select(1, members))
+    final_inverse = torch.full_like(packed.T, float("nan"))  # item-major: rows written whole
     for _ in range(max_iters):
         if members.numel() == 0:
             break
-        current, margin, pulled_back = sigma[members], tolerance[members], retreated[members]
-        factors = EntrywiseLDL(h_members, -current)
+        factors = EntrywiseLDL(h_members, -sigma)
         inverse = factors.inverse()
         definite = factors.positive_definite()
         trace = sum(inverse[i][i] for i in range(dim))
@@ -189,15 +190,27 @@ def smallest_eigenvectors(
         step = dim / (trace + spread)
         # Done where the next step is within rounding, or after a retreat: this step's inverse
         # is then taken at the final sigma.
-        done = definite & (pulled_back | (step <= 2 * margin))
+        done = definite & (retreated | (step <= 2 * margin))
         # The cubic convergence can land on lambda_min to within rounding, where A is no longer
         # numerically definite: such matrices step back by a rounding margin.
-        sigma[members] = torch.where(definite, current + step, current - 2 * margin)
-        retreated[members] = pulled_back | ~definite
-        if bool(done.any()):
-            column = torch.stack(_dominant_column(inverse), -1)
-            vectors.index_copy_(0, members[done], column[done])
-            # Compaction copies the remaining entries, less than factorising the done ones.
-            members = members[~done]
-            h_members = entries(members)
-    return vectors
+        sigma = torch.where(definite, sigma + step, sigma - 2 * margin)
+        retreated = ~definite
+        finished = done.nonzero().squeeze(-1)
+        if finished.numel() == 0:
+            continue
+        final_inverse.index_copy_(
+            0,
+            members[finished],
+            torch.stack([inverse[i][j] for i, j in upper], -1).index_select(0, finished),
+        )
+        # Compaction copies the remaining entries, less than factorising the finished ones.
+        remaining = (~done).nonzero().squeeze(-1)
+        members, sigma, margin, retreated = (
+            members[remaining],
+            sigma[remaining],
+            margin[remaining],
+            retreated[remaining],
+        )
+        h_members = unpack(packed.index_select(1, members))
+    # NaN (unconverged, or not finite) stays NaN through the column selection.
+    return torch.stack(_dominant_column(unpack(final_inverse.T)), -1)
