@@ -19,7 +19,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["EntrywiseLDL", "smallest_eigenvectors", "stack_matrices"]
+__all__ = ["EntrywiseLDL", "smallest_eigenvectors", "stack_matrices", "upper_indices"]
 
 
 class EntrywiseLDL:
@@ -102,6 +102,11 @@ class EntrywiseLDL:
         return inverse
 
 
+def upper_indices(dim: int) -> list[tuple[int, int]]:
+    """The index pairs ``(i, j)``, ``i <= j``, of a square matrix's upper triangle, by rows."""
+    return [(i, j) for i in range(dim) for j in range(i, dim)]
+
+
 def stack_matrices(h: list[list[Tensor]], items: Tensor | None = None) -> Tensor:
     """The matrices ``(R, D, D)`` given by their entries, or only the ``items`` among them."""
     return torch.stack(
@@ -156,7 +161,7 @@ def smallest_eigenvectors(
         ``(R, D)``: the unit eigenvectors, NaN in the rows of unconverged matrices.
     """
     dim = len(h)
-    upper = [(i, j) for i in range(dim) for j in range(i, dim)]
+    upper = upper_indices(dim)
     packed = torch.stack([h[i][j] for i, j in upper])
 
     def unpack(rows: Tensor) -> list[list[Tensor]]:

@@ -73,7 +73,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvkit.ops.entrywise import EntrywiseLDL, smallest_eigenvectors, stack_matrices
+from curvkit.ops.entrywise import (
+    EntrywiseLDL,
+    smallest_eigenvectors,
+    stack_matrices,
+    upper_indices,
+)
 from curvkit.ops.linalg import sym_adjugate_3x3, sym_eigvals_3x3
 
 __all__ = [
@@ -321,10 +326,6 @@ def _chunk_entries(rows: list[Tensor], start: int, stop: int) -> list[list[Tenso
     return h
 
 
-def _upper(dim: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(dim) for j in range(i, dim)]
-
-
 def _write(dx: list[Tensor], inverse: list[list[Tensor]], dx_out: Tensor, cov_out: Tensor) -> None:
     """Entries into the output slices ``dx_out`` ``(D, C)`` and ``cov_out`` ``(D * D, C)``."""
     dim = len(dx)
@@ -395,6 +396,7 @@ def _solve_chunk_trust(
         where their shift depends on :math:`\|g\|` (not on the floor).
     """
     dim = len(g)
+    upper = upper_indices(dim)
     factors = EntrywiseLDL(h)
     dx = factors.step(g)
     definite = factors.positive_definite()
@@ -408,11 +410,11 @@ def _solve_chunk_trust(
     lower_bound = torch.zeros_like(factors.pivots[0]).masked_fill_(~definite, float("-inf"))
     if rejected.numel() < acceptable.numel():
         _write(dx, factors.inverse(), dx_out, cov_out)
-        upper = {(i, j): h[i][j][rejected] for i, j in _upper(dim)}
-        h = [[upper[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
+        taken = {(i, j): h[i][j][rejected] for i, j in upper}
+        h = [[taken[min(i, j), max(i, j)] for j in range(dim)] for i in range(dim)]
         g = [entry[rejected] for entry in g]
         lower_bound = lower_bound[rejected]
-    abs_sum = sum(h[i][j].abs() * (1 if i == j else 2) for i, j in _upper(dim))
+    abs_sum = sum(h[i][j].abs() * (1 if i == j else 2) for i, j in upper)
     floor = _curvature_floor(abs_sum)
     v = smallest_eigenvectors(h, floor, _LAGUERRE_ITERS, lower_bound)
     unconverged = (torch.isnan(v[:, 0]) & torch.isfinite(abs_sum)).nonzero().squeeze(-1)
@@ -420,7 +422,7 @@ def _solve_chunk_trust(
         H = stack_matrices(h, unconverged)
         v[unconverged] = torch.linalg.eigh(H.to(_lapack_dtype(H.dtype)))[1][..., 0].to(H.dtype)
     # The Rayleigh quotient at the eigenvector: lambda_min to second order in its error.
-    lambda_min = sum(h[i][j] * (v[:, i] * v[:, j] * (1 if i == j else 2)) for i, j in _upper(dim))
+    lambda_min = sum(h[i][j] * (v[:, i] * v[:, j] * (1 if i == j else 2)) for i, j in upper)
     g_norm = sum(entry.square() for entry in g).sqrt()
     from_gradient = g_norm / trust_radius > floor
     shifted = EntrywiseLDL(h, torch.where(from_gradient, g_norm / trust_radius, floor) - lambda_min)
@@ -496,18 +498,21 @@ class _SolveND(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_dx: Tensor | None, grad_cov: Tensor | None, _: Tensor | None):
         g, dx, cov, eigenvectors, from_gradient = ctx.saved_tensors
-        dim = g.shape[-1]
+        shape, dim = g.shape, g.shape[-1]
+        if grad_dx is None and grad_cov is None:
+            return None, None, *([None] * dim)
         # Batched matmul is several times faster on contiguous matrices than on the entry-major
         # layout of the forward's output or on expanded ones.
         g, dx, cov = g.reshape(-1, dim), dx.reshape(-1, dim), cov.reshape(-1, dim, dim).contiguous()
         grad_g = torch.zeros_like(g)
-        grad_h = g.new_zeros(g.shape[0], dim, dim)
+        grad_h = None
         if grad_dx is not None:
             grad_g = -(cov @ grad_dx.reshape(-1, dim, 1).contiguous()).squeeze(-1)
             grad_h = grad_g.unsqueeze(-1) * dx.unsqueeze(-2)
         if grad_cov is not None:
             # (An expanded incoming gradient, as from cov.sum(), would take matmul's slow path.)
-            grad_h = grad_h - cov @ grad_cov.reshape(-1, dim, dim).contiguous() @ cov
+            kernel = cov @ grad_cov.reshape(-1, dim, dim).contiguous() @ cov
+            grad_h = -kernel if grad_dx is None else grad_h - kernel
         if eigenvectors is not None:
             grad_shift = grad_h.diagonal(dim1=-2, dim2=-1).sum(-1)
             grad_h = grad_h - grad_shift[:, None, None] * (
@@ -517,7 +522,6 @@ class _SolveND(torch.autograd.Function):
             weight = grad_shift * from_gradient / (ctx.trust_radius * g_norm)
             grad_g = grad_g + weight.unsqueeze(-1) * g
         grad_h = (grad_h + grad_h.mT) / 2
-        shape = ctx.saved_tensors[0].shape
         return None, grad_g.reshape(shape), *(grad_h[:, i].reshape(shape) for i in range(dim))
 
 
