@@ -21,7 +21,15 @@ batches of every rank (the quantities and normalizations are summed with ``all_r
 dividing), so that each rank gets the quantity of all ranks' data.
 
 The helpers here are written for any quantity computed batch by batch:
-:func:`dataset_average` does the loop, the weighting, the all-reduce and the progress bar.
+:func:`dataset_average` does the loop, the weighting, the all-reduce and the progress bar; its
+cost is one pass over the data and one ``all_reduce`` of the quantity per call.
+
+Quantities that are not linear in the loss (the GGN's eigenpairs, directional derivatives, damped
+Newton steps: :mod:`curvkit.directional`) take the same dataset loss through
+:func:`concatenate`: every batch of every rank joined into one batch, which each rank then
+processes whole. That is exact, but its memory and time grow with the total number of samples on
+every rank (an ``all_gather`` of the data, no speed-up from more ranks): meant for the few
+thousand samples a Gram matrix can hold.
 """
 
 from __future__ import annotations
@@ -146,6 +154,59 @@ def batches(data: Data, *, passes: int = 1) -> Iterator[Batch]:
         yield check_batch(batch, position)
     if empty:
         raise ValueError("data holds no batch; pass at least one batch (inputs, targets)")
+
+
+def concatenate(data: Data) -> Batch:
+    """Join every batch of ``data``, and of every rank's data, into one batch.
+
+    The loss of the joined batch is the dataset's loss (:func:`dataset_average`): a ``mean``
+    averages over all samples, with the normalization of all targets. Ranks contribute their
+    batches in rank order; each rank returns the same joined batch, on its own device.
+
+    Args:
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+
+    Returns:
+        ``(inputs, targets)``.
+
+    Raises:
+        TypeError: For data that is not a batch or an iterable of batches, or batches whose
+            inputs do not have the same structure.
+        ValueError: If ``data`` holds no batch.
+    """
+    parts = list(batches(data))
+    if distributed_world() > 1:
+        device = parts[0][1].device
+        local = [(_to(inputs, "cpu"), targets.cpu()) for inputs, targets in parts]
+        gathered: list[Any] = [None] * distributed_world()
+        dist.all_gather_object(gathered, local)
+        parts = [
+            (_to(inputs, device), targets.to(device))
+            for rank in gathered
+            for inputs, targets in rank
+        ]
+    if len(parts) == 1:
+        return parts[0]
+    targets = torch.cat([t for _, t in parts])
+    if all(isinstance(inputs, Tensor) for inputs, _ in parts):
+        return torch.cat([inputs for inputs, _ in parts]), targets
+    if not all(
+        isinstance(inputs, tuple) and len(inputs) == len(parts[0][0]) for inputs, _ in parts
+    ):
+        raise TypeError(
+            "the batches' inputs differ in structure (a tensor in one, a tuple in another, or "
+            "tuples of different lengths), so they cannot be joined into one batch"
+        )
+    joined = tuple(
+        torch.cat(column) for column in zip(*(inputs for inputs, _ in parts), strict=True)
+    )
+    return joined, targets
+
+
+def _to(inputs: Inputs, device: torch.device | str) -> Inputs:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return tuple(x.to(device) for x in inputs)
 
 
 def distributed_world() -> int:

@@ -46,26 +46,28 @@ matrix: it changes the estimate (as in ViViT), not the cost. ``mc_samples > 0`` 
 exact loss Hessian square root by that many Monte-Carlo columns
 (:func:`curvkit.losses.hessian_sqrt`).
 
-``data`` is one batch ``(inputs, targets)`` or an iterable of batches. An iterable is concatenated
-into one batch, which is exact (the loss of all the data, as for the other curvkit quantities) but
-makes the Gram matrix grow with the total number of samples: meant for small datasets. Results are
-computed on the calling process alone (no sum over ``torch.distributed`` ranks).
+``data`` is one batch ``(inputs, targets)`` or an iterable of batches, and with a
+:mod:`torch.distributed` process group initialised, the batches of every rank: all of them are
+joined into one batch (:func:`curvkit.data.concatenate`), whose loss is the dataset's, exactly
+as for the other curvkit quantities. The Gram matrix then grows with the total number of
+samples, and every rank computes the whole result: meant for datasets of a few thousand samples.
+
+``params`` is the same argument as for every curvkit quantity (:mod:`curvkit.problem`); the
+results here always come one entry per group, since each group is its own eigenproblem. The
+former keyword ``param_groups=`` still works, with a :class:`DeprecationWarning`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvkit import data as data_utils
-from curvkit import losses
-from curvkit.engines import compute_factors
-from curvkit.engines.factor import Factor
+from curvkit.data import Data
+from curvkit.engines import Factor
 from curvkit.gram_eigen import (
     GramDirections,
     TopK,
@@ -75,7 +77,8 @@ from curvkit.gram_eigen import (
     gram_directions,
     resolve_damping,
 )
-from curvkit.groups import normalize_param_groups
+from curvkit.losses import LossFunction
+from curvkit.problem import Params, Problem, fill_argument_docs
 
 __all__ = [
     "damped_newton_step",
@@ -84,8 +87,6 @@ __all__ = [
     "ggn_eigh",
     "top_k",
 ]
-
-LossFunction = Callable[[Tensor, Any], Tensor]
 
 #: The options a group may set, with their defaults.
 GROUP_DEFAULTS: dict[str, Any] = {"criterion": None, "damping": 1.0}
@@ -133,30 +134,31 @@ def default_criterion(evals: Tensor) -> list[int]:
     return list(range(first, size))
 
 
+@fill_argument_docs
 def ggn_eigh(
     model: nn.Module,
     loss_fn: LossFunction,
-    data: Any,
-    param_groups: Any = None,
+    data: Data,
+    params: Params = None,
     *,
     mc_samples: int = 0,
     subsampling_grad: Sequence[int] | None = None,
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    param_groups: Params = None,
 ) -> list[tuple[Tensor, list[Tensor]]]:
     r"""Selected eigenpairs of each group's GGN block.
 
     Args:
-        model: The network; ``model(inputs)`` gives the outputs. Use ``model.eval()`` if it has
-            batch normalisation.
-        loss_fn: ``loss_fn(outputs, targets)``, the scalar batch loss (``mean`` or ``sum``).
-        data: One batch ``(inputs, targets)`` or an iterable of batches (concatenated).
-        param_groups: ``None`` (all parameters, one group), parameters, or group dicts with the
-            options ``"criterion"`` and ``"damping"`` (see the module docstring).
-        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
+        model: {model}
+        loss_fn: {loss_fn}
+        data: {data}
+        params: {directional_params}
+        mc_samples: {mc_samples}
         subsampling_grad: Unused here; accepted for a signature shared with the other functions.
-        subsampling_ggn: Indices of the samples forming the GGN; ``None`` for all.
-        generator: Random number generator for the Monte-Carlo samples.
+        subsampling_ggn: {subsampling_ggn}
+        generator: {generator}
+        param_groups: {param_groups}
 
     Returns:
         Per group ``(evals, evecs)``: the selected eigenvalues ``[K]`` (ascending for the
@@ -167,36 +169,49 @@ def ggn_eigh(
         ValueError: For invalid groups, sub-sampling indices or criterion results.
         TypeError: For data that is not a batch or an iterable of batches.
     """
-    problem = _Problem.build(model, loss_fn, data, param_groups, subsampling_grad, subsampling_ggn)
-    _, factors = problem.factors(mc_samples, generator, False)
-    return [
-        _eigenpairs(problem, group, group_factors)
-        for group, group_factors in zip(problem.groups, factors, strict=True)
-    ]
+    problem = _GramProblem(
+        Problem(
+            model,
+            loss_fn,
+            data,
+            params,
+            options=GROUP_DEFAULTS,
+            mc_samples=mc_samples,
+            generator=generator,
+            param_groups=param_groups,
+        ),
+        subsampling_grad,
+        subsampling_ggn,
+        gradient=False,
+    )
+    return [problem.eigenpairs(group, factors) for group, factors in problem.groups()]
 
 
+@fill_argument_docs
 def directional_derivatives(
     model: nn.Module,
     loss_fn: LossFunction,
-    data: Any,
-    param_groups: Any = None,
+    data: Data,
+    params: Params = None,
     *,
     mc_samples: int = 0,
     subsampling_grad: Sequence[int] | None = None,
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    param_groups: Params = None,
 ) -> list[tuple[Tensor, Tensor]]:
     r"""Per-sample first- and second-order derivatives along each group's GGN eigenvectors.
 
     Args:
-        model: The network.
-        loss_fn: ``loss_fn(outputs, targets)``, the scalar batch loss (``mean`` or ``sum``).
-        data: One batch ``(inputs, targets)`` or an iterable of batches (concatenated).
-        param_groups: ``None`` (all parameters, one group), parameters, or group dicts.
-        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
-        subsampling_grad: Indices of the samples whose gradients give ``gammas``; ``None`` for all.
-        subsampling_ggn: Indices of the samples forming the GGN and ``lambdas``; ``None`` for all.
-        generator: Random number generator for the Monte-Carlo samples.
+        model: {model}
+        loss_fn: {loss_fn}
+        data: {data}
+        params: {directional_params}
+        mc_samples: {mc_samples}
+        subsampling_grad: {subsampling_grad}
+        subsampling_ggn: {subsampling_ggn}
+        generator: {generator}
+        param_groups: {param_groups}
 
     Returns:
         Per group ``(gammas, lambdas)``: :math:`\gamma_{n,k} = N \nabla L_n^\top e_k`, shape
@@ -207,37 +222,49 @@ def directional_derivatives(
         ValueError: For invalid groups, sub-sampling indices or criterion results.
         TypeError: For data that is not a batch or an iterable of batches.
     """
-    problem = _Problem.build(model, loss_fn, data, param_groups, subsampling_grad, subsampling_ggn)
-    _, factors = problem.factors(mc_samples, generator, True)
-    return [
-        _derivatives(problem, group, group_factors)[1:]
-        for group, group_factors in zip(problem.groups, factors, strict=True)
-    ]
+    problem = _GramProblem(
+        Problem(
+            model,
+            loss_fn,
+            data,
+            params,
+            options=GROUP_DEFAULTS,
+            mc_samples=mc_samples,
+            generator=generator,
+            param_groups=param_groups,
+        ),
+        subsampling_grad,
+        subsampling_ggn,
+        gradient=True,
+    )
+    return [problem.derivatives(group, factors)[1:] for group, factors in problem.groups()]
 
 
+@fill_argument_docs
 def damped_newton_step(
     model: nn.Module,
     loss_fn: LossFunction,
-    data: Any,
-    param_groups: Any = None,
+    data: Data,
+    params: Params = None,
     *,
     mc_samples: int = 0,
     subsampling_grad: Sequence[int] | None = None,
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    param_groups: Params = None,
 ) -> list[list[Tensor]]:
     r"""Directionally damped Newton step of each group, in the group's parameter shapes.
 
     Args:
-        model: The network.
-        loss_fn: ``loss_fn(outputs, targets)``, the scalar batch loss (``mean`` or ``sum``).
-        data: One batch ``(inputs, targets)`` or an iterable of batches (concatenated).
-        param_groups: ``None`` (all parameters, one group), parameters, or group dicts with the
-            options ``"criterion"`` and ``"damping"``.
-        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
-        subsampling_grad: Indices of the samples estimating the gradient; ``None`` for all.
-        subsampling_ggn: Indices of the samples estimating the GGN; ``None`` for all.
-        generator: Random number generator for the Monte-Carlo samples.
+        model: {model}
+        loss_fn: {loss_fn}
+        data: {data}
+        params: {directional_params}
+        mc_samples: {mc_samples}
+        subsampling_grad: {subsampling_grad}
+        subsampling_ggn: {subsampling_ggn}
+        generator: {generator}
+        param_groups: {param_groups}
 
     Returns:
         Per group, the step :math:`s` (to be added to the parameters), one tensor per parameter.
@@ -250,154 +277,141 @@ def damped_newton_step(
         model,
         loss_fn,
         data,
-        param_groups,
+        params,
         mc_samples=mc_samples,
         subsampling_grad=subsampling_grad,
         subsampling_ggn=subsampling_ggn,
         generator=generator,
+        param_groups=param_groups,
     )[1]
 
 
 def damped_newton_step_and_loss(
     model: nn.Module,
     loss_fn: LossFunction,
-    data: Any,
-    param_groups: Any = None,
+    data: Data,
+    params: Params = None,
     *,
     mc_samples: int = 0,
     subsampling_grad: Sequence[int] | None = None,
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    param_groups: Params = None,
 ) -> tuple[Tensor, list[list[Tensor]]]:
     """As :func:`damped_newton_step`, also returning the batch loss (detached) at the start point.
+
+    The loss comes from the same forward pass as the steps (for optimizers that report it).
 
     Returns:
         ``(loss, steps)``.
     """
-    problem = _Problem.build(model, loss_fn, data, param_groups, subsampling_grad, subsampling_ggn)
-    loss, factors = problem.factors(mc_samples, generator, True)
-    steps = [
-        _step(problem, group, group_factors)
-        for group, group_factors in zip(problem.groups, factors, strict=True)
-    ]
-    return loss, steps
+    problem = _GramProblem(
+        Problem(
+            model,
+            loss_fn,
+            data,
+            params,
+            options=GROUP_DEFAULTS,
+            mc_samples=mc_samples,
+            generator=generator,
+            param_groups=param_groups,
+        ),
+        subsampling_grad,
+        subsampling_ggn,
+        gradient=True,
+    )
+    steps = [problem.step(group, factors) for group, factors in problem.groups()]
+    return problem.loss, steps
 
 
-@torch.no_grad()
-def _eigenpairs(
-    problem: _Problem, group: dict[str, Any], factors: Sequence[Factor]
-) -> tuple[Tensor, list[Tensor]]:
-    directions = problem.directions_from_gram(group, _group_gram(factors))
-    coefficients = problem.embed(directions.evec_coefficients(), False)
-    evecs = [factor.mat(coefficients) for factor in factors]
-    norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
-    inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
-    return directions.evals, [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
+class _GramProblem:
+    r"""A validated call with its sub-sampling, and the engine's factors of the joined batch.
 
+    The engine runs once for all groups, pushing back the square root's columns (reduced to
+    their numerical rank when exact) and, with ``gradient``, the loss gradient as one more
+    column, so that one Gram matrix per group holds :math:`V^\top V` and
+    :math:`\nabla L_n^\top V`.
+    """
 
-@torch.no_grad()
-def _derivatives(
-    problem: _Problem, group: dict[str, Any], factors: Sequence[Factor]
-) -> tuple[GramDirections, Tensor, Tensor]:
-    gram = _group_gram(factors)
-    directions = problem.directions_from_gram(group, gram)
-    gammas = directional_gradients(directions, problem.grad_gram(gram))
-    return directions, gammas, directional_curvatures(directions)
-
-
-@torch.no_grad()
-def _step(problem: _Problem, group: dict[str, Any], factors: Sequence[Factor]) -> list[Tensor]:
-    directions, gammas, lambdas = _derivatives(problem, group, factors)
-    damping = resolve_damping(group["damping"], directions, gammas, lambdas)
-    coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
-    coefficients = problem.embed(coefficients, True)
-    return [factor.mat(coefficients)[0] for factor in factors]
-
-
-def _group_gram(factors: Sequence[Factor]) -> Tensor:
-    gram = factors[0].gram()
-    for factor in factors[1:]:
-        gram = gram + factor.gram()
-    return gram
-
-
-@dataclass
-class _Problem:
-    """One call's model, loss, batch, groups and sub-sampling, validated."""
-
-    model: nn.Module
-    loss_fn: LossFunction
-    inputs: Tensor | tuple[Tensor, ...]
-    targets: Tensor
-    groups: list[dict[str, Any]]
-    batch_size: int
-    subsampling_grad: Tensor | None
-    subsampling_ggn: Tensor | None
-    num_sqrt_columns: int = 0
-
-    @classmethod
-    def build(
-        cls,
-        model: nn.Module,
-        loss_fn: LossFunction,
-        data: Any,
-        param_groups: Any,
+    def __init__(
+        self,
+        problem: Problem,
         subsampling_grad: Sequence[int] | None,
         subsampling_ggn: Sequence[int] | None,
-    ) -> _Problem:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        groups = normalize_param_groups(param_groups, model, GROUP_DEFAULTS)
-        for index, group in enumerate(groups):
+        *,
+        gradient: bool,
+    ) -> None:
+        for index, group in enumerate(problem.groups):
             criterion = group["criterion"]
             if criterion is not None and not callable(criterion):
                 raise TypeError(
                     f"'criterion' of group {index} must be None or a function evals -> indices, "
                     f"got {type(criterion).__name__}"
                 )
-        inputs, targets = _single_batch(data)
-        batch_size = targets.shape[0]
-        return cls(
-            model=model,
-            loss_fn=loss_fn,
-            inputs=inputs,
-            targets=targets,
-            groups=groups,
-            batch_size=batch_size,
-            subsampling_grad=_check_subsampling(subsampling_grad, batch_size, "subsampling_grad"),
-            subsampling_ggn=_check_subsampling(subsampling_ggn, batch_size, "subsampling_ggn"),
+        inputs, targets = problem.concatenated_batch()
+        self.batch_size = targets.shape[0]
+        self.subsampling_grad = _check_subsampling(
+            subsampling_grad, self.batch_size, "subsampling_grad"
         )
+        self.subsampling_ggn = _check_subsampling(
+            subsampling_ggn, self.batch_size, "subsampling_ggn"
+        )
+        self.problem = problem
+        self.gradient = gradient
+        self.num_sqrt_columns = 0
+        self.loss = torch.zeros(())
 
-    def factors(
-        self, mc_samples: int, generator: torch.Generator | None, gradient: bool
-    ) -> tuple[Tensor, list[list[Factor]]]:
-        """Run the engine once for all groups; return the detached loss and per-group factors."""
-        loss_holder: list[Tensor] = []
-
-        def backprop_columns(outputs: Tensor) -> Tensor:
-            sqrt = losses.hessian_sqrt(
-                self.loss_fn, outputs, self.targets, mc_samples=mc_samples, generator=generator
-            )
-            if mc_samples == 0:
+        def columns(outputs: Tensor) -> Tensor:
+            sqrt = problem.columns(outputs, targets)
+            if problem.mc_samples == 0:
                 sqrt = drop_null_columns(sqrt)
             self.num_sqrt_columns = sqrt.shape[0]
             with torch.enable_grad():
                 leaf = outputs.detach().requires_grad_(True)
-                loss = self.loss_fn(leaf, self.targets)
-                loss_holder.append(loss.detach())
+                loss = problem.loss_fn(leaf, targets)
+                self.loss = loss.detach()
                 if not gradient:
                     return sqrt
                 (output_grad,) = torch.autograd.grad(loss, leaf)
             return torch.cat([sqrt, output_grad.unsqueeze(0)])
 
-        params = [p for group in self.groups for p in group["params"]]
-        _, factors = compute_factors(self.model, self.inputs, params, backprop_columns)
-        per_group, start = [], 0
-        for group in self.groups:
-            stop = start + len(group["params"])
-            per_group.append(factors[start:stop])
-            start = stop
-        return loss_holder[0], per_group
+        _, factors = problem.factors(inputs, targets, columns)
+        self._factors = problem.by_group(factors)
+
+    def groups(self) -> list[tuple[dict[str, Any], list[Factor]]]:
+        """Each group with its parameters' factors."""
+        return list(zip(self.problem.groups, self._factors, strict=True))
+
+    @torch.no_grad()
+    def eigenpairs(
+        self, group: dict[str, Any], factors: Sequence[Factor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The group's selected eigenvalues and unit eigenvectors in parameter shapes."""
+        directions = self.directions_from_gram(group, _group_gram(factors))
+        coefficients = self.embed(directions.evec_coefficients())
+        evecs = [factor.mat(coefficients) for factor in factors]
+        norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
+        inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+        return directions.evals, [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
+
+    @torch.no_grad()
+    def derivatives(
+        self, group: dict[str, Any], factors: Sequence[Factor]
+    ) -> tuple[GramDirections, Tensor, Tensor]:
+        """The group's directions, directional gradients and directional curvatures."""
+        gram = _group_gram(factors)
+        directions = self.directions_from_gram(group, gram)
+        gammas = directional_gradients(directions, self.grad_gram(gram))
+        return directions, gammas, directional_curvatures(directions)
+
+    @torch.no_grad()
+    def step(self, group: dict[str, Any], factors: Sequence[Factor]) -> list[Tensor]:
+        """The group's damped Newton step in parameter shapes."""
+        directions, gammas, lambdas = self.derivatives(group, factors)
+        damping = resolve_damping(group["damping"], directions, gammas, lambdas)
+        coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
+        coefficients = self.embed(coefficients)
+        return [factor.mat(coefficients)[0] for factor in factors]
 
     def directions_from_gram(self, group: dict[str, Any], gram: Tensor) -> GramDirections:
         """Directions from the group's Gram matrix ``[K, N, K, N]`` (square root, gradient)."""
@@ -418,11 +432,11 @@ class _Problem:
             cross = cross.index_select(2, self.subsampling_ggn.to(cross.device))
         return cross
 
-    def embed(self, coefficients: Tensor, gradient: bool) -> Tensor:
+    def embed(self, coefficients: Tensor) -> Tensor:
         """Place Gram-space coefficients ``[C', N_ggn, J]`` into the factor's ``[K, N, J]``."""
-        if self.subsampling_ggn is None and not gradient:
+        if self.subsampling_ggn is None and not self.gradient:
             return coefficients
-        num_columns = self.num_sqrt_columns + int(gradient)
+        num_columns = self.num_sqrt_columns + int(self.gradient)
         full = coefficients.new_zeros(num_columns, self.batch_size, coefficients.shape[-1])
         samples = (
             slice(None)
@@ -431,6 +445,13 @@ class _Problem:
         )
         full[: self.num_sqrt_columns, samples] = coefficients
         return full
+
+
+def _group_gram(factors: Sequence[Factor]) -> Tensor:
+    gram = factors[0].gram()
+    for factor in factors[1:]:
+        gram = gram + factor.gram()
+    return gram
 
 
 def drop_null_columns(sqrt: Tensor) -> Tensor:
@@ -461,17 +482,6 @@ def drop_null_columns(sqrt: Tensor) -> Tensor:
         return sqrt
     reduced = evecs[:, :, num_columns - rank :].transpose(1, 2) @ rows
     return reduced.transpose(0, 1).reshape(rank, *sqrt.shape[1:])
-
-
-def _single_batch(data: Any) -> tuple[Tensor | tuple[Tensor, ...], Tensor]:
-    if data_utils.is_batch(data):
-        return data_utils.check_batch(data, None)
-    batches = list(data_utils.batches(data))
-    inputs = [b[0] for b in batches]
-    targets = torch.cat([b[1] for b in batches])
-    if isinstance(inputs[0], Tensor):
-        return torch.cat(inputs), targets
-    return tuple(torch.cat(parts) for parts in zip(*inputs, strict=True)), targets
 
 
 def _check_subsampling(indices: Iterable[int] | None, batch_size: int, name: str) -> Tensor | None:

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from torch import Tensor, nn
 
-__all__ = ["REQUIRED", "normalize_param_groups", "parameter_names"]
+__all__ = ["REQUIRED", "check_params", "normalize_param_groups", "parameter_names"]
 
 
 class _Required:
@@ -124,6 +124,29 @@ def normalize_param_groups(
             normalized_group.setdefault(key, default)
         normalized.append(normalized_group)
     return normalized
+
+
+def check_params(params: Iterable[Tensor], model: nn.Module) -> list[Tensor]:
+    """Validate a flat list of parameters of ``model`` (one group, no options).
+
+    Args:
+        params: The parameters, an iterable of tensors.
+        model: The model they must belong to.
+
+    Returns:
+        The parameters as a list, in the order given.
+
+    Raises:
+        TypeError, ValueError: As :func:`normalize_param_groups`, and a ``TypeError`` for one
+            tensor or a group dict in place of the list.
+    """
+    if isinstance(params, Tensor | Mapping):
+        raise TypeError(
+            f"params must be a sequence of parameters, not one {type(params).__name__}: "
+            "use [param] or model.parameters()"
+        )
+    (group,) = normalize_param_groups([{"params": params}], model)
+    return group["params"]
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:

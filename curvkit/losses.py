@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["hessian_sqrt", "normalization", "sample_reduction"]
+__all__ = ["LossFunction", "check_mc_samples", "hessian_sqrt", "normalization", "sample_reduction"]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
 
@@ -128,15 +128,7 @@ def hessian_sqrt(
     """
     _check_loss(loss_fn)
     _check_outputs(outputs)
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
-        raise TypeError(f"mc_samples must be an int, got {type(mc_samples).__name__}")
-    if mc_samples < 0:
-        raise ValueError(
-            f"mc_samples must be 0 (exact square root) or a positive number of Monte-Carlo "
-            f"samples, got {mc_samples}"
-        )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_mc_samples(mc_samples, generator)
     outputs = outputs.detach()
 
     if _is_exactly(loss_fn, nn.MSELoss):
@@ -149,6 +141,28 @@ def hessian_sqrt(
         scale = _cross_entropy_scale(loss_fn, outputs, targets)
         return _cross_entropy_sqrt(outputs, scale, mc_samples, generator)
     return _generic_sqrt(loss_fn, outputs, targets, mc_samples, generator)
+
+
+def check_mc_samples(mc_samples: int, generator: torch.Generator | None = None) -> None:
+    """Raise if ``mc_samples`` is not a count of Monte-Carlo samples or ``generator`` no generator.
+
+    Args:
+        mc_samples: ``0`` (exact) or a positive number of Monte-Carlo samples.
+        generator: ``None`` or a :class:`torch.Generator`.
+
+    Raises:
+        TypeError: If ``mc_samples`` is not an int or ``generator`` not a generator.
+        ValueError: If ``mc_samples`` is negative.
+    """
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
+        raise TypeError(f"mc_samples must be an int, got {mc_samples!r}")
+    if mc_samples < 0:
+        raise ValueError(
+            "mc_samples must be 0 (exact) or a positive number of Monte-Carlo samples, "
+            f"got {mc_samples}"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
 def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:

@@ -14,7 +14,7 @@ from curvkit.engines import (
     KroneckerFactor,
     SumFactor,
     ZeroFactor,
-    compute,
+    backward,
     compute_factors,
 )
 
@@ -234,7 +234,7 @@ def test_both_backward_strategies(
     name: str, per_column: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The per-column backward loop and the vmapped backward pass give the same factors."""
-    monkeypatch.setattr(compute, "PER_COLUMN_BACKWARD_ENTRIES", 0 if per_column else 2**62)
+    monkeypatch.setattr(backward, "PER_COLUMN_BACKWARD_ENTRIES", 0 if per_column else 2**62)
     model, inputs = make_case(name, 4)
     params = list(model.parameters())
     columns = _columns_for(model, inputs)

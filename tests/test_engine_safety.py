@@ -150,9 +150,9 @@ def test_bad_inputs_get_clear_errors() -> None:
     params = list(model.parameters())
     x = torch.randn(4, 3)
     ok = lambda o: o[None]  # noqa: E731
-    with pytest.raises(ValueError, match="not a parameter of model"):
+    with pytest.raises(ValueError, match="not a parameter of the model"):
         compute_factors(model, x, [nn.Parameter(torch.zeros(2))], ok)
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="list each parameter once"):
         compute_factors(model, x, [params[0], params[0]], ok)
     frozen = copy.deepcopy(model)
     frozen[0].bias.requires_grad_(False)

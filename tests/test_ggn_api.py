@@ -228,8 +228,8 @@ def test_bad_model_loss_and_options(mlp_problem):
         (lambda m: [nn.Parameter(torch.zeros(2))], ValueError, "not a parameter of the model"),
         (lambda m: [next(m.parameters())] * 2, ValueError, "same group"),
         (lambda m: [], ValueError, "empty"),
-        (lambda m: [{"params": list(m.parameters())}], TypeError, "param groups"),
-        (lambda m: {"params": list(m.parameters())}, TypeError, "param groups"),
+        (lambda m: [{"params": list(m.parameters()), "lr": 1.0}], ValueError, "unknown option"),
+        (lambda m: [{"weights": list(m.parameters())}], ValueError, "no 'params' key"),
         (lambda m: ["weight"], TypeError, "not a tensor"),
     ],
 )

@@ -1,15 +1,15 @@
 r"""The engine: one forward pass, one batched backward pass, factors per parameter.
 
-:func:`compute_factors` runs the model once with temporary hooks that record the inputs and
+:func:`iter_factors` runs the model once with temporary hooks that record the inputs and
 outputs of every module call using a requested parameter (:mod:`curvkit.engines.recording`),
 asks the caller for the columns to push back (``backprop_columns(outputs)``, shape
-``[K, *outputs.shape]``: the loss Hessian's square root, the loss gradient, ...), pushes all
-:math:`K` of them back at once, stopping at the recorded outputs, and turns each call's inputs
-and backpropagated columns into factors with a per-call rule (:mod:`curvkit.engines.rules`).
-A parameter used by several calls gets the sum of their factors.
-
-:func:`iter_factors` does the same in chunks of samples and columns, for batches whose factors
-would not fit in memory at once.
+``[K, *outputs.shape]``: the loss Hessian's square root, the loss gradient, ...), pushes them
+back (:mod:`curvkit.engines.backward`), stopping at the recorded outputs, and turns each call's
+inputs and backpropagated columns into factors with the rule registered for its module type
+(:mod:`curvkit.engines.rules`). A parameter used by several calls gets the sum of their factors.
+It does so in chunks of samples and columns, for batches whose factors would not fit in memory
+at once; :func:`compute_factors` is its single chunk. The safety probes around the passes live in
+:mod:`curvkit.engines.safety`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,23 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from curvkit.engines.backward import backpropagate
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
-from curvkit.engines.recording import ModuleCall, Recording, record_forward
+from curvkit.engines.recording import Recording, record_forward
 from curvkit.engines.rules import factors_for_call
+from curvkit.engines.safety import (
+    attach_probes,
+    check_columns,
+    check_no_unseen_uses,
+    check_outputs,
+    probe_first_sample,
+    refuse_sample_mixing,
+)
+from curvkit.groups import check_params
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
@@ -60,115 +68,6 @@ def _as_inputs(inputs: Tensor | Sequence[Tensor]) -> tuple[Any, ...]:
     raise TypeError(f"inputs must be a Tensor or a tuple of tensors, got {type(inputs).__name__}")
 
 
-def _check_params(model: nn.Module, params: Sequence[Tensor]) -> list[Tensor]:
-    if isinstance(params, Tensor):
-        raise TypeError("params must be a sequence of parameters, not one tensor: use [param]")
-    params = list(params)
-    in_model = {id(p) for p in model.parameters()}
-    seen: set[int] = set()
-    for i, param in enumerate(params):
-        if not isinstance(param, Tensor):
-            raise TypeError(f"params[{i}] is a {type(param).__name__}, not a tensor")
-        if id(param) not in in_model:
-            raise ValueError(
-                f"params[{i}] (shape {tuple(param.shape)}) is not a parameter of model"
-            )
-        if not param.requires_grad:
-            raise ValueError(f"params[{i}] does not require grad")
-        if id(param) in seen:
-            raise ValueError(f"params[{i}] appears twice in params")
-        seen.add(id(param))
-    return params
-
-
-def refuse_sample_mixing(model: nn.Module) -> None:
-    """Raise if ``model`` holds a module known to mix samples.
-
-    Raises:
-        ValueError: For a BatchNorm layer in training mode or without running statistics.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
-            raise ValueError(
-                f"{type(module).__name__} `{name or 'model'}` normalises with statistics of "
-                "the batch, so a sample's output depends on the other samples and per-sample "
-                "curvature is undefined. Call `model.eval()` first (it then uses its running "
-                "statistics)."
-            )
-
-
-def probe_first_sample(
-    model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor], outputs: Tensor
-) -> dict[tuple[int, int], ModuleCall]:
-    """Run the first sample alone: refuse models that mix samples, find sample axes.
-
-    One forward pass of one sample without gradients. If the first sample's output differs
-    from its output in the batch, the model mixes samples in a way no module type reveals
-    (``x - x.mean(0)`` in a ``forward``, dropout in training mode). The pass is recorded like
-    the batch's: the axis of a recorded tensor that shrinks from :math:`N` to 1 is its sample
-    axis, even where another axis also has size :math:`N`. Skipped for a single sample or when
-    an input does not hold the samples along axis 0.
-
-    Returns:
-        The recorded calls of the pass by :attr:`ModuleCall.key` (empty when skipped).
-
-    Raises:
-        ValueError: If the outputs differ beyond floating-point noise.
-    """
-    num_samples = outputs.shape[0]
-    if num_samples == 1 or not all(
-        isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == num_samples for x in inputs
-    ):
-        return {}
-    probe = record_forward(model, tuple(x[:1].clone() for x in inputs), params, build_graph=False)
-    alone = probe.outputs
-    if not isinstance(alone, Tensor) or alone.shape[1:] != outputs.shape[1:]:
-        return {}
-    expected = outputs[:1].detach()
-    tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
-    scale = max(expected.abs().max().item(), 1.0)
-    if not torch.allclose(alone, expected, rtol=0.0, atol=tolerance * scale):
-        raise ValueError(
-            "the model's output for a sample changes with the other samples in the batch "
-            "(batch statistics, dropout, an operation across samples), so per-sample curvature "
-            "is undefined. Call `model.eval()` first, and make sure no operation mixes samples."
-        )
-    return {call.key: call for call in probe.calls}
-
-
-def _attach_probes(recording: Recording, probes: dict[tuple[int, int], ModuleCall]) -> None:
-    for call in recording.calls:
-        call.probe = probes.get(call.key)
-
-
-def _check_outputs(outputs: Any) -> Tensor:
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        raise TypeError(
-            "the model must return one tensor whose first axis indexes the samples, got "
-            f"{type(outputs).__name__}"
-            + (f" of shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else "")
-        )
-    return outputs
-
-
-def _check_columns(columns: Any, outputs: Tensor) -> Tensor:
-    if not isinstance(columns, Tensor):
-        raise TypeError(f"backprop_columns must return a Tensor, got {type(columns).__name__}")
-    if columns.dim() != outputs.dim() + 1 or columns.shape[1:] != outputs.shape:
-        raise ValueError(
-            f"backprop_columns must return a tensor of shape [K, *{tuple(outputs.shape)}] "
-            f"(K columns per output), got {tuple(columns.shape)}"
-        )
-    if columns.shape[0] == 0:
-        raise ValueError("backprop_columns returned no columns (K = 0); it must return K >= 1")
-    if columns.dtype != outputs.dtype or columns.device != outputs.device:
-        raise ValueError(
-            f"backprop_columns returned {columns.dtype} on {columns.device}; the outputs are "
-            f"{outputs.dtype} on {outputs.device}"
-        )
-    return columns
-
-
 def _output_tensors(output: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)]
 
@@ -185,125 +84,6 @@ def _combine(parts: list[Factor]) -> Factor:
     if all(isinstance(p, DenseFactor) for p in parts):
         return DenseFactor(sum(p.columns for p in parts), parts[0].param_shape)
     return SumFactor(parts)
-
-
-#: Per-column size (entries of all recorded outputs) from which the columns are pushed back
-#: one at a time rather than under :func:`torch.func.vmap` (see :func:`backpropagate`).
-PER_COLUMN_BACKWARD_ENTRIES = 2**18
-
-
-def _backward_per_column(
-    outputs: Tensor, targets: list[Tensor], columns: Tensor, retain_graph: bool
-) -> list[Tensor | None]:
-    if len(columns) == 1:
-        grads = torch.autograd.grad(
-            outputs, targets, grad_outputs=columns[0], retain_graph=retain_graph, allow_unused=True
-        )
-        return [None if g is None else g.unsqueeze(0) for g in grads]
-    # Each column's results go straight into one buffer per target: stacking the columns at
-    # the end would hold every result twice.
-    buffers: list[Tensor | None] = []
-    for k, column in enumerate(columns):
-        grads = torch.autograd.grad(
-            outputs,
-            targets,
-            grad_outputs=column,
-            retain_graph=retain_graph or k + 1 < len(columns),
-            allow_unused=True,
-        )
-        if k == 0:
-            buffers = [None if g is None else g.new_empty(len(columns), *g.shape) for g in grads]
-        for buffer, grad in zip(buffers, grads, strict=True):
-            if buffer is not None:
-                buffer[k] = grad
-    return buffers
-
-
-def backpropagate(
-    outputs: Tensor,
-    targets: list[Tensor],
-    columns: Tensor,
-    *,
-    create_graph: bool,
-    retain_graph: bool,
-) -> list[Tensor | None]:
-    """All columns pushed back from ``outputs`` to ``targets``.
-
-    Returns, per target, ``[K, *target.shape]`` (``None`` where nothing flows back). Three ways,
-    chosen by measurement (CPU, torch 2.13):
-
-    - small recorded outputs (an MLP): :func:`torch.func.vmap` over ``torch.autograd.grad``,
-      one backward pass on all columns (20% faster than a loop of backward passes, as fast as
-      ``is_grads_batched``);
-    - large ones (convolutions; from :data:`PER_COLUMN_BACKWARD_ENTRIES` entries per column):
-      one backward pass per column, which is then cheap per operator (on a small CNN 1.8x
-      faster than ``vmap``, whose pooling rules copy the pooled input once per column, and
-      1.3x faster than ``is_grads_batched``, which falls back to loops per operator);
-    - ``create_graph``: ``is_grads_batched``, whose results stay correctly differentiable.
-
-    A backward pass that cannot be batched (data-dependent control flow in a custom
-    ``autograd.Function``) is run once per column. With ``retain_graph=False`` the graph's
-    buffers are freed by the last backward pass of the per-column way (the other ways keep them
-    until the recording goes).
-    """
-    if create_graph:
-        return list(
-            torch.autograd.grad(
-                outputs,
-                targets,
-                grad_outputs=columns,
-                retain_graph=True,
-                create_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        )
-    if len(columns) == 1 or sum(t.numel() for t in targets) >= PER_COLUMN_BACKWARD_ENTRIES:
-        return _backward_per_column(outputs, targets, columns, retain_graph)
-    unused: list[bool] = []
-
-    def one_column(column: Tensor) -> tuple[Tensor, ...]:
-        grads = torch.autograd.grad(
-            outputs, targets, grad_outputs=column, retain_graph=True, allow_unused=True
-        )
-        unused[:] = [g is None for g in grads]
-        # vmap returns tensors only: a scalar stands in where nothing flows back.
-        return tuple(column.new_zeros(()) if g is None else g for g in grads)
-
-    try:
-        results = vmap(one_column)(columns)
-    except RuntimeError:
-        return _backward_per_column(outputs, targets, columns, retain_graph)
-    return [None if skip else g for skip, g in zip(unused, results, strict=True)]
-
-
-def _check_no_unseen_uses(
-    outputs: Tensor, recording: Recording, params: list[Tensor], column: Tensor
-) -> None:
-    """Raise if a parameter without recorded uses still influences the outputs.
-
-    Uses are seen through the arguments of torch functions; one hidden deeper (a tensor in a
-    dict argument) would otherwise give a silently zero factor. Parameters outside the graph
-    cost nothing here: the backward pass reaches none of them.
-    """
-    seen = {index for call in recording.calls for index in call.params}
-    unseen = [i for i in range(len(params)) if i not in seen]
-    if not unseen:
-        return
-    grads = torch.autograd.grad(
-        outputs,
-        [params[i] for i in unseen],
-        grad_outputs=column,
-        retain_graph=True,
-        allow_unused=True,
-    )
-    for index, grad in zip(unseen, grads, strict=True):
-        if grad is not None:
-            raise RuntimeError(
-                f"params[{index}] influences the outputs, but the engine saw no torch function "
-                "receive it during the forward pass (is it hidden inside a container "
-                "argument?); pass it to torch functions directly"
-            )
 
 
 def _factors(
@@ -324,7 +104,7 @@ def _factors(
                 targets.setdefault(id(tensor), tensor)
     grads: dict[int, Tensor | None] = {}
     if outputs.requires_grad:
-        _check_no_unseen_uses(outputs, recording, params, columns[0])
+        check_no_unseen_uses(outputs, recording, params, columns[0])
     if targets and outputs.requires_grad:
         target_list = list(targets.values())
         results = backpropagate(
@@ -410,22 +190,18 @@ def compute_factors(
         RuntimeError: If a parameter influences the outputs through a use the engine could
             not see, or a recorded tensor is changed in place even in private copies.
     """
-    inputs = _as_inputs(inputs)
-    params = _check_params(model, params)
-    refuse_sample_mixing(model)
-    recording = record_forward(model, inputs, params)
-    outputs = _check_outputs(recording.outputs)
-    _attach_probes(recording, probe_first_sample(model, inputs, params, outputs))
-    columns = _check_columns(backprop_columns(outputs.detach()), outputs)
-    factors = _factors(
-        recording,
-        params,
-        columns,
-        create_graph=create_graph,
-        retain_graph=False,
-        max_chunk_bytes=max_chunk_bytes,
+    ((outputs, factors),) = (
+        (chunk.outputs, chunk.factors)
+        for chunk in iter_factors(
+            model,
+            inputs,
+            params,
+            backprop_columns,
+            create_graph=create_graph,
+            max_chunk_bytes=max_chunk_bytes,
+        )
     )
-    return outputs.detach(), factors
+    return outputs, factors
 
 
 def _slices(total: int, size: int | None) -> list[slice]:
@@ -479,19 +255,19 @@ def iter_factors(
             first axis is not the samples' when chunking over samples.
     """
     inputs = _as_inputs(inputs)
-    params = _check_params(model, params)
+    params = check_params(params, model)
     refuse_sample_mixing(model)
     if sample_chunk_size is None:
         recording = record_forward(model, inputs, params)
-        outputs = _check_outputs(recording.outputs)
+        outputs = check_outputs(recording.outputs)
         probes = probe_first_sample(model, inputs, params, outputs)
-        columns = _check_columns(backprop_columns(outputs.detach()), outputs)
+        columns = check_columns(backprop_columns(outputs.detach()), outputs)
         sample_slices = [slice(0, outputs.shape[0])]
     else:
         with torch.no_grad():
-            outputs = _check_outputs(model(*inputs))
+            outputs = check_outputs(model(*inputs))
         probes = probe_first_sample(model, inputs, params, outputs)
-        columns = _check_columns(backprop_columns(outputs), outputs)
+        columns = check_columns(backprop_columns(outputs), outputs)
         num_samples = outputs.shape[0]
         for i, value in enumerate(inputs):
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != num_samples:
@@ -504,7 +280,7 @@ def iter_factors(
     for samples in sample_slices:
         if sample_chunk_size is not None:
             recording = record_forward(model, tuple(x[samples] for x in inputs), params)
-        _attach_probes(recording, probes)
+        attach_probes(recording, probes)
         chunk_outputs = recording.outputs
         for j, cols in enumerate(column_slices):
             factors = _factors(

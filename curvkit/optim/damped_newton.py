@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from curvkit.directional import GROUP_DEFAULTS, damped_newton_step_and_loss
 from curvkit.groups import normalize_param_groups
+from curvkit.losses import check_mc_samples
 
 __all__ = ["DampedNewton"]
 
@@ -54,7 +55,7 @@ class DampedNewton(torch.optim.Optimizer):
             Hessian per sample.
 
     Raises:
-        TypeError: If ``model`` is not a module.
+        TypeError: If ``model`` is not a module or ``mc_samples`` not an int.
         ValueError: For a non-positive or non-finite learning rate, a negative ``mc_samples``, or
             invalid groups (see :func:`curvkit.groups.normalize_param_groups`).
     """
@@ -72,11 +73,7 @@ class DampedNewton(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
-            raise ValueError(
-                f"mc_samples must be 0 (exact GGN) or a positive number of samples, "
-                f"got {mc_samples!r}"
-            )
+        check_mc_samples(mc_samples)
         defaults = {**GROUP_DEFAULTS, "lr": lr, "damping": damping, "criterion": criterion}
         groups = normalize_param_groups(param_groups, model, defaults)
         for index, group in enumerate(groups):

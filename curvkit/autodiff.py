@@ -1,0 +1,90 @@
+r"""GGN-vector products by plain automatic differentiation, without the engine's factors.
+
+:math:`G u = \sum_n J_n^\top H_n J_n u` for a whole batch costs one forward pass that also
+carries :math:`J u` (forward-mode AD), one product with the loss Hessian in output space
+(through its square root, :func:`curvkit.losses.hessian_sqrt`) and one vector-Jacobian product
+back: about twice a gradient, with no per-sample work. For operations without a forward-mode
+rule, the double-vjp trick computes :math:`J u` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+
+from curvkit import losses
+from curvkit.data import Inputs
+from curvkit.engines.safety import refuse_sample_mixing
+from curvkit.groups import parameter_names
+from curvkit.losses import LossFunction
+
+__all__ = ["ggn_product"]
+
+
+def ggn_product(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Inputs,
+    targets: Tensor,
+    params: list[Tensor],
+    vector: list[Tensor],
+) -> tuple[Tensor, list[Tensor]]:
+    r"""Return the outputs and :math:`J^\top S S^\top J u` for one batch, by plain autodiff.
+
+    :math:`J u` comes from forward-mode AD in the same forward pass that records the graph for
+    the final vector-Jacobian product. Where an operation has no forward-mode rule, the
+    double-vjp trick computes it instead: :math:`J^\top w` is linear in :math:`w`, so its
+    derivative with respect to :math:`w` along :math:`u` is :math:`J u`.
+    """
+    refuse_sample_mixing(model)
+    with torch.enable_grad():
+        try:
+            outputs, jacobian_vector = _forward_mode_jvp(model, inputs, params, vector)
+        except (RuntimeError, NotImplementedError):
+            outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
+        columns = losses.hessian_sqrt(loss_fn, outputs.detach(), targets)
+        coefficients = (columns * jacobian_vector).flatten(start_dim=2).sum(dim=2)
+        output_product = torch.einsum("kn,kn...->n...", coefficients, columns)
+        product = torch.autograd.grad(
+            outputs, params, output_product, allow_unused=True, materialize_grads=True
+        )
+    return outputs.detach(), list(product)
+
+
+def _call(model: nn.Module, inputs: Inputs) -> Tensor:
+    outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+        raise TypeError("the model must return one tensor whose first axis indexes the samples")
+    return outputs
+
+
+def _forward_mode_jvp(
+    model: nn.Module, inputs: Inputs, params: list[Tensor], vector: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    names = parameter_names(model)
+    with forward_ad.dual_level():
+        duals = {
+            names[id(p)]: forward_ad.make_dual(p, u) for p, u in zip(params, vector, strict=True)
+        }
+        primal, tangent = forward_ad.unpack_dual(torch.func.functional_call(model, duals, inputs))
+    if not isinstance(primal, Tensor) or primal.dim() == 0:
+        raise TypeError("the model must return one tensor whose first axis indexes the samples")
+    return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+def _double_vjp_jvp(
+    model: nn.Module, inputs: Inputs, params: list[Tensor], vector: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    outputs = _call(model, inputs)
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    transposed = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
+    pairs = [
+        (t, u) for t, u in zip(transposed, vector, strict=True) if t is not None and t.requires_grad
+    ]
+    jacobian_vector = None
+    if pairs:
+        (jacobian_vector,) = torch.autograd.grad(
+            [t for t, _ in pairs], dummy, [u for _, u in pairs], allow_unused=True
+        )
+    return outputs, torch.zeros_like(outputs) if jacobian_vector is None else jacobian_vector

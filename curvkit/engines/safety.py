@@ -1,0 +1,148 @@
+r"""Safety probes: refuse what per-sample curvature cannot be computed for, before it is wrong.
+
+The engine calls these around its forward and backward pass: modules known to mix samples
+(:func:`refuse_sample_mixing`), a forward pass of the first sample alone that reveals any other
+mixing and the sample axes of recorded tensors (:func:`probe_first_sample`), the shapes of what
+the model and the caller hand over (:func:`check_outputs`, :func:`check_columns`) and parameter
+uses the recording did not see (:func:`check_no_unseen_uses`). Quantities that do not use the
+engine (:mod:`curvkit.autodiff`) call them too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from curvkit.engines.recording import ModuleCall, Recording, record_forward
+
+__all__ = [
+    "attach_probes",
+    "check_columns",
+    "check_no_unseen_uses",
+    "check_outputs",
+    "probe_first_sample",
+    "refuse_sample_mixing",
+]
+
+
+def refuse_sample_mixing(model: nn.Module) -> None:
+    """Raise if ``model`` holds a module known to mix samples.
+
+    Raises:
+        ValueError: For a BatchNorm layer in training mode or without running statistics.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+            raise ValueError(
+                f"{type(module).__name__} `{name or 'model'}` normalises with statistics of "
+                "the batch, so a sample's output depends on the other samples and per-sample "
+                "curvature is undefined. Call `model.eval()` first (it then uses its running "
+                "statistics)."
+            )
+
+
+def probe_first_sample(
+    model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor], outputs: Tensor
+) -> dict[tuple[int, int], ModuleCall]:
+    """Run the first sample alone: refuse models that mix samples, find sample axes.
+
+    One forward pass of one sample without gradients. If the first sample's output differs
+    from its output in the batch, the model mixes samples in a way no module type reveals
+    (``x - x.mean(0)`` in a ``forward``, dropout in training mode). The pass is recorded like
+    the batch's: the axis of a recorded tensor that shrinks from :math:`N` to 1 is its sample
+    axis, even where another axis also has size :math:`N`. Skipped for a single sample or when
+    an input does not hold the samples along axis 0.
+
+    Returns:
+        The recorded calls of the pass by :attr:`ModuleCall.key` (empty when skipped).
+
+    Raises:
+        ValueError: If the outputs differ beyond floating-point noise.
+    """
+    num_samples = outputs.shape[0]
+    if num_samples == 1 or not all(
+        isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == num_samples for x in inputs
+    ):
+        return {}
+    probe = record_forward(model, tuple(x[:1].clone() for x in inputs), params, build_graph=False)
+    alone = probe.outputs
+    if not isinstance(alone, Tensor) or alone.shape[1:] != outputs.shape[1:]:
+        return {}
+    expected = outputs[:1].detach()
+    tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
+    scale = max(expected.abs().max().item(), 1.0)
+    if not torch.allclose(alone, expected, rtol=0.0, atol=tolerance * scale):
+        raise ValueError(
+            "the model's output for a sample changes with the other samples in the batch "
+            "(batch statistics, dropout, an operation across samples), so per-sample curvature "
+            "is undefined. Call `model.eval()` first, and make sure no operation mixes samples."
+        )
+    return {call.key: call for call in probe.calls}
+
+
+def attach_probes(recording: Recording, probes: dict[tuple[int, int], ModuleCall]) -> None:
+    """Give each recorded call its probe-pass twin (:func:`probe_first_sample`), if any."""
+    for call in recording.calls:
+        call.probe = probes.get(call.key)
+
+
+def check_outputs(outputs: Any) -> Tensor:
+    """Return the model's ``outputs`` if they are one tensor with a sample axis, else raise."""
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+        raise TypeError(
+            "the model must return one tensor whose first axis indexes the samples, got "
+            f"{type(outputs).__name__}"
+            + (f" of shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else "")
+        )
+    return outputs
+
+
+def check_columns(columns: Any, outputs: Tensor) -> Tensor:
+    """Return ``columns`` if they are ``[K, *outputs.shape]`` like the outputs, else raise."""
+    if not isinstance(columns, Tensor):
+        raise TypeError(f"backprop_columns must return a Tensor, got {type(columns).__name__}")
+    if columns.dim() != outputs.dim() + 1 or columns.shape[1:] != outputs.shape:
+        raise ValueError(
+            f"backprop_columns must return a tensor of shape [K, *{tuple(outputs.shape)}] "
+            f"(K columns per output), got {tuple(columns.shape)}"
+        )
+    if columns.shape[0] == 0:
+        raise ValueError("backprop_columns returned no columns (K = 0); it must return K >= 1")
+    if columns.dtype != outputs.dtype or columns.device != outputs.device:
+        raise ValueError(
+            f"backprop_columns returned {columns.dtype} on {columns.device}; the outputs are "
+            f"{outputs.dtype} on {outputs.device}"
+        )
+    return columns
+
+
+def check_no_unseen_uses(
+    outputs: Tensor, recording: Recording, params: list[Tensor], column: Tensor
+) -> None:
+    """Raise if a parameter without recorded uses still influences the outputs.
+
+    Uses are seen through the arguments of torch functions; one hidden deeper (a tensor in a
+    dict argument) would otherwise give a silently zero factor. Parameters outside the graph
+    cost nothing here: the backward pass reaches none of them.
+    """
+    seen = {index for call in recording.calls for index in call.params}
+    unseen = [i for i in range(len(params)) if i not in seen]
+    if not unseen:
+        return
+    grads = torch.autograd.grad(
+        outputs,
+        [params[i] for i in unseen],
+        grad_outputs=column,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    for index, grad in zip(unseen, grads, strict=True):
+        if grad is not None:
+            raise RuntimeError(
+                f"params[{index}] influences the outputs, but the engine saw no torch function "
+                "receive it during the forward pass (is it hidden inside a container "
+                "argument?); pass it to torch functions directly"
+            )
