@@ -9,6 +9,8 @@ rule, the double-vjp trick computes :math:`J u` instead.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
@@ -63,7 +65,13 @@ def _forward_mode_jvp(
     model: nn.Module, inputs: Inputs, params: list[Tensor], vector: list[Tensor]
 ) -> tuple[Tensor, Tensor]:
     names = parameter_names(model)
-    with forward_ad.dual_level():
+    with warnings.catch_warnings(), forward_ad.dual_level():
+        # On first use, torch compiles its forward-mode decompositions with torch.jit.script,
+        # which warns that torch.jit.script is deprecated: torch's internals, nothing a user
+        # of curvkit can act on.
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+        )
         duals = {
             names[id(p)]: forward_ad.make_dual(p, u) for p, u in zip(params, vector, strict=True)
         }

@@ -1,4 +1,8 @@
-"""torch.distributed: two gloo ranks with half of the data each give the one-process result."""
+"""torch.distributed: two gloo ranks with half of the data each give the one-process result.
+
+The linear quantities sum over ranks; the directional ones (eigenpairs, directional derivatives,
+damped Newton steps) join the ranks' batches, in rank order, into the one batch of all data.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,17 @@ def _quantities(model: nn.Module, loss_fn: nn.Module, data) -> list[torch.Tensor
     dim = sum(p.numel() for p in model.parameters())
     vector = torch.linspace(-1, 1, dim, dtype=torch.float64)
     operator = curvkit.GGNOperator(model, loss_fn, data)
+    groups = [
+        {"params": [model[0].weight], "criterion": curvkit.top_k(3), "damping": 0.5},
+        {"params": [model[0].bias, *list(model.parameters())[2:]], "criterion": None},
+    ]
+    eigenpairs = curvkit.ggn_eigh(model, loss_fn, data, groups)
+    derivatives = curvkit.directional_derivatives(model, loss_fn, data, groups)
+    steps = curvkit.damped_newton_step(model, loss_fn, data, groups)
     return [
+        *[t for evals, evecs in eigenpairs for t in (evals, *evecs)],
+        *[t for pair in derivatives for t in pair],
+        *[t for step in steps for t in step],
         *curvkit.diag_ggn(model, loss_fn, data),
         curvkit.ggn_matrix(model, loss_fn, data),
         curvkit.ggn_vector_product(model, loss_fn, data, vector),
