@@ -34,9 +34,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
+
+try:
+    from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
+    from backpack.extensions.backprop_extension import BackpropExtension
+except ImportError as error:
+    # BackPACK is an optional extra: name the install that fixes it, and keep the original
+    # error (a missing package, or a BackPACK that fails to import) as the cause.
+    raise ImportError(
+        "curvkit.vivit (EighComputation, EigvalshComputation, DirectionalDerivativesComputation, "
+        "DirectionalDampedNewtonComputation) needs BackPACK: install it with "
+        '`pip install "curvkit[vivit]"` (or `pip install backpack-for-pytorch`). '
+        "The rest of curvkit works without it."
+    ) from error
 
 from curvkit.engines.factor import DenseFactor
 from curvkit.gram_eigen import (
