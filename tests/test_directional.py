@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK
 from test_directional_reference import (
     assert_close,
     flat,
@@ -172,6 +173,7 @@ def test_subsampling_matches_reference(reduction):
     )
 
 
+@BACKPACK_FULL_BACKWARD_HOOK  # the drop-ins run through BackPACK on an extended model
 def test_vivit_drop_ins_agree_with_functional_api():
     from backpack import backpack, extend
 

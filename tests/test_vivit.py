@@ -9,6 +9,7 @@ import pytest
 import torch
 from backpack import backpack, extend
 from backpack.extensions import SqrtGGNMC
+from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK
 from test_directional_reference import (
     assert_close,
     flat,
@@ -25,6 +26,9 @@ from curvkit import (
     EighComputation,
     EigvalshComputation,
 )
+
+# Every test here runs backward through a BackPACK-extended model.
+pytestmark = BACKPACK_FULL_BACKWARD_HOOK
 
 
 def top(k):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "plot_vivit_directional_damped_newton.py"
 CURVKIT_IMPORT = "from curvkit import DirectionalDampedNewtonComputation"
@@ -33,7 +34,7 @@ def _symeig(self, eigenvectors=False, upper=True):
     return torch.linalg.eigvalsh(self, UPLO=uplo), torch.empty(0)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+@BACKPACK_FULL_BACKWARD_HOOK  # the example (and ViViT's version of it) extends the model
 def test_example_runs_with_curvkit_and_matches_vivit(monkeypatch):
     text = EXAMPLE.read_text()
     assert text.count(CURVKIT_IMPORT) == 1

@@ -1,0 +1,16 @@
+"""Filters for warnings that a peer's own code raises in the tests that run that peer.
+
+Each filter names one exact message and is applied only to the tests (or modules) that run the
+peer, so the same message raised anywhere else, by curvkit's own code in particular, still shows.
+"""
+
+import pytest
+
+#: BackPACK's ``extend()`` registers full backward hooks on every module. When the model's input
+#: does not require grad, torch notes that such a hook fires with respect to the module's outputs
+#: only; that is all BackPACK's hooks need, so the notice is expected whenever an extended model
+#: runs backward (through BackPACK, ViViT or curvkit's ViViT classes) and says nothing of curvkit.
+BACKPACK_FULL_BACKWARD_HOOK = pytest.mark.filterwarnings(
+    "ignore:Full backward hook is firing when gradients are computed with respect to module "
+    "outputs since no inputs require gradients:UserWarning"
+)
