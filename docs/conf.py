@@ -6,10 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-import curvkit
-
 ROOT = Path(__file__).resolve().parent.parent
+# Document this checkout, not whichever curvkit is installed: the path goes in before the import.
 sys.path.insert(0, str(ROOT))
+
+import curvkit  # noqa: E402
+
 # Examples run while the gallery builds: render their figures off-screen.
 os.environ.setdefault("MPLBACKEND", "Agg")
 
