@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-__all__ = ["PER_COLUMN_BACKWARD_ENTRIES", "backpropagate"]
+__all__ = ["PER_COLUMN_BACKWARD_ENTRIES", "backpropagate", "batching_fallback_allowed"]
+
+
+@contextmanager
+def batching_fallback_allowed() -> Iterator[None]:
+    """Silence torch's notice that an operator without a batching rule runs in a loop.
+
+    Under :func:`torch.func.vmap`, such an operator (CPU flash attention and its backward in
+    torch 2.13) is evaluated once per batch entry: still exact, and no slower than the loops
+    the engine would otherwise fall back to, so the notice tells a curvkit user nothing.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        yield
 
 
 #: Per-column size (entries of all recorded outputs) from which the columns are pushed back
@@ -95,10 +110,7 @@ def backpropagate(
         return tuple(column.new_zeros(()) if g is None else g for g in grads)
 
     try:
-        with warnings.catch_warnings():
-            # An operator without a batching rule (CPU flash attention's backward) runs in a
-            # loop over the columns: still exact, and the per-column way would cost the same.
-            warnings.filterwarnings("ignore", message="There is a performance drop because")
+        with batching_fallback_allowed():
             results = vmap(one_column)(columns)
     except RuntimeError:
         return _backward_per_column(outputs, targets, columns, retain_graph)

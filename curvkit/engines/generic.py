@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
+from curvkit.engines.backward import batching_fallback_allowed
 from curvkit.engines.recording import ModuleCall
 
 __all__ = ["generic_columns"]
@@ -181,13 +182,14 @@ def generic_columns(
         grads, recomputed = sample_by_sample()
     else:
         try:
-            grads, recomputed = vmap(
-                lambda inputs, columns: per_sample(inputs, columns, True),
-                in_dims=(input_axes, [axis + 1 for axis in output_axes]),
-                out_dims=(1, tuple(output_axes)),
-                randomness="different",
-                chunk_size=chunk_size,
-            )(sample_inputs, cotangents)
+            with batching_fallback_allowed():
+                grads, recomputed = vmap(
+                    lambda inputs, columns: per_sample(inputs, columns, True),
+                    in_dims=(input_axes, [axis + 1 for axis in output_axes]),
+                    out_dims=(1, tuple(output_axes)),
+                    randomness="different",
+                    chunk_size=chunk_size,
+                )(sample_inputs, cotangents)
         except RuntimeError:
             # Some operators cannot be vmapped (LSTM, PReLU's backward in torch 2.13).
             grads, recomputed = sample_by_sample()
