@@ -68,14 +68,14 @@ from torch import Tensor, nn
 
 from curvkit.data import Data
 from curvkit.engines import Factor
+from curvkit.factor_products import normalized_products
 from curvkit.gram_eigen import (
     GramDirections,
     TopK,
-    damped_newton_coefficients,
+    damped_newton_step_coefficients,
     directional_curvatures,
     directional_gradients,
     gram_directions,
-    resolve_damping,
 )
 from curvkit.losses import LossFunction
 from curvkit.problem import Params, Problem, fill_argument_docs
@@ -237,7 +237,7 @@ def directional_derivatives(
         subsampling_ggn,
         gradient=True,
     )
-    return [problem.derivatives(group, factors)[1:] for group, factors in problem.groups()]
+    return [problem.derivatives(group, factors) for group, factors in problem.groups()]
 
 
 @fill_argument_docs
@@ -389,27 +389,27 @@ class _GramProblem:
         """The group's selected eigenvalues and unit eigenvectors in parameter shapes."""
         directions = self.directions_from_gram(group, _group_gram(factors))
         coefficients = self.embed(directions.evec_coefficients())
-        evecs = [factor.mat(coefficients) for factor in factors]
-        norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
-        inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
-        return directions.evals, [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
+        return directions.evals, normalized_products(factors, coefficients)
 
     @torch.no_grad()
     def derivatives(
         self, group: dict[str, Any], factors: Sequence[Factor]
-    ) -> tuple[GramDirections, Tensor, Tensor]:
-        """The group's directions, directional gradients and directional curvatures."""
+    ) -> tuple[Tensor, Tensor]:
+        """The group's directional gradients and directional curvatures."""
         gram = _group_gram(factors)
         directions = self.directions_from_gram(group, gram)
-        gammas = directional_gradients(directions, self.grad_gram(gram))
-        return directions, gammas, directional_curvatures(directions)
+        return directional_gradients(directions, self.grad_gram(gram)), directional_curvatures(
+            directions
+        )
 
     @torch.no_grad()
     def step(self, group: dict[str, Any], factors: Sequence[Factor]) -> list[Tensor]:
         """The group's damped Newton step in parameter shapes."""
-        directions, gammas, lambdas = self.derivatives(group, factors)
-        damping = resolve_damping(group["damping"], directions, gammas, lambdas)
-        coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
+        gram = _group_gram(factors)
+        directions = self.directions_from_gram(group, gram)
+        coefficients = damped_newton_step_coefficients(
+            directions, self.grad_gram(gram), group["damping"]
+        )
         coefficients = self.embed(coefficients)
         return [factor.mat(coefficients)[0] for factor in factors]
 

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from curvkit.engines import Factor
 
-__all__ = ["CHUNK_ELEMENTS", "block_diagonal_matmul", "gram_of_rows", "matmul", "unit_blocks"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "block_diagonal_matmul",
+    "gram_of_rows",
+    "matmul",
+    "normalized_products",
+    "unit_blocks",
+]
 
 #: Number of tensor entries a chunk of GGN columns or of dense factor rows may hold.
 CHUNK_ELEMENTS = 2**23
@@ -29,6 +36,25 @@ def matmul(factors: Sequence[Factor], blocks: Sequence[Tensor]) -> list[Tensor]:
     for factor, block in zip(factors[1:], blocks[1:], strict=True):
         coefficients = coefficients + factor.t_mat(block)
     return [factor.mat(coefficients) for factor in factors]
+
+
+def normalized_products(factors: Sequence[Factor], coefficients: Tensor) -> list[Tensor]:
+    r"""Return the :math:`J` vectors :math:`V c_j / \lVert V c_j \rVert` per parameter.
+
+    Eigenvectors :math:`e_k = V u_k / \sqrt{\lambda_k}` from Gram-space coefficients: normalising
+    the products themselves keeps them unit vectors to the last digit. A zero product stays zero.
+
+    Args:
+        factors: The factors of the parameters that together span the vectors.
+        coefficients: ``[K, N, J]``.
+
+    Returns:
+        One tensor ``[J, *param_shape]`` per parameter.
+    """
+    products = [factor.mat(coefficients) for factor in factors]
+    norms = sum(p.flatten(start_dim=1).square().sum(1) for p in products).sqrt()
+    inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+    return [p * inv_norms.reshape(-1, *[1] * (p.dim() - 1)) for p in products]
 
 
 def block_diagonal_matmul(

@@ -289,6 +289,29 @@ def damped_newton_coefficients(
     return coefficients.unsqueeze(-1)
 
 
+def damped_newton_step_coefficients(
+    directions: GramDirections, grad_gram: Tensor, damping: Damping
+) -> Tensor:
+    r"""Coefficients of :math:`V` for the damped Newton step, from a group's ``"damping"`` option.
+
+    The directional derivatives (:func:`directional_gradients`, :func:`directional_curvatures`),
+    the dampings they determine (:func:`resolve_damping`) and :func:`damped_newton_coefficients`
+    in one call.
+
+    Args:
+        directions: The selected directions.
+        grad_gram: Products of per-sample gradients and square-root columns ``[S_g, C', S]``.
+        damping: A non-negative number, or ``damping(evals, evecs, gammas, lambdas)``.
+
+    Returns:
+        ``[C', S, 1]``: the step is :math:`V` times these coefficients.
+    """
+    gammas = directional_gradients(directions, grad_gram)
+    lambdas = directional_curvatures(directions)
+    value = resolve_damping(damping, directions, gammas, lambdas)
+    return damped_newton_coefficients(directions, gammas, lambdas, value)
+
+
 def resolve_damping(
     damping: Damping, directions: GramDirections, gammas: Tensor, lambdas: Tensor
 ) -> Tensor:

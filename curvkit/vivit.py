@@ -50,15 +50,16 @@ except ImportError as error:
     ) from error
 
 from curvkit.engines.factor import DenseFactor
+from curvkit.factor_products import normalized_products
 from curvkit.gram_eigen import (
     GramDirections,
-    damped_newton_coefficients,
+    damped_newton_step_coefficients,
     directional_curvatures,
     directional_gradients,
     gram_directions,
-    resolve_damping,
 )
 from curvkit.groups import REQUIRED, normalize_param_groups
+from curvkit.losses import check_mc_samples
 
 __all__ = [
     "DirectionalDampedNewtonComputation",
@@ -69,10 +70,7 @@ __all__ = [
 
 
 def _sqrt_ggn_extension(subsampling: list[int] | None, mc_samples: int) -> BackpropExtension:
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
-        raise ValueError(
-            f"mc_samples must be 0 (exact GGN) or a positive number of samples, got {mc_samples!r}"
-        )
+    check_mc_samples(mc_samples)
     if mc_samples == 0:
         return SqrtGGNExact(subsampling=subsampling)
     return SqrtGGNMC(mc_samples=mc_samples, subsampling=subsampling)
@@ -295,11 +293,8 @@ class EighComputation(_GroupsComputation):
         self, partial: dict[str, Any], group: dict[str, Any], batch_size: int
     ) -> tuple[Tensor, list[Tensor]]:
         directions = self._directions(partial, group, batch_size)
-        coefficients = directions.evec_coefficients()
-        evecs = [partial["factors"][id(p)].mat(coefficients) for p in group["params"]]
-        norms = sum(e.flatten(start_dim=1).square().sum(1) for e in evecs).sqrt()
-        inv_norms = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
-        return directions.evals, [e * inv_norms.reshape(-1, *[1] * (e.dim() - 1)) for e in evecs]
+        factors = [partial["factors"][id(p)] for p in group["params"]]
+        return directions.evals, normalized_products(factors, directions.evec_coefficients())
 
 
 class DirectionalDerivativesComputation(_GroupsComputation):
@@ -375,8 +370,7 @@ class DirectionalDampedNewtonComputation(_GroupsComputation):
         self, partial: dict[str, Any], group: dict[str, Any], batch_size: int
     ) -> list[Tensor]:
         directions = self._directions(partial, group, batch_size)
-        gammas = directional_gradients(directions, partial["grad_gram"])
-        lambdas = directional_curvatures(directions)
-        damping = resolve_damping(group["damping"], directions, gammas, lambdas)
-        coefficients = damped_newton_coefficients(directions, gammas, lambdas, damping)
+        coefficients = damped_newton_step_coefficients(
+            directions, partial["grad_gram"], group["damping"]
+        )
         return [partial["factors"][id(p)].mat(coefficients)[0] for p in group["params"]]
