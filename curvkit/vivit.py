@@ -224,18 +224,8 @@ class _GroupsComputation:
         raise NotImplementedError
 
 
-class EigvalshComputation(_GroupsComputation):
-    """GGN eigenvalues of each group's block, ViViT's ``EigvalshComputation`` on torch 2.
-
-    ``get_result(group)`` returns all eigenvalues of the
-    group's Gram matrix (the GGN's nonzero eigenvalues and zeros), ascending.
-
-    Args:
-        subsampling: Indices of the samples forming the GGN; ``None`` for all.
-        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
-        verbose: Print what happens during the backward pass.
-        warn_small_eigvals: Unused (no eigenvectors); kept for ViViT's signature.
-    """
+class _SpectrumComputation(_GroupsComputation):
+    """ViViT's signature for the computations of the GGN's spectrum alone (no gradients)."""
 
     def __init__(
         self,
@@ -250,6 +240,36 @@ class EigvalshComputation(_GroupsComputation):
         """Return the BackPACK extension (ViViT's singular form)."""
         return self._sqrt_extension
 
+
+class _DerivativesComputation(_GroupsComputation):
+    """ViViT's signature for the computations that also need per-sample gradients."""
+
+    def __init__(
+        self,
+        subsampling_grad: list[int] | None = None,
+        subsampling_ggn: list[int] | None = None,
+        mc_samples_ggn: int = 0,
+        verbose: bool = False,
+        warn_small_eigvals: float = 1e-4,
+    ) -> None:
+        super().__init__(
+            subsampling_ggn, subsampling_grad, mc_samples_ggn, verbose, warn_small_eigvals, True
+        )
+
+
+class EigvalshComputation(_SpectrumComputation):
+    """GGN eigenvalues of each group's block, ViViT's ``EigvalshComputation`` on torch 2.
+
+    ``get_result(group)`` returns all eigenvalues of the
+    group's Gram matrix (the GGN's nonzero eigenvalues and zeros), ascending.
+
+    Args:
+        subsampling: Indices of the samples forming the GGN; ``None`` for all.
+        mc_samples: ``0`` for the exact GGN, else the number of Monte-Carlo samples.
+        verbose: Print what happens during the backward pass.
+        warn_small_eigvals: Unused (no eigenvectors); kept for ViViT's signature.
+    """
+
     def _finish(self, partial: dict[str, Any], group: dict[str, Any], batch_size: int) -> Tensor:
         gram = partial["gram"]
         size = gram.shape[0] * gram.shape[1]
@@ -257,7 +277,7 @@ class EigvalshComputation(_GroupsComputation):
         return torch.linalg.eigvalsh(0.5 * (matrix + matrix.T))
 
 
-class EighComputation(_GroupsComputation):
+class EighComputation(_SpectrumComputation):
     """Selected GGN eigenpairs of each group's block, ViViT's ``EighComputation`` on torch 2.
 
     Groups need ``"criterion"``. ``get_result(group)``
@@ -273,19 +293,6 @@ class EighComputation(_GroupsComputation):
 
     _required_options = ("criterion",)
 
-    def __init__(
-        self,
-        subsampling: list[int] | None = None,
-        mc_samples: int = 0,
-        verbose: bool = False,
-        warn_small_eigvals: float = 1e-4,
-    ) -> None:
-        super().__init__(subsampling, None, mc_samples, verbose, warn_small_eigvals, False)
-
-    def get_extension(self) -> BackpropExtension:
-        """Return the BackPACK extension (ViViT's singular form)."""
-        return self._sqrt_extension
-
     def _keeps_factors(self) -> bool:
         return True
 
@@ -297,7 +304,7 @@ class EighComputation(_GroupsComputation):
         return directions.evals, normalized_products(factors, directions.evec_coefficients())
 
 
-class DirectionalDerivativesComputation(_GroupsComputation):
+class DirectionalDerivativesComputation(_DerivativesComputation):
     r"""Per-sample directional derivatives along GGN eigenvectors, ViViT's class on torch 2.
 
     Groups need ``"criterion"``. ``get_result(group)``
@@ -315,18 +322,6 @@ class DirectionalDerivativesComputation(_GroupsComputation):
 
     _required_options = ("criterion",)
 
-    def __init__(
-        self,
-        subsampling_grad: list[int] | None = None,
-        subsampling_ggn: list[int] | None = None,
-        mc_samples_ggn: int = 0,
-        verbose: bool = False,
-        warn_small_eigvals: float = 1e-4,
-    ) -> None:
-        super().__init__(
-            subsampling_ggn, subsampling_grad, mc_samples_ggn, verbose, warn_small_eigvals, True
-        )
-
     def _finish(
         self, partial: dict[str, Any], group: dict[str, Any], batch_size: int
     ) -> tuple[Tensor, Tensor]:
@@ -335,7 +330,7 @@ class DirectionalDerivativesComputation(_GroupsComputation):
         return gammas, directional_curvatures(directions)
 
 
-class DirectionalDampedNewtonComputation(_GroupsComputation):
+class DirectionalDampedNewtonComputation(_DerivativesComputation):
     """Directionally damped Newton steps, ViViT's class on torch 2.
 
     Groups need ``"criterion"`` and ``"damping"``.
@@ -350,18 +345,6 @@ class DirectionalDampedNewtonComputation(_GroupsComputation):
     """
 
     _required_options = ("criterion", "damping")
-
-    def __init__(
-        self,
-        subsampling_grad: list[int] | None = None,
-        subsampling_ggn: list[int] | None = None,
-        mc_samples_ggn: int = 0,
-        verbose: bool = False,
-        warn_small_eigvals: float = 1e-4,
-    ) -> None:
-        super().__init__(
-            subsampling_ggn, subsampling_grad, mc_samples_ggn, verbose, warn_small_eigvals, True
-        )
 
     def _keeps_factors(self) -> bool:
         return True
