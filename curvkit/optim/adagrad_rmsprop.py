@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from curvkit.optim.clipped_adam import DefaultedOptimizer
 
 
-class AdagradRMSProp(Optimizer):
+class AdagradRMSProp(DefaultedOptimizer):
     r"""The adaptive step size of equations 10 and 11 of Kucukelbir et al. (2017).
 
     With gradient :math:`g_k` at step :math:`k = 1, 2, \dots`, a moving average of its square
