@@ -3,63 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from curvkit.optim.base import PerTensorOptimizer
 
 
-def check_adam_args(
-    lr: float, betas: tuple[float, float], eps: float, clip_norm: float, lrd: float
-) -> None:
-    """Check the options that ClippedAdam and DCTAdam share.
-
-    Args:
-        lr: Learning rate, >= 0.
-        betas: Two decay rates in [0, 1).
-        eps: Stabiliser, >= 0.
-        clip_norm: Bound of the gradient entries, > 0.
-        lrd: Learning-rate factor per step, finite and >= 0.
-
-    Raises:
-        ValueError: If an option is out of its range.
-    """
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}.")
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}.")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}.")
-    if not clip_norm > 0.0:
-        raise ValueError(f"clip_norm must be > 0, got {clip_norm}.")
-    if not 0.0 <= lrd < math.inf:
-        raise ValueError(f"lrd must be a finite number >= 0, got {lrd}.")
-
-
-class DefaultedOptimizer(Optimizer):
-    """A torch optimizer whose loaded states take its own defaults for options they lack.
-
-    States saved by another implementation (Pyro's ClippedAdam, AdagradRMSProp, DCTAdam) or an
-    older version lack options such as ``corrected_eps`` and ``differentiable``;
-    :meth:`torch.optim.Optimizer.load_state_dict` would replace the groups by the saved ones.
-    """
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore ``state``, filling each group's missing options from ``self.defaults``.
-
-        Args:
-            state: The optimizer's ``__dict__`` entries, as :mod:`pickle` and
-                :meth:`~torch.optim.Optimizer.load_state_dict` pass them.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
-
-class ClippedAdam(DefaultedOptimizer):
+class ClippedAdam(PerTensorOptimizer):
     r"""Adam whose gradient entries are clipped and whose learning rate decays geometrically.
 
     At step :math:`k` every group's learning rate is first multiplied by ``lrd``, so after
@@ -124,9 +77,18 @@ class ClippedAdam(DefaultedOptimizer):
         corrected_eps: bool = True,
         differentiable: bool = False,
     ) -> None:
-        check_adam_args(lr, betas, eps, clip_norm, lrd)
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}.")
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}.")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+        if not clip_norm > 0.0:
+            raise ValueError(f"clip_norm must be > 0, got {clip_norm}.")
+        if not 0.0 <= lrd < math.inf:
+            raise ValueError(f"lrd must be a finite number >= 0, got {lrd}.")
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -140,30 +102,10 @@ class ClippedAdam(DefaultedOptimizer):
         }
         super().__init__(params, defaults)
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Perform one update of every parameter that has a gradient.
-
-        Args:
-            closure: Optional function that re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None without one.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
-            for group in self.param_groups:
-                group["lr"] *= group["lrd"]
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._update(param, group)
-        return loss
+    def _start_group(self, group: dict[str, Any]) -> None:
+        group["lr"] *= group["lrd"]
 
     def _update(self, param: Tensor, group: dict[str, Any]) -> None:
-        if param.grad.is_sparse:
-            raise TypeError(f"{type(self).__name__} does not support sparse gradients.")
         grad = param.grad.clamp(-group["clip_norm"], group["clip_norm"])
         if group["weight_decay"] != 0.0:
             grad = grad + group["weight_decay"] * param

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvkit.optim.clipped_adam import DefaultedOptimizer, adam_direction, check_adam_args
+from curvkit.optim.clipped_adam import ClippedAdam, adam_direction
 
 
 def next_fast_len(size: int) -> int:
@@ -118,7 +118,7 @@ def subsample_mask(param: Tensor, subsample: Mapping[int, Tensor]) -> Tensor:
     return mask
 
 
-class DCTAdam(DefaultedOptimizer):
+class DCTAdam(ClippedAdam):
     r"""ClippedAdam that also adapts to a parameter's frequency content along a time dimension.
 
     Pyro's ``DCTAdam``. A parameter with an attribute ``_pyro_dct_dim`` (a time dimension of
@@ -159,62 +159,24 @@ class DCTAdam(DefaultedOptimizer):
         *,
         corrected_eps: bool = True,
     ) -> None:
-        check_adam_args(lr, betas, eps, clip_norm, lrd)
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "clip_norm": clip_norm,
-            "lrd": lrd,
-            "subsample_aware": subsample_aware,
-            "corrected_eps": corrected_eps,
-        }
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Perform one update of every parameter that has a gradient.
-
-        Args:
-            closure: Optional function that re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None without one.
-
-        Raises:
-            TypeError: For a sparse gradient.
-            ValueError: For a subsampled parameter that also has a time dimension.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        super().__init__(params, lr, betas, eps, 0.0, clip_norm, lrd, corrected_eps=corrected_eps)
+        self.defaults["subsample_aware"] = subsample_aware
         for group in self.param_groups:
-            group["lr"] *= group["lrd"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise TypeError("DCTAdam does not support sparse gradients.")
-                subsample = getattr(param, "_pyro_subsample", None)
-                if subsample and group["subsample_aware"]:
-                    self._subsampled_update(param, group, subsample)
-                else:
-                    self._update(param, group)
-        return loss
+            group.setdefault("subsample_aware", subsample_aware)
 
     def _update(self, param: Tensor, group: dict[str, Any]) -> None:
-        grad = param.grad.clamp(-group["clip_norm"], group["clip_norm"])
+        subsample = getattr(param, "_pyro_subsample", None)
         time_dim = getattr(param, "_pyro_dct_dim", None)
-        if time_dim is not None:
-            grad = to_time_and_frequency(grad, time_dim)
-        state = self.state[param]
-        if not state:
-            state["step"] = 0
-        direction = adam_direction(state, grad, group)
-        if time_dim is not None:
-            direction = from_time_and_frequency(direction, time_dim, param.shape[time_dim])
-        param.sub_(direction)
+        if subsample and group["subsample_aware"]:
+            self._subsampled_update(param, group, subsample)
+        elif time_dim is None:
+            super()._update(param, group)
+        else:
+            grad = param.grad.clamp(-group["clip_norm"], group["clip_norm"])
+            state = self.state[param]
+            state.setdefault("step", 0)
+            direction = adam_direction(state, to_time_and_frequency(grad, time_dim), group)
+            param.sub_(from_time_and_frequency(direction, time_dim, param.shape[time_dim]))
 
     def _subsampled_update(
         self, param: Tensor, group: dict[str, Any], subsample: Mapping[int, Tensor]
