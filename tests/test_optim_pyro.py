@@ -127,6 +127,22 @@ def test_clipped_adam_differs_from_curvkits_own_as_documented():
     assert (own[-1] - pyro_like[-1]).abs().max() > 1e-3
 
 
+def test_sparse_adam_takes_pyros_steps():
+    values = []
+    for module, call in ((theirs, lambda opt, x: opt([x])), (ours, lambda opt, x: opt({"x": x}))):
+        optim = module.SparseAdam({"lr": 0.1})
+        x = start().requires_grad_()
+        rows = []
+        for step in range(STEPS):
+            x.grad = None
+            picked = torch.tensor([step % 4, (step + 1) % 4])
+            loss_of(torch.nn.functional.embedding(picked, x, sparse=True)).backward()
+            call(optim, x)
+            rows.append(x.detach().clone())
+        values.append(rows)
+    torch.testing.assert_close(values[1], values[0], **TIGHT)
+
+
 def test_dct_adam_with_a_time_dimension_takes_pyros_steps():
     def with_time_dim(x):
         x._pyro_dct_dim = -1  # 6 is not a fast length: the DCT runs on 8 padded entries
