@@ -154,6 +154,15 @@ def secorder_gauss_newton(problem: Problem) -> Callable[[], object]:
     )
 
 
+def curvkit_secorder_compat(problem: Problem) -> Callable[[], object]:
+    """torch-secorder's own function and units, computed by curvkit."""
+    from curvkit.compat.torch_secorder import gauss_newton_matrix_approximation
+
+    return lambda: gauss_newton_matrix_approximation(
+        problem.model, problem.loss_fn, problem.inputs, problem.targets
+    )
+
+
 def curvkit_matrix(problem: Problem) -> Callable[[], object]:
     data = (problem.inputs, problem.targets)
     return lambda: curvkit.ggn_matrix(problem.model, problem.loss_fn, data)
@@ -252,6 +261,7 @@ METHODS: dict[str, Callable[[Problem], Callable[[], object]]] = {
     "BackPACK DiagGGNMC": backpack_diag(1),
     "curvkit gauss_newton_diagonal": curvkit_gauss_newton,
     "torch-secorder GN diagonal": secorder_gauss_newton,
+    "curvkit.compat.torch_secorder": curvkit_secorder_compat,
     "curvkit ggn_matrix": curvkit_matrix,
     "BackPACK ggnvp per column": backpack_columns,
     "curvlinops GGN @ I": curvlinops_matrix,
@@ -272,6 +282,12 @@ CASES: list[tuple[str, str, str, dict[str, float | None]]] = [
         "Gauss-Newton diagonal, MLP, MSE",
         "mlp-mse",
         "curvkit gauss_newton_diagonal",
+        {"torch-secorder GN diagonal": 100.0},
+    ),
+    (
+        "torch-secorder's Gauss-Newton diagonal by its own name, MLP, MSE",
+        "mlp-mse",
+        "curvkit.compat.torch_secorder",
         {"torch-secorder GN diagonal": 100.0},
     ),
     (
@@ -368,7 +384,7 @@ def peak_extra_memory(problem_name: str, method: str) -> float:
 
 
 def check_agreement(
-    problem: Problem, curvkit_result: object, peer: str, peer_result: object
+    problem: Problem, ours_name: str, curvkit_result: object, peer: str, peer_result: object
 ) -> float:
     """Relative difference of curvkit's and a peer's results (the peers' conventions matched)."""
 
@@ -378,7 +394,7 @@ def check_agreement(
         return torch.cat([t.detach().reshape(-1) for t in result])  # type: ignore[attr-defined]
 
     ours, theirs = flat(curvkit_result), flat(peer_result)
-    if peer == "torch-secorder GN diagonal":  # diag(J^T J), see gauss_newton_diagonal's docs
+    if ours_name == "curvkit gauss_newton_diagonal":  # diag(J^T J): see its docs
         ours = ours / (2 / problem.targets.numel())
     if "MC" in peer:
         return float("nan")  # independent random samples: nothing to compare
@@ -438,7 +454,7 @@ def main() -> None:
             wall_ratio = times[name].wall / times[ours].wall
             difference = ""
             if name != ours:
-                difference = f"{check_agreement(problem, reference, name, runs[name]()):.1e}"
+                difference = f"{check_agreement(problem, ours, reference, name, runs[name]()):.1e}"
             target_text = ""
             target = targets[name]
             if target is not None:

@@ -88,8 +88,8 @@ def test_closure_returns_loss():
         {"eps": -1.0},
         {"weight_decay": -1.0},
         {"clip_norm": 0.0},
-        {"lrd": 0.0},
-        {"lrd": 1.5},
+        {"lrd": -0.5},
+        {"lrd": float("inf")},
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs):

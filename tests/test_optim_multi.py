@@ -215,7 +215,7 @@ def test_mixed_errors():
         MixedMultiOptimizer([("a", _sgd())])
     with pytest.raises(TypeError, match="list of strings"):
         MixedMultiOptimizer([([1], _sgd())])
-    with pytest.raises(TypeError, match="MultiOptimizer or a PerParamOptim"):
+    with pytest.raises(TypeError, match="MultiOptimizer, a PerParamOptim"):
         MixedMultiOptimizer([(["a"], torch.optim.SGD)])
     mixed = MixedMultiOptimizer([(["a", "b"], _sgd())])
     params = PROBLEM.start()

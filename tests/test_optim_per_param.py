@@ -228,6 +228,27 @@ def test_set_state_rejects_malformed_states(state):
         PerParamOptim(torch.optim.SGD, {"lr": 0.1}).set_state(state)
 
 
+def test_load_time_checks_say_what_does_not_match():
+    trained = PerParamOptim(torch.optim.Adam, {"lr": 0.1})
+    _train(trained, _params(), 1)
+    state = trained.get_state()
+    other_shape = PerParamOptim(torch.optim.Adam, {"lr": 0.1})
+    other_shape.updated("w", torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(3, 2\), but the parameter has shape \(4,\)"):
+        other_shape.set_state({"w": state["w"]})
+    other_kind = PerParamOptim(torch.optim.SGD, {"lr": 0.1})
+    _train(other_kind, _params(), 1)
+    with pytest.raises(ValueError, match="another kind of optimizer"):
+        other_kind.set_state(state)
+    # Not seen yet: the structure is checked at once, the fit when the parameter comes.
+    with pytest.raises(ValueError, match="state_dict"):
+        PerParamOptim(torch.optim.SGD, {"lr": 0.1}).set_state({"w": {"optimizer": {"x": 1}}})
+    later = PerParamOptim(torch.optim.SGD, {"lr": 0.1})
+    later.set_state(state)
+    with pytest.raises(ValueError, match="another kind of optimizer"):
+        _train(later, _params(), 1)
+
+
 def test_scheduler_state_required_for_schedulers():
     scheduler = PerParamLRScheduler(
         torch.optim.lr_scheduler.StepLR,

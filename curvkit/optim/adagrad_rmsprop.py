@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from curvkit.optim.base import PerTensorOptimizer
 
 
-class AdagradRMSProp(Optimizer):
+class AdagradRMSProp(PerTensorOptimizer):
     r"""The adaptive step size of equations 10 and 11 of Kucukelbir et al. (2017).
 
     With gradient :math:`g_k` at step :math:`k = 1, 2, \dots`, a moving average of its square
@@ -57,33 +57,8 @@ class AdagradRMSProp(Optimizer):
         defaults = {"eta": eta, "delta": delta, "t": t, "differentiable": differentiable}
         super().__init__(params, defaults)
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Perform one update of every parameter that has a gradient.
-
-        Args:
-            closure: Optional function that re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None without one.
-
-        Raises:
-            TypeError: For a sparse gradient.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._update(param, group)
-        return loss
-
     def _update(self, param: Tensor, group: dict[str, Any]) -> None:
         grad = param.grad
-        if grad.is_sparse:
-            raise TypeError("AdagradRMSProp does not support sparse gradients.")
         state = self.state[param]
         state["step"] = state.get("step", 0) + 1
         step = state["step"]

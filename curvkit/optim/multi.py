@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvkit.optim.per_param import OptimArgs, PerParamOptim
+from curvkit.optim.pyro_optim import PyroOptim
 
 
 def check_loss(loss: Tensor) -> None:
@@ -170,9 +171,13 @@ class PerParamMultiOptimizer(MultiOptimizer):
         TypeError: If ``optim`` is not a :class:`PerParamOptim`.
     """
 
+    _accepts: type = PerParamOptim
+
     def __init__(self, optim: PerParamOptim) -> None:
-        if not isinstance(optim, PerParamOptim):
-            raise TypeError(f"optim must be a PerParamOptim, got {type(optim).__name__}.")
+        if not isinstance(optim, self._accepts):
+            raise TypeError(
+                f"optim must be a {self._accepts.__name__}, got {type(optim).__name__}."
+            )
         self.optim = optim
 
     def get_step(self, loss: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -205,14 +210,26 @@ class PerParamMultiOptimizer(MultiOptimizer):
         check_loss(loss)
         grads = gradients(loss, params, create_graph=differentiable)
         return {
-            name: self.optim.updated(
-                name,
-                value if differentiable else value.detach(),
-                grad,
-                differentiable=differentiable,
-            )
+            name: self.optim.updated(name, value, grad, differentiable=differentiable)
             for (name, value), grad in zip(params.items(), grads, strict=True)
         }
+
+
+class PyroMultiOptimizer(PerParamMultiOptimizer):
+    """A :class:`~curvkit.optim.PyroOptim` behind the :class:`MultiOptimizer` interface.
+
+    Pyro's ``pyro.optim.multi.PyroMultiOptimizer``. Each parameter's torch optimizer steps
+    from the gradient of the loss; unlike Pyro, the parameters' ``.grad`` are not set, and
+    :meth:`get_step` is differentiable as for :class:`PerParamMultiOptimizer`.
+
+    Args:
+        optim: The per-parameter optimizer (or :class:`~curvkit.optim.PyroLRScheduler`).
+
+    Raises:
+        TypeError: If ``optim`` is not a :class:`~curvkit.optim.PyroOptim`.
+    """
+
+    _accepts = PyroOptim
 
 
 class TorchMultiOptimizer(PerParamMultiOptimizer):
@@ -252,7 +269,8 @@ class MixedMultiOptimizer(MultiOptimizer):
 
     Args:
         parts: ``(names, optim)`` pairs: a list of parameter names and the
-            :class:`MultiOptimizer` or :class:`PerParamOptim` that updates them.
+            :class:`MultiOptimizer`, :class:`PerParamOptim` or
+            :class:`~curvkit.optim.PyroOptim` that updates them.
 
     Raises:
         TypeError: If a part is not a pair of a list of names and an optimizer.
@@ -275,10 +293,12 @@ class MixedMultiOptimizer(MultiOptimizer):
                 )
             if isinstance(optim, PerParamOptim):
                 optim = PerParamMultiOptimizer(optim)
+            elif isinstance(optim, PyroOptim):
+                optim = PyroMultiOptimizer(optim)
             elif not isinstance(optim, MultiOptimizer):
                 raise TypeError(
-                    f"the optimizer of part {index} must be a MultiOptimizer or a "
-                    f"PerParamOptim, got {type(optim).__name__}."
+                    f"the optimizer of part {index} must be a MultiOptimizer, a "
+                    f"PerParamOptim or a PyroOptim, got {type(optim).__name__}."
                 )
             for name in names:
                 if name in owner:

@@ -87,7 +87,20 @@ def clip_gradient(
     return grad
 
 
-def _check_clip_args(clip_args: Mapping[str, Any], name: str | None) -> dict[str, Any]:
+def check_clip_args(clip_args: Mapping[str, Any], name: str | None) -> dict[str, Any]:
+    """Check gradient-clipping options: a dict with ``clip_norm`` and/or ``clip_value``.
+
+    Args:
+        clip_args: The options.
+        name: The parameter they are for, or None for options of every parameter.
+
+    Returns:
+        The options as a new dict.
+
+    Raises:
+        TypeError: If ``clip_args`` is not a dict.
+        ValueError: For unknown keys or bounds that are not positive.
+    """
     where = "clip_args" if name is None else f"clip_args for parameter {name!r}"
     if not isinstance(clip_args, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(clip_args).__name__}.")
@@ -109,6 +122,191 @@ def _resolve(args: OptimArgs, name: str, what: str) -> dict[str, Any]:
             f"{what} for parameter {name!r} must be a dict, got {type(resolved).__name__}."
         )
     return dict(resolved)
+
+
+def split_scheduler_args(optim_args: Mapping[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """Split a scheduler's ``optim_args`` into the optimizer, its options and the scheduler's.
+
+    Args:
+        optim_args: ``{"optimizer": optim_constructor, "optim_args": options,
+            **scheduler_args}``; not modified.
+
+    Returns:
+        ``(optim_constructor, options, scheduler_args)``.
+
+    Raises:
+        TypeError: If ``optim_args`` is not a dict.
+        ValueError: If it lacks ``"optimizer"`` or ``"optim_args"``.
+    """
+    if not isinstance(optim_args, Mapping):
+        raise TypeError(
+            "optim_args must be a dict {'optimizer': ..., 'optim_args': ..., "
+            f"**scheduler_args}}, got {type(optim_args).__name__}."
+        )
+    missing = _SCHEDULER_KEYS - set(optim_args)
+    if missing:
+        raise ValueError(
+            f"optim_args lacks {sorted(missing)}: it must be "
+            "{'optimizer': optim_constructor, 'optim_args': options, "
+            "**scheduler_args}."
+        )
+    scheduler_args = {k: v for k, v in optim_args.items() if k not in _SCHEDULER_KEYS}
+    return optim_args["optimizer"], optim_args["optim_args"], scheduler_args
+
+
+def step_copy(
+    optimizer: Optimizer, param: Tensor, value: Tensor, grad: Tensor, *, differentiable: bool
+) -> Tensor:
+    """Step ``optimizer``, built on the single tensor ``param``, from ``value`` and ``grad``.
+
+    The optimizer steps a clone of ``value`` in place of ``param``: its state moves to the
+    clone for the step and comes back detached, so that no graph outlives the step, and
+    ``param`` is not touched (a graph that saved it stays usable).
+
+    Args:
+        optimizer: A torch optimizer with ``param`` as its only parameter.
+        param: The tensor the optimizer was built on.
+        value: The value to step from.
+        grad: The gradient at ``value``.
+        differentiable: Run the optimizer in its ``differentiable`` mode, so that the result
+            keeps autograd's graph to ``value`` and ``grad``.
+
+    Returns:
+        The new value (with graph if ``differentiable``, else detached).
+
+    Raises:
+        TypeError: If ``differentiable`` and the optimizer has no ``differentiable`` option.
+    """
+    group = optimizer.param_groups[0]
+    if differentiable and "differentiable" not in group:
+        raise TypeError(
+            f"{type(optimizer).__name__} has no 'differentiable' option, so its step cannot "
+            "be differentiated: use step() instead of get_step(), or an optimizer that "
+            "supports differentiable=True (torch.optim.SGD, Adam, RMSprop, ..., ClippedAdam, "
+            "AdagradRMSProp)."
+        )
+    proxy = value.clone() if differentiable else value.detach().clone()
+    flags = optimizer.defaults.get("differentiable"), group.get("differentiable")
+    state = optimizer.state.pop(param, None)
+    group["params"] = [proxy]
+    if state is not None:
+        optimizer.state[proxy] = state
+    try:
+        if differentiable:
+            optimizer.defaults["differentiable"] = group["differentiable"] = True
+        proxy.grad = grad if differentiable else grad.detach()
+        optimizer.step()
+    finally:
+        if differentiable:
+            optimizer.defaults["differentiable"], group["differentiable"] = flags
+        group["params"] = [param]
+        new_state = optimizer.state.pop(proxy, None)
+        if new_state is not None:
+            optimizer.state[param] = {
+                key: entry.detach() if isinstance(entry, Tensor) else entry
+                for key, entry in new_state.items()
+            }
+        proxy.grad = None
+    return proxy
+
+
+def check_state_dict(entry: Any, name: str) -> None:
+    """Check that ``entry`` has the shape of a torch optimizer's ``state_dict()``.
+
+    Args:
+        entry: The saved state of one parameter's optimizer.
+        name: The parameter's name, for the message.
+
+    Raises:
+        ValueError: If ``entry`` is not a dict with ``"state"`` and ``"param_groups"``.
+    """
+    if not (
+        isinstance(entry, Mapping)
+        and isinstance(entry.get("state"), Mapping)
+        and isinstance(entry.get("param_groups"), list)
+        and all(isinstance(group, Mapping) and "params" in group for group in entry["param_groups"])
+    ):
+        raise ValueError(
+            f"the saved optimizer state of parameter {name!r} is not a torch optimizer "
+            "state_dict() (a dict with 'state' and 'param_groups')."
+        )
+
+
+def check_loadable(
+    optimizer: Optimizer, param: Tensor, entry: Mapping[str, Any], name: str
+) -> None:
+    """Check that ``optimizer``, built on ``param``, can load the state dict ``entry``.
+
+    Caught here rather than at the next step: a state of another kind of optimizer (options
+    the optimizer does not have) and state tensors of another shape than the parameter.
+
+    Args:
+        optimizer: The parameter's torch optimizer.
+        param: The tensor it was built for.
+        entry: A torch optimizer ``state_dict()``.
+        name: The parameter's name, for the messages.
+
+    Raises:
+        ValueError: If the state does not match the optimizer or the parameter.
+    """
+    check_state_dict(entry, name)
+    kind = type(optimizer).__name__
+    if len(entry["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the saved state of parameter {name!r} has {len(entry['param_groups'])} "
+            f"parameter groups, its {kind} has {len(optimizer.param_groups)}."
+        )
+    for saved, group in zip(entry["param_groups"], optimizer.param_groups, strict=True):
+        # A newer torch may add options: only options this optimizer lacks mark another kind.
+        foreign = set(saved) - set(group) - {"initial_lr"}
+        if foreign:
+            raise ValueError(
+                f"the saved state of parameter {name!r} has options {sorted(foreign)} that "
+                f"its {kind} does not have: it was saved by another kind of optimizer."
+            )
+    # DCTAdam keeps frequency-domain moments along the parameter's time dimension.
+    free = getattr(param, "_pyro_dct_dim", None)
+    for per_param in entry["state"].values():
+        if not isinstance(per_param, Mapping):
+            raise ValueError(f"the saved state of parameter {name!r} is malformed.")
+        for key, tensor in per_param.items():
+            if not isinstance(tensor, Tensor) or tensor.dim() == 0:
+                continue
+            shape = list(tensor.shape)
+            expected = list(param.shape)
+            if free is not None and len(shape) == len(expected):
+                shape[free] = expected[free] = -1
+            if shape != expected:
+                raise ValueError(
+                    f"the saved state {key!r} of parameter {name!r} has shape "
+                    f"{tuple(tensor.shape)}, but the parameter has shape "
+                    f"{tuple(param.shape)}: the state belongs to another parameter."
+                )
+
+
+def load_state_file(
+    path: str | PathLike[str], map_location: str | torch.device | None, what: str
+) -> Any:
+    """Read a file written by ``torch.save``, refusing anything but tensors and containers.
+
+    Args:
+        path: The file to read.
+        map_location: Where to put the tensors, as for :func:`torch.load`.
+        what: What the file should hold, for the message.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        ValueError: If reading the file would unpickle other objects (they are not run).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain "
+            f"containers, so it is no {what} ({error})."
+        ) from error
 
 
 class PerParamOptim:
@@ -155,7 +353,7 @@ class PerParamOptim:
         if clip_args is None:
             clip_args = {}
         elif not callable(clip_args):
-            _check_clip_args(clip_args, None)
+            check_clip_args(clip_args, None)
         self.optim_constructor = optim_constructor
         self.optim_args = optim_args
         self.clip_args = clip_args
@@ -218,7 +416,7 @@ class PerParamOptim:
         grad = clip_gradient(grad, **self._clips[name])
         holder = self._holders[name]
         if differentiable:
-            return self._differentiable_update(name, optimizer, holder, value, grad)
+            return step_copy(optimizer, holder, value, grad, differentiable=True)
         with torch.no_grad():
             holder.copy_(value)
         holder.grad = grad.detach()
@@ -276,6 +474,7 @@ class PerParamOptim:
                     "optimizer (with a scheduler state where none is expected, or "
                     "without one where one is)."
                 )
+            check_state_dict(entry["optimizer"], name)
         for name, entry in state.items():
             if name in self._optimizers:
                 self._load(name, entry)
@@ -305,14 +504,7 @@ class PerParamOptim:
         Raises:
             ValueError: If the file holds anything but a plain optimizer state.
         """
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"refusing to load {str(path)!r}: it holds objects other than "
-                "tensors and plain containers, so it is no optimizer state saved "
-                f"by PerParamOptim.save ({error})."
-            ) from error
+        state = load_state_file(path, map_location, "optimizer state saved by PerParamOptim.save")
         self.set_state(state)
 
     def _create(self, name: str, holder: Tensor) -> Optimizer:
@@ -338,7 +530,7 @@ class PerParamOptim:
                 if callable(self.clip_args)
                 else self.clip_args
             )
-            self._clips[name] = _check_clip_args(clip, name)
+            self._clips[name] = check_clip_args(clip, name)
             holder = value.detach().clone().requires_grad_(True)
             self._optimizers[name] = self._create(name, holder)
             self._holders[name] = holder
@@ -359,46 +551,10 @@ class PerParamOptim:
         return self._optimizers[name]
 
     def _load(self, name: str, entry: Mapping[str, Any]) -> None:
+        check_loadable(self._optimizers[name], self._holders[name], entry["optimizer"], name)
         self._optimizers[name].load_state_dict(entry["optimizer"])
         if "scheduler" in entry:
             self._schedulers[name].load_state_dict(entry["scheduler"])
-
-    def _differentiable_update(
-        self, name: str, optimizer: Optimizer, holder: Tensor, value: Tensor, grad: Tensor
-    ) -> Tensor:
-        group = optimizer.param_groups[0]
-        if "differentiable" not in group:
-            raise TypeError(
-                f"the optimizer of parameter {name!r} ({type(optimizer).__name__}) has no "
-                "'differentiable' option, so its step cannot be differentiated: use step() "
-                "instead of get_step(), or an optimizer that supports differentiable=True "
-                "(torch.optim.SGD, Adam, RMSprop, ..., ClippedAdam, AdagradRMSProp)."
-            )
-        # The optimizer steps a copy that carries the graph in place of its private leaf; the
-        # state moves with it, and comes back detached so that no graph outlives this step.
-        proxy = value.clone()
-        flags = optimizer.defaults["differentiable"], group["differentiable"]
-        state = optimizer.state.pop(holder, None)
-        group["params"] = [proxy]
-        if state is not None:
-            optimizer.state[proxy] = state
-        try:
-            optimizer.defaults["differentiable"] = group["differentiable"] = True
-            proxy.grad = grad
-            optimizer.step()
-        finally:
-            optimizer.defaults["differentiable"], group["differentiable"] = flags
-            group["params"] = [holder]
-            new_state = optimizer.state.pop(proxy, None)
-            if new_state is not None:
-                optimizer.state[holder] = {
-                    key: entry.detach() if isinstance(entry, Tensor) else entry
-                    for key, entry in new_state.items()
-                }
-            proxy.grad = None
-        with torch.no_grad():
-            holder.copy_(proxy)
-        return proxy
 
 
 class PerParamLRScheduler(PerParamOptim):
@@ -438,21 +594,9 @@ class PerParamLRScheduler(PerParamOptim):
             raise TypeError(
                 "scheduler_constructor must be callable, e.g. torch.optim.lr_scheduler.StepLR."
             )
-        if not isinstance(optim_args, Mapping):
-            raise TypeError(
-                "optim_args must be a dict {'optimizer': ..., 'optim_args': ..., "
-                f"**scheduler_args}}, got {type(optim_args).__name__}."
-            )
-        missing = _SCHEDULER_KEYS - set(optim_args)
-        if missing:
-            raise ValueError(
-                f"optim_args lacks {sorted(missing)}: it must be "
-                "{'optimizer': optim_constructor, 'optim_args': options, "
-                "**scheduler_args}."
-            )
-        super().__init__(optim_args["optimizer"], optim_args["optim_args"], clip_args)
+        optim_constructor, options, self.scheduler_args = split_scheduler_args(optim_args)
+        super().__init__(optim_constructor, options, clip_args)
         self.scheduler_constructor = scheduler_constructor
-        self.scheduler_args = {k: v for k, v in optim_args.items() if k not in _SCHEDULER_KEYS}
 
     @property
     def schedulers(self) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""Pyro's ``pyro.optim`` by its own names, without Pyro: import ``curvkit.optim.pyro`` instead.
+
+The module and its submodules (``optim``, ``lr_scheduler``, ``multi``, ``clipped_adam``,
+``adagrad_rmsprop``, ``dct_adam``, ``pytorch_optimizers``) have the names, signatures and
+semantics of Pyro's, so that code written for :mod:`pyro.optim` runs with its import changed:
+
+- :class:`~curvkit.optim.PyroOptim`, :class:`~curvkit.optim.PyroLRScheduler`;
+- a function per torch optimizer and scheduler (``Adam``, ``SGD``, ..., ``StepLR``,
+  ``ReduceLROnPlateau``, ...) returning one of them, and ``ClippedAdam``, ``AdagradRMSProp``,
+  ``DCTAdam`` wrapping the optimizer classes of the same names;
+- the MultiOptimizer family of ``pyro.optim.multi``, including
+  :class:`~curvkit.optim.PyroMultiOptimizer` and :class:`~curvkit.optim.Newton`.
+
+Pyro names a parameter through its global parameter store; here a parameter is named by its key
+in a dict passed to the optimizer, or by :meth:`~curvkit.optim.PyroOptim.name_params`. The
+migration guide lists where the behaviour differs from Pyro's.
+"""
+
+from curvkit.optim.pyro import (
+    adagrad_rmsprop,
+    clipped_adam,
+    dct_adam,
+    lr_scheduler,
+    multi,
+    optim,
+    pytorch_optimizers,
+)
+from curvkit.optim.pyro.lr_scheduler import PyroLRScheduler
+from curvkit.optim.pyro.multi import (
+    MixedMultiOptimizer,
+    MultiOptimizer,
+    Newton,
+    PyroMultiOptimizer,
+    TorchMultiOptimizer,
+)
+from curvkit.optim.pyro.optim import AdagradRMSProp, ClippedAdam, DCTAdam, PyroOptim, is_scheduler
+from curvkit.optim.pyro.pytorch_optimizers import *  # noqa: F403 (made from torch's list)
+from curvkit.optim.pyro.pytorch_optimizers import __all__ as _pytorch_wrappers
+
+__all__ = [
+    "AdagradRMSProp",
+    "ClippedAdam",
+    "DCTAdam",
+    "MixedMultiOptimizer",
+    "MultiOptimizer",
+    "Newton",
+    "PyroLRScheduler",
+    "PyroMultiOptimizer",
+    "PyroOptim",
+    "TorchMultiOptimizer",
+    "adagrad_rmsprop",
+    "clipped_adam",
+    "dct_adam",
+    "is_scheduler",
+    "lr_scheduler",
+    "multi",
+    "optim",
+    "pytorch_optimizers",
+    *_pytorch_wrappers,
+]
