@@ -3,7 +3,7 @@ A fast curvature rule for your own layer
 ========================================
 
 curvkit computes the GGN of any ``nn.Module`` exactly. For most layers it uses a generic rule:
-per-sample vector-Jacobian products of the layer alone with :mod:`torch.func`, exact but slow
+per-sample vector-Jacobian products of the layer alone with ``torch.func``, exact but slow
 when the batch is large. ``nn.Linear``, the convolutions and ``nn.Embedding`` get hand-written
 rules that never form per-sample gradients. Your own layer can get one too: a rule is a
 function from the recorded call (the layer's input :math:`x` and the columns :math:`b`

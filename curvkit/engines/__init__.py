@@ -36,7 +36,14 @@ from curvkit.engines.compute import FactorChunk, compute_factors, iter_factors
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
-from curvkit.engines.registry import Decline, RuleCall, RuleHandle, register_rule, rule_for
+from curvkit.engines.registry import (
+    Decline,
+    Rule,
+    RuleCall,
+    RuleHandle,
+    register_rule,
+    rule_for,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -46,6 +53,7 @@ __all__ = [
     "Factor",
     "FactorChunk",
     "KroneckerFactor",
+    "Rule",
     "RuleCall",
     "RuleHandle",
     "SumFactor",

@@ -1,6 +1,7 @@
 r"""The rule registry: which function turns a module's recorded call into factors.
 
-A **rule** is a function ``rule(call: RuleCall) -> dict[str, Factor]``. It gets one
+A **rule** (:class:`~curvkit.engines.Rule`) is a callable
+``rule(call: RuleCall) -> dict[str, Factor]``. It gets one
 :class:`~curvkit.engines.RuleCall` describing a module call of the recorded forward pass (the
 module, its inputs and output, the columns :math:`b_{k}` backpropagated to the output, the batch
 size) and returns, for each of the module's own parameters in ``call.params``, a
@@ -38,9 +39,8 @@ Any other exception a rule raises propagates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
@@ -75,7 +75,7 @@ class RuleCall:
         probe: The same call in a forward pass of the first sample alone (with the attributes
             ``args``, ``kwargs`` and ``output``), or ``None``. An axis that shrinks from
             :math:`N` to 1 there is a tensor's sample axis; :meth:`sample_axis` reads it.
-        output_grads: For every tensor leaf of ``output`` (in :mod:`torch.utils._pytree`
+        output_grads: For every tensor leaf of ``output`` (in ``torch.utils._pytree``
             order), the backpropagated columns ``[K, *leaf.shape]``, or ``None`` where nothing
             flows back.
         params: The parameters the engine needs factors for, by name relative to ``module``
@@ -155,8 +155,20 @@ class RuleCall:
         return axis
 
 
-#: A rule: the factors of one call's parameters, by name relative to the module (see above).
-Rule = Callable[[RuleCall], dict[str, Factor]]
+class Rule(Protocol):
+    """What :func:`register_rule` takes: any callable ``rule(call: RuleCall) -> dict[str, Factor]``.
+
+    A function, a bound method or an object with ``__call__``. It returns ``{name: factor}``
+    with, for every name in ``call.params``, a factor of that parameter's shape with
+    ``call.num_columns`` columns and ``call.num_samples`` samples; entries for other names are
+    ignored. It raises :class:`Decline` if it does not handle the call (factors for only some of
+    the names count as a decline, too); the generic rule then handles the call. Anything but a
+    dict of factors is a ``TypeError``, a factor of another shape a ``ValueError``.
+    """
+
+    def __call__(self, call: RuleCall) -> dict[str, Factor]:
+        """Return the factors of the call's parameters, by name relative to ``call.module``."""
+
 
 #: Every registration per module class, the active one last.
 _registrations: dict[type[nn.Module], list[RuleHandle]] = {}
@@ -211,7 +223,7 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = F
     Args:
         module_type: A subclass of :class:`torch.nn.Module`. Its subclasses are not covered:
             register them separately.
-        rule: ``rule(call: RuleCall) -> dict[str, Factor]`` (see :mod:`curvkit.engines.registry`).
+        rule: The :class:`Rule`, called as ``rule(call: RuleCall) -> dict[str, Factor]``.
         replace: Allow replacing a rule already registered for ``module_type`` (a built-in
             one included); the handle's :meth:`~RuleHandle.remove` brings it back.
 

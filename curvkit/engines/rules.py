@@ -5,8 +5,8 @@ r"""Per-call dispatch: turn a recorded call and the columns at its output into f
 and registered when this module is imported), runs it and checks its factors. A call without a
 rule, and a call its rule declines (a :class:`~curvkit.engines.Decline`, or factors for only
 some of the call's parameters), goes to the generic :mod:`torch.func` rule
-(:func:`curvkit.engines.generic.generic_columns`); a decline is logged at ``DEBUG`` level on
-this module's logger, ``curvkit.engines.rules``.
+(``curvkit.engines.generic``); a decline is logged at ``DEBUG`` level on this module's logger,
+``curvkit.engines.rules``.
 """
 
 from __future__ import annotations
