@@ -63,7 +63,7 @@ class Decline(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class RuleCall:
     """One module call of the recorded forward pass, as a rule sees it.
 
@@ -81,6 +81,7 @@ class RuleCall:
         params: The parameters the engine needs factors for, by name relative to ``module``
             (``"weight"``, or ``"out_proj.weight"`` for a parameter of a submodule).
         num_samples: The batch size :math:`N`.
+        num_columns: The number :math:`K` of backpropagated columns per sample.
         create_graph: Whether the factors must stay differentiable (for higher derivatives);
             if not, the rule may (and :meth:`single_input` does) detach what it keeps.
         max_chunk_bytes: Bound on the bytes of intermediate tensors the factors materialise at
@@ -95,13 +96,14 @@ class RuleCall:
     output_grads: list[Tensor | None]
     params: dict[str, Tensor]
     num_samples: int
+    num_columns: int
     create_graph: bool
     max_chunk_bytes: int
 
-    @property
-    def num_columns(self) -> int:
-        """The number :math:`K` of backpropagated columns per sample."""
-        return next(g for g in self.output_grads if g is not None).shape[0]
+    def _only_input(self) -> Tensor:
+        if len(self.args) != 1 or self.kwargs or not isinstance(self.args[0], Tensor):
+            raise Decline("the call has other inputs than one positional tensor")
+        return self.args[0]
 
     def single_input(self) -> Tensor:
         """The call's only input, detached unless ``create_graph``.
@@ -109,9 +111,8 @@ class RuleCall:
         Raises:
             Decline: If the call has other inputs than one positional tensor.
         """
-        if len(self.args) != 1 or self.kwargs or not isinstance(self.args[0], Tensor):
-            raise Decline("the call has other inputs than one positional tensor")
-        return self.args[0] if self.create_graph else self.args[0].detach()
+        x = self._only_input()
+        return x if self.create_graph else x.detach()
 
     def output_grad(self) -> Tensor:
         """The columns ``[K, *output.shape]`` backpropagated to the call's only output.
@@ -146,7 +147,7 @@ class RuleCall:
             Decline: If the call has other inputs than one positional tensor, or if that input
                 has no sample axis.
         """
-        x = self.single_input()
+        x = self._only_input()
         probe = self.probe
         probe_input = probe.args[0] if probe is not None and len(probe.args) == 1 else None
         axis = self.sample_axis(x, probe_input)

@@ -42,60 +42,57 @@ def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:
         TypeError: If ``factors`` is not a dict of factors.
         ValueError: If a factor has the wrong parameter shape or number of columns or samples.
     """
-    module_name = type(call.module).__qualname__
     if not isinstance(factors, dict):
         raise TypeError(
-            f"the rule {_rule_name(rule)} for {module_name} returned {type(factors).__name__}, "
-            "not a dict of factors (a rule declines by raising Decline)"
+            f"the rule {_rule_name(rule)} for {type(call.module).__qualname__} returned "
+            f"{type(factors).__name__}, not a dict of factors (a rule declines by raising Decline)"
         )
-    missing = [name for name in call.params if name not in factors]
-    if missing:
-        raise Decline(f"the rule returned no factor for {', '.join(missing)}")
-    expected = (call.num_columns, call.num_samples)
     for name, param in call.params.items():
-        factor = factors[name]
+        factor = factors.get(name)
+        if factor is None:
+            missing = [name for name in call.params if name not in factors]
+            raise Decline(f"the rule returned no factor for {', '.join(missing)}")
         if not isinstance(factor, Factor):
             raise TypeError(
-                f"the rule {_rule_name(rule)} for {module_name} returned "
+                f"the rule {_rule_name(rule)} for {type(call.module).__qualname__} returned "
                 f"{type(factor).__name__} for {name!r}, not a Factor"
             )
-        shape = (factor.param_shape, factor.num_columns, factor.num_samples)
-        if shape != (param.shape, *expected):
+        if (
+            factor.param_shape != param.shape
+            or factor.num_columns != call.num_columns
+            or factor.num_samples != call.num_samples
+        ):
             raise ValueError(
-                f"the rule {_rule_name(rule)} for {module_name} returned a factor for {name!r} "
-                f"with param_shape {tuple(factor.param_shape)}, {factor.num_columns} columns "
-                f"and {factor.num_samples} samples; expected {tuple(param.shape)}, "
-                f"{expected[0]} columns and {expected[1]} samples"
+                f"the rule {_rule_name(rule)} for {type(call.module).__qualname__} returned a "
+                f"factor for {name!r} with param_shape {tuple(factor.param_shape)}, "
+                f"{factor.num_columns} columns and {factor.num_samples} samples; expected "
+                f"{tuple(param.shape)}, {call.num_columns} columns and {call.num_samples} samples"
             )
     return factors
 
 
 def _generic_factors(
     call: ModuleCall,
+    named_params: dict[str, Tensor],
     output_grads: list[Tensor | None],
-    params: list[Tensor],
     num_samples: int,
     *,
+    num_columns: int,
     create_graph: bool,
     max_chunk_bytes: int,
-) -> dict[int, Factor]:
+) -> dict[str, Factor]:
     """The generic rule's factors, in chunks of samples bounded by ``max_chunk_bytes``."""
-    named = {name: params[index] for index, name in call.params.items()}
-    k = next(g for g in output_grads if g is not None).shape[0]
-    per_sample_bytes = k * sum(p.numel() for p in named.values()) * params[0].element_size()
-    chunk_size = max(1, max_chunk_bytes // max(per_sample_bytes, 1))
+    sizes = [p.numel() * p.element_size() for p in named_params.values()]
+    chunk_size = max(1, max_chunk_bytes // max(num_columns * sum(sizes), 1))
     columns = generic_columns(
         call,
-        named,
+        named_params,
         output_grads,
         num_samples,
         create_graph=create_graph,
         chunk_size=min(chunk_size, num_samples),
     )
-    return {
-        index: DenseFactor(columns[name], params[index].shape)
-        for index, name in call.params.items()
-    }
+    return {name: DenseFactor(columns[name], p.shape) for name, p in named_params.items()}
 
 
 def factors_for_call(
@@ -125,8 +122,12 @@ def factors_for_call(
         TypeError, ValueError: If the call's rule returns something other than a factor of the
             right shape for each of the call's parameters.
     """
-    if all(g is None for g in output_grads):
+    grad = next((g for g in output_grads if g is not None), None)
+    if grad is None:
         return {}
+    num_columns = grad.shape[0]
+    named_params = {name: params[index] for index, name in call.params.items()}
+    factors = None
     rule = rule_for(type(call.module))
     if rule is not None:
         rule_call = RuleCall(
@@ -136,8 +137,9 @@ def factors_for_call(
             output=call.output,
             probe=call.probe,
             output_grads=output_grads,
-            params={name: params[index] for index, name in call.params.items()},
+            params=named_params,
             num_samples=num_samples,
+            num_columns=num_columns,
             create_graph=create_graph,
             max_chunk_bytes=max_chunk_bytes,
         )
@@ -150,13 +152,14 @@ def factors_for_call(
                 _rule_name(rule),
                 decline.reason,
             )
-        else:
-            return {index: factors[name] for index, name in call.params.items()}
-    return _generic_factors(
-        call,
-        output_grads,
-        params,
-        num_samples,
-        create_graph=create_graph,
-        max_chunk_bytes=max_chunk_bytes,
-    )
+    if factors is None:
+        factors = _generic_factors(
+            call,
+            named_params,
+            output_grads,
+            num_samples,
+            num_columns=num_columns,
+            create_graph=create_graph,
+            max_chunk_bytes=max_chunk_bytes,
+        )
+    return {index: factors[name] for index, name in call.params.items()}
