@@ -48,7 +48,7 @@ from curvkit.engines.factor import Factor
 from curvkit.engines.generic import sample_axis
 from curvkit.engines.recording import ModuleCall
 
-__all__ = ["Decline", "Rule", "RuleCall", "RuleHandle", "register_rule", "rule_for"]
+__all__ = ["Decline", "Rule", "RuleCall", "RuleHandle", "register_rule", "rule_for", "rule_name"]
 
 
 class Decline(Exception):
@@ -214,8 +214,7 @@ class RuleHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        rule = getattr(self.rule, "__qualname__", repr(self.rule))
-        return f"RuleHandle({self.module_type.__qualname__}, {rule})"
+        return f"RuleHandle({self.module_type.__qualname__}, {rule_name(self.rule)})"
 
 
 def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = False) -> RuleHandle:
@@ -248,7 +247,7 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = F
     if module_type in _active and not replace:
         raise ValueError(
             f"a rule is registered for {module_type.__qualname__} already "
-            f"({_active[module_type]!r}); pass replace=True to replace it"
+            f"({rule_name(_active[module_type])}); pass replace=True to replace it"
         )
     handle = RuleHandle(module_type, rule)
     _registrations.setdefault(module_type, []).append(handle)
@@ -259,3 +258,9 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = F
 def rule_for(module_type: type[nn.Module]) -> Rule | None:
     """The rule registered for exactly ``module_type`` (not for a base class), or ``None``."""
     return _active.get(module_type)
+
+
+def rule_name(rule: Rule) -> str:
+    """The rule's qualified name (``module.function``) for messages, its ``repr`` if it has none."""
+    name = getattr(rule, "__qualname__", None)
+    return repr(rule) if name is None else f"{getattr(rule, '__module__', '?')}.{name}"

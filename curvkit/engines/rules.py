@@ -19,7 +19,7 @@ from curvkit.engines.factor import DenseFactor, Factor
 from curvkit.engines.generic import generic_columns
 from curvkit.engines.layer_rules import BUILTIN_RULES
 from curvkit.engines.recording import ModuleCall
-from curvkit.engines.registry import Decline, Rule, RuleCall, register_rule, rule_for
+from curvkit.engines.registry import Decline, Rule, RuleCall, register_rule, rule_for, rule_name
 
 __all__ = ["factors_for_call"]
 
@@ -27,11 +27,6 @@ logger = logging.getLogger(__name__)
 
 for _module_type, _rule in BUILTIN_RULES.items():
     register_rule(_module_type, _rule)
-
-
-def _rule_name(rule: Rule) -> str:
-    name = getattr(rule, "__qualname__", None)
-    return repr(rule) if name is None else f"{getattr(rule, '__module__', '?')}.{name}"
 
 
 def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:
@@ -44,7 +39,7 @@ def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:
     """
     if not isinstance(factors, dict):
         raise TypeError(
-            f"the rule {_rule_name(rule)} for {type(call.module).__qualname__} returned "
+            f"the rule {rule_name(rule)} for {type(call.module).__qualname__} returned "
             f"{type(factors).__name__}, not a dict of factors (a rule declines by raising Decline)"
         )
     for name, param in call.params.items():
@@ -54,7 +49,7 @@ def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:
             raise Decline(f"the rule returned no factor for {', '.join(missing)}")
         if not isinstance(factor, Factor):
             raise TypeError(
-                f"the rule {_rule_name(rule)} for {type(call.module).__qualname__} returned "
+                f"the rule {rule_name(rule)} for {type(call.module).__qualname__} returned "
                 f"{type(factor).__name__} for {name!r}, not a Factor"
             )
         if (
@@ -63,7 +58,7 @@ def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:
             or factor.num_samples != call.num_samples
         ):
             raise ValueError(
-                f"the rule {_rule_name(rule)} for {type(call.module).__qualname__} returned a "
+                f"the rule {rule_name(rule)} for {type(call.module).__qualname__} returned a "
                 f"factor for {name!r} with param_shape {tuple(factor.param_shape)}, "
                 f"{factor.num_columns} columns and {factor.num_samples} samples; expected "
                 f"{tuple(param.shape)}, {call.num_columns} columns and {call.num_samples} samples"
@@ -149,7 +144,7 @@ def factors_for_call(
             logger.debug(
                 "%s: the rule %s declines (%s); using the generic rule",
                 type(call.module).__qualname__,
-                _rule_name(rule),
+                rule_name(rule),
                 decline.reason,
             )
     if factors is None:
