@@ -25,6 +25,7 @@ __all__ = ["factors_for_call"]
 
 logger = logging.getLogger(__name__)
 
+# The layer math knows nothing of the registry: the built-ins are registered where they are used.
 for _module_type, _rule in BUILTIN_RULES.items():
     register_rule(_module_type, _rule)
 
