@@ -8,6 +8,13 @@ owning parameters goes through a generic :mod:`torch.func` rule (a :class:`Dense
 parameter used several times gets the sum of its uses; a parameter the outputs do not depend on
 gets a :class:`ZeroFactor`.
 
+.. rubric:: Rules
+
+Which factor a module call gets is decided by the rule registered for the module's exact class
+(:mod:`curvkit.engines.registry`): :func:`register_rule` adds one for any class, a user's own
+layer included, with the signature ``rule(call: RuleCall) -> dict[str, Factor]``; a rule that
+cannot handle a call raises :class:`Decline` and the generic rule takes over.
+
 .. rubric:: Memory
 
 With :math:`K` columns, :math:`N` samples and :math:`D` parameters, :func:`compute_factors`
@@ -29,16 +36,30 @@ from curvkit.engines.compute import FactorChunk, compute_factors, iter_factors
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
+from curvkit.engines.registry import (
+    Decline,
+    Rule,
+    RuleCall,
+    RuleHandle,
+    register_rule,
+    rule_for,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "Decline",
     "DenseFactor",
     "EmbeddingFactor",
     "Factor",
     "FactorChunk",
     "KroneckerFactor",
+    "Rule",
+    "RuleCall",
+    "RuleHandle",
     "SumFactor",
     "ZeroFactor",
     "compute_factors",
     "iter_factors",
+    "register_rule",
+    "rule_for",
 ]
