@@ -37,6 +37,7 @@ __all__ = [
     "ComparisonRow",
     "compare",
     "reference_diag_ggn",
+    "reference_factor_columns",
     "reference_ggn",
     "reference_hessian",
     "reference_output_hessian",
@@ -231,6 +232,70 @@ def reference_output_hessian(loss_fn: LossFunction, outputs: Tensor, targets: An
             "per-sample output Hessians exist only for a sum or mean of per-sample terms"
         )
     return blocks.reshape(num_samples, *out_shape, *out_shape)
+
+
+def reference_factor_columns(
+    model: nn.Module,
+    inputs: Inputs,
+    columns: Tensor,
+    params: Iterable[Tensor] | None = None,
+    *,
+    create_graph: bool = False,
+) -> list[Tensor]:
+    r"""Columns :math:`J_n^\top c_{k,n}` of a square-root factor, one sample and column at a time.
+
+    :math:`J_n = \partial f_n / \partial \theta` is the Jacobian of sample :math:`n`'s outputs,
+    from a forward pass on that sample alone, and :math:`c_{k,n}` are output-space columns. With
+    the columns of the loss Hessian's square root :math:`S_n`, these are the columns of the
+    GGN's square-root factor :math:`V` (:math:`G = V V^\top`), per parameter: the reference for
+    the factors of :func:`curvkit.engines.compute_factors`.
+
+    Args:
+        model: The network; ``model(inputs)`` gives the outputs.
+        inputs: A tensor or a tuple of tensors with the samples along dimension 0.
+        columns: The columns :math:`c_{k,n}`, shape ``[K, N, *out]`` for outputs ``[N, *out]``.
+        params: The parameters; ``None`` for all that require grad.
+        create_graph: Keep the graph of the result, to differentiate it further.
+
+    Returns:
+        One tensor per parameter, shape ``[K, N, *p.shape]``; zeros where a sample's outputs do
+        not depend on the parameter.
+
+    Raises:
+        TypeError: If ``params`` is a single tensor or holds a non-tensor.
+        ValueError: As :func:`reference_ggn`, or if a sample's outputs are not shaped like its
+            columns.
+    """
+    params = _resolve_params(model, params)
+    if columns.dim() < 2:
+        raise ValueError(f"columns must be [K, N, *out], got shape {tuple(columns.shape)}")
+    num_columns, num_samples = columns.shape[:2]
+    per_param: list[list[Tensor]] = [[] for _ in params]
+    for n in range(num_samples):
+        sample = (
+            tuple(x[n : n + 1] for x in inputs) if isinstance(inputs, tuple) else inputs[n : n + 1]
+        )
+        outputs = _forward(model, sample)
+        if outputs.shape != (1, *columns.shape[2:]):
+            raise ValueError(
+                f"the outputs of one sample have shape {tuple(outputs.shape)}, the columns "
+                f"[K, N, *out] {tuple(columns.shape)}: expected [1, *out]"
+            )
+        for k in range(num_columns):
+            grads = torch.autograd.grad(
+                outputs,
+                params,
+                columns[k, n : n + 1],
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            for collected, grad, p in zip(per_param, grads, params, strict=True):
+                collected.append(torch.zeros_like(p) if grad is None else grad)
+    return [
+        torch.stack(collected).reshape(num_samples, num_columns, *p.shape).transpose(0, 1)
+        for collected, p in zip(per_param, params, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

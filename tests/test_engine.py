@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_zoo import ZOO, make_case, reference_columns
 from torch import Tensor, nn
 
 from curvkit.engines import (
@@ -17,6 +16,8 @@ from curvkit.engines import (
     backward,
     compute_factors,
 )
+from curvkit.verify import reference_factor_columns
+from curvkit.zoo import CASES, make_case
 
 
 def _columns_for(model: nn.Module, inputs: tuple[Tensor, ...], num_columns: int = 3):
@@ -67,15 +68,16 @@ SAME_PADDING_EVEN_KERNEL = pytest.mark.filterwarnings(
     "name",
     [
         pytest.param(name, marks=SAME_PADDING_EVEN_KERNEL) if name == "cnn3d" else name
-        for name in sorted(ZOO)
+        for name in sorted(CASES)
     ],
 )
 def test_factors_match_per_sample_autograd(name: str, num_samples: int) -> None:
-    model, inputs = make_case(name, num_samples)
+    case = make_case(name, num_samples)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     columns = _columns_for(model, inputs)
     outputs, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_columns(model, inputs, params, columns)
+    expected = reference_factor_columns(model, inputs, columns, params)
     with torch.no_grad():
         assert torch.allclose(outputs, model(*inputs), rtol=1e-12, atol=1e-12)
     assert len(factors) == len(params)
@@ -88,13 +90,15 @@ def test_factors_match_per_sample_autograd(name: str, num_samples: int) -> None:
 
 
 def test_structured_rules_are_used() -> None:
-    model, inputs = make_case("cnn2d_batchnorm_eval", 3)
+    case = make_case("cnn2d_batchnorm_eval", 3)
+    model, inputs = case.model, case.inputs
     _, factors = compute_factors(model, inputs, list(model.parameters()), lambda o: o[None])
     kinds = [type(f) for f in factors]
     assert kinds[0] is KroneckerFactor  # grouped conv weight
     assert kinds[1] is DenseFactor  # its bias
     assert kinds[-2] is KroneckerFactor  # linear weight
-    model, inputs = make_case("shared_twice_direct_param", 3)
+    case = make_case("shared_twice_direct_param", 3)
+    model, inputs = case.model, case.inputs
     names, params = zip(*model.named_parameters(), strict=True)
     _, factors = compute_factors(model, inputs, params, lambda o: o[None])
     by_name = dict(zip(names, factors, strict=True))
@@ -105,11 +109,12 @@ def test_structured_rules_are_used() -> None:
 
 @pytest.mark.parametrize("name", ["mlp", "cnn2d_batchnorm_eval", "sequence_layernorm"])
 def test_float32(name: str) -> None:
-    model, inputs = make_case(name, 5, dtype=torch.float32)
+    case = make_case(name, 5, dtype=torch.float32)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     columns = _columns_for(model, inputs)
     _, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_columns(model, inputs, params, columns)
+    expected = reference_factor_columns(model, inputs, columns, params)
     for factor, reference in zip(factors, expected, strict=True):
         assert factor.dense().dtype == torch.float32
         assert _rel_error(factor.dense(), reference) < 1e-5
@@ -196,7 +201,8 @@ def test_kronecker_factor_bad_shapes() -> None:
 
 def test_columns_from_outputs_are_used() -> None:
     """``backprop_columns`` receives the detached outputs; K may be 1 (a gradient)."""
-    model, inputs = make_case("mlp", 4)
+    case = make_case("mlp", 4)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     seen: list[Tensor] = []
 
@@ -207,36 +213,7 @@ def test_columns_from_outputs_are_used() -> None:
     outputs, factors = compute_factors(model, inputs, params, backprop_columns)
     assert not seen[0].requires_grad
     assert torch.equal(seen[0], outputs)
-    expected = reference_columns(model, inputs, params, 2 * outputs[None])
-    for factor, reference in zip(factors, expected, strict=True):
-        assert _rel_error(factor.dense(), reference) < 1e-10
-
-
-class _DataDependentDouble(torch.autograd.Function):
-    """Doubles its input; the backward branches on the gradient's values (not vmappable)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return 2 * grad if bool(grad.sum() >= 0) else grad * 2
-
-
-class _Double(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return _DataDependentDouble.apply(x)
-
-
-def test_backward_that_cannot_be_batched_runs_per_column() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), _Double(), nn.Tanh(), nn.Linear(4, 2)).double()
-    x = torch.randn(5, 3, dtype=torch.float64)
-    params = list(model.parameters())
-    columns = torch.randn(3, 5, 2, dtype=torch.float64)
-    _, factors = compute_factors(model, x, params, lambda out: columns)
-    expected = reference_columns(model, (x,), params, columns)
+    expected = reference_factor_columns(model, inputs, 2 * outputs[None], params)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
 
@@ -248,11 +225,12 @@ def test_both_backward_strategies(
 ) -> None:
     """The per-column backward loop and the vmapped backward pass give the same factors."""
     monkeypatch.setattr(backward, "PER_COLUMN_BACKWARD_ENTRIES", 0 if per_column else 2**62)
-    model, inputs = make_case(name, 4)
+    case = make_case(name, 4)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     columns = _columns_for(model, inputs)
     _, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_columns(model, inputs, params, columns)
+    expected = reference_factor_columns(model, inputs, columns, params)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
 
@@ -262,7 +240,8 @@ def test_both_backward_strategies(
 )
 def test_tiny_memory_budget_gives_the_same_factors(name: str) -> None:
     """One sample at a time in the generic rule and in materialising factor methods."""
-    model, inputs = make_case(name, 5)
+    case = make_case(name, 5)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     columns = _columns_for(model, inputs)
     _, chunked = compute_factors(model, inputs, params, lambda out: columns, max_chunk_bytes=1)
@@ -286,11 +265,12 @@ def test_embedding_factor_bad_shapes() -> None:
 @pytest.mark.parametrize("name", ["transformer_sequence_first", "attention_sequence_first"])
 def test_sample_axis_when_sequence_length_equals_batch_size(name: str) -> None:
     """Tensors ``[T, N, E]`` with ``T == N``: the probe pass of one sample tells the axes."""
-    model, inputs = make_case(name, 3)  # the zoo's sequences have length 3
+    case = make_case(name, 3)  # the zoo's sequences have length 3
+    model, inputs = case.model, case.inputs
     assert inputs[0].shape[:2] == (3, 3)
     params = list(model.parameters())
     columns = _columns_for(model, inputs)
     _, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_columns(model, inputs, params, columns)
+    expected = reference_factor_columns(model, inputs, columns, params)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from engine_zoo import make_case, reference_columns
 from torch import Tensor, nn
 
 from curvkit.engines import compute_factors, iter_factors
 from curvkit.engines import recording as recording_module
+from curvkit.verify import reference_factor_columns
+from curvkit.zoo import make_case
 
 
 def _state(model: nn.Module) -> dict[str, object]:
@@ -43,7 +44,8 @@ def _assert_same_state(before: dict[str, object], after: dict[str, object]) -> N
 
 @pytest.mark.parametrize("name", ["cnn2d_batchnorm_eval", "attention_batch_first", "in_place"])
 def test_no_mutation_and_repeatable(name: str) -> None:
-    model, inputs = make_case(name, 4)
+    case = make_case(name, 4)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     before = _state(model)
     inputs_before = [x.clone() for x in inputs]
@@ -62,7 +64,8 @@ class _Boom(Exception):
 
 
 def test_nothing_left_behind_on_error_in_columns() -> None:
-    model, inputs = make_case("attention_batch_first", 3)
+    case = make_case("attention_batch_first", 3)
+    model, inputs = case.model, case.inputs
     before = _state(model)
 
     def backprop_columns(outputs: Tensor) -> Tensor:
@@ -94,10 +97,11 @@ def test_nothing_left_behind_on_error_in_forward() -> None:
 
 def test_in_place_changes_need_the_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the version check, in-place changes of recorded tensors give wrong factors."""
-    model, inputs = make_case("in_place", 5)
+    case = make_case("in_place", 5)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     columns = torch.randn(2, 5, 8, dtype=torch.float64)
-    expected = reference_columns(model, inputs, params, columns)
+    expected = reference_factor_columns(model, inputs, columns, params)
     monkeypatch.setattr(recording_module, "_changed_in_place", lambda call: False)
     try:
         _, factors = compute_factors(model, inputs, params, lambda out: columns)
@@ -184,12 +188,13 @@ def test_bad_inputs_get_clear_errors() -> None:
     "name", ["sequence_layernorm", "attention_batch_first", "cnn1d", "cnn2d_batchnorm_eval"]
 )
 def test_create_graph_keeps_factors_differentiable(name: str) -> None:
-    model, inputs = make_case(name, 3)
+    case = make_case(name, 3)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     with torch.no_grad():
         columns = torch.randn(2, *model(*inputs).shape, dtype=torch.float64)
     _, factors = compute_factors(model, inputs, params, lambda out: columns, create_graph=True)
-    expected = reference_columns(model, inputs, params, columns, create_graph=True)
+    expected = reference_factor_columns(model, inputs, columns, params, create_graph=True)
     weights = [torch.randn_like(r) for r in expected]
     ours = sum((f.dense() * w).sum() for f, w in zip(factors, weights, strict=True))
     theirs = sum((r * w).sum() for r, w in zip(expected, weights, strict=True))
@@ -218,7 +223,8 @@ def _gram_like(factors: list) -> list[Tensor]:
 def test_iter_factors_chunks_add_up(
     sample_chunk_size: int | None, column_chunk_size: int | None
 ) -> None:
-    model, inputs = make_case("cnn1d", 7)
+    case = make_case("cnn1d", 7)
+    model, inputs = case.model, case.inputs
     params = list(model.parameters())
     columns = torch.randn(3, 7, 2, dtype=torch.float64)
     _, factors = compute_factors(model, inputs, params, lambda out: columns)
@@ -318,7 +324,7 @@ def test_user_hook_changing_an_output_in_place() -> None:
     params = list(model.parameters())
     columns = torch.randn(2, 5, 2, dtype=torch.float64)
     _, factors = compute_factors(model, x, params, lambda out: columns)
-    expected = reference_columns(model, (x,), params, columns)
+    expected = reference_factor_columns(model, (x,), columns, params)
     for factor, reference in zip(factors, expected, strict=True):
         assert torch.allclose(factor.dense(), reference, rtol=1e-10, atol=1e-12)
     assert list(model[0]._forward_hooks) == [handle.id]
