@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from curvkit.cli import demo, main, verify
-from curvkit.cli.zoo import model_zoo
+from curvkit.zoo import make_case
 
 SUBCOMMANDS = ["demo", "verify", "bench"]
 
@@ -140,11 +140,8 @@ def test_verify_fails_on_a_wrong_quantity(monkeypatch, capsys):
     def wrong_product(*args, **kwargs):
         return right(*args, **kwargs) * (1 + 1e-6)
 
-    def first_case(device, dtype, seed=0):
-        return model_zoo(device, dtype, seed)[:1]
-
     monkeypatch.setattr(verify, "ggn_vector_product", wrong_product)
-    monkeypatch.setattr(verify, "model_zoo", first_case)
+    monkeypatch.setattr(verify, "MODELS", {"mlp": "MLP"})
     monkeypatch.setattr(verify, "check_newton_steps", lambda *args: [])
     assert exit_code(["verify"]) == 1
     rows = [line for line in capsys.readouterr().out.splitlines() if "FAIL" in line]
@@ -168,8 +165,7 @@ def test_verify_reports_an_error_as_a_failure(monkeypatch, capsys):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(verify, "ggn_matrix", broken)
-    [case] = model_zoo(torch.device("cpu"), torch.float64)[:1]
-    results = verify.check_case(case, 1e-9, 1e-9)
+    results = verify.check_case(make_case("mlp"), 1e-9, 1e-9)
     failed = [r for r in results if not r.passed]
     assert [(r.quantity, r.note) for r in failed] == [("dense GGN", "RuntimeError")]
     assert "boom" in capsys.readouterr().err
