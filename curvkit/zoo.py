@@ -47,6 +47,116 @@ __all__ = [
     "make_targets",
 ]
 
+InputsBuilder = Callable[[int, torch.Generator], tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """How to build one case of the zoo.
+
+    Attributes:
+        model: Builds the model; its initialisation draws from torch's global generator.
+        inputs: ``inputs(batch_size, generator)``, the model's inputs on the CPU, float64 or
+            integer.
+        loss: Builds a loss that suits the model's outputs ``[N, C]``.
+        batch_size: The number of samples when the caller asks for none.
+        backpack_compatible: Whether BackPACK's ``extend`` supports the model and the loss.
+    """
+
+    model: Callable[[], nn.Module]
+    inputs: InputsBuilder
+    loss: Callable[[], nn.Module]
+    batch_size: int = 4
+    backpack_compatible: bool = False
+
+
+@dataclass
+class Case:
+    """A model of the zoo in eval mode, a batch for it and its loss.
+
+    Attributes:
+        name: The key in :data:`CASES`.
+        model: The model, called as ``model(*inputs)``.
+        loss_fn: ``loss_fn(outputs, targets)``, the scalar batch loss.
+        inputs: The model's inputs, the samples along dimension 0; ``(inputs, targets)`` is a
+            batch for curvkit's quantities.
+        targets: Targets that suit ``loss_fn``.
+        backpack_compatible: Whether BackPACK's ``extend`` supports the model and the loss.
+    """
+
+    name: str
+    model: nn.Module
+    loss_fn: nn.Module
+    inputs: tuple[Tensor, ...]
+    targets: Tensor
+    backpack_compatible: bool
+
+
+def make_case(
+    name: str,
+    batch_size: int | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> Case:
+    """Build the case ``name`` of :data:`CASES`.
+
+    The same seed gives the same numbers on every device (they are drawn on the CPU, in float64,
+    and cast). The model's initialisation reseeds torch's global generator with ``seed``.
+
+    Args:
+        name: A key of :data:`CASES`.
+        batch_size: The number of samples; ``None`` for the case's own.
+        device: Where the model, its loss and the data live.
+        dtype: Floating-point dtype of the parameters and of the float data.
+        seed: Seed of the initialisation and of the data.
+
+    Returns:
+        The case, its model in eval mode.
+
+    Raises:
+        KeyError: If ``name`` is not in :data:`CASES`.
+    """
+    if name not in CASES:
+        raise KeyError(f"no case {name!r} in the zoo; cases: {', '.join(CASES)}")
+    spec = CASES[name]
+    torch.manual_seed(seed)
+    model = spec.model().to(device=device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(seed)
+    inputs = tuple(
+        x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        for x in spec.inputs(spec.batch_size if batch_size is None else batch_size, generator)
+    )
+    loss_fn = spec.loss().to(device=device, dtype=dtype)
+    with torch.no_grad():
+        outputs = model(*inputs)
+    targets = make_targets(loss_fn, outputs, generator)
+    return Case(name, model, loss_fn, inputs, targets, spec.backpack_compatible)
+
+
+def make_targets(loss_fn: nn.Module, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    """Random targets for ``loss_fn`` on ``outputs`` of shape ``[N, C]``.
+
+    Args:
+        loss_fn: Cross-entropy gets class indices, ``BCEWithLogitsLoss`` probabilities in
+            :math:`[0, 1)`, any other loss standard normal values shaped like ``outputs``.
+        outputs: The model's outputs.
+        generator: The CPU generator the targets are drawn from.
+
+    Returns:
+        The targets, on the device of ``outputs``.
+    """
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        targets = torch.randint(outputs.shape[1], outputs.shape[:1], generator=generator)
+        return targets.to(outputs.device)
+    shape = outputs.shape
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        targets = torch.rand(shape, generator=generator, dtype=torch.float64)
+    else:
+        targets = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return targets.to(device=outputs.device, dtype=outputs.dtype)
+
 
 class Residual(nn.Module):
     """A residual MLP block with a linear head, ``head(x + outer(tanh(inner(x))))``.
@@ -409,9 +519,6 @@ def _unbatchable_backward() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), CheckedScaling(2.0), nn.Tanh(), nn.Linear(4, 2))
 
 
-InputsBuilder = Callable[[int, torch.Generator], tuple[Tensor, ...]]
-
-
 def _randn(*shape: int) -> InputsBuilder:
     return lambda n, generator: (torch.randn(n, *shape, generator=generator, dtype=torch.float64),)
 
@@ -424,26 +531,6 @@ def _two_inputs(n: int, generator: torch.Generator) -> tuple[Tensor, ...]:
     return tuple(torch.randn(n, size, generator=generator, dtype=torch.float64) for size in (3, 2))
 
 
-@dataclass(frozen=True)
-class CaseSpec:
-    """How to build one case of the zoo.
-
-    Attributes:
-        model: Builds the model; its initialisation draws from torch's global generator.
-        inputs: ``inputs(batch_size, generator)``, the model's inputs on the CPU, float64 or
-            integer.
-        loss: Builds a loss that suits the model's outputs ``[N, C]``.
-        batch_size: The number of samples when the caller asks for none.
-        backpack_compatible: Whether BackPACK's ``extend`` supports the model and the loss.
-    """
-
-    model: Callable[[], nn.Module]
-    inputs: InputsBuilder
-    loss: Callable[[], nn.Module] = nn.MSELoss
-    batch_size: int = 4
-    backpack_compatible: bool = False
-
-
 #: The zoo, by name; every model returns outputs ``[N, C]``.
 #:
 #: :meta hide-value:
@@ -451,122 +538,42 @@ CASES: dict[str, CaseSpec] = {
     "mlp": CaseSpec(_mlp, _randn(6), nn.CrossEntropyLoss, batch_size=5, backpack_compatible=True),
     "cnn": CaseSpec(_cnn, _randn(2, 6, 6), partial(nn.CrossEntropyLoss, reduction="sum")),
     "cnn2d_batchnorm_eval": CaseSpec(_cnn2d_batchnorm, _randn(2, 10, 10), nn.CrossEntropyLoss),
-    "cnn1d": CaseSpec(_cnn1d, _randn(2, 8)),
-    "cnn3d": CaseSpec(_cnn3d, _randn(2, 3, 4, 5)),
-    "norms_prelu_transposed_conv": CaseSpec(_norms_prelu_transposed_conv, _randn(2, 4, 4)),
-    "residual": CaseSpec(partial(Residual, 5, 7, 3), _randn(5)),
-    "sequence_layernorm": CaseSpec(SequenceNorm, _randn(4, 4)),
+    "cnn1d": CaseSpec(_cnn1d, _randn(2, 8), nn.MSELoss),
+    "cnn3d": CaseSpec(_cnn3d, _randn(2, 3, 4, 5), nn.MSELoss),
+    "norms_prelu_transposed_conv": CaseSpec(
+        _norms_prelu_transposed_conv, _randn(2, 4, 4), nn.MSELoss
+    ),
+    "residual": CaseSpec(partial(Residual, features=5, hidden=7, outputs=3), _randn(5), nn.MSELoss),
+    "sequence_layernorm": CaseSpec(SequenceNorm, _randn(4, 4), nn.MSELoss),
     "attention": CaseSpec(
         partial(AttentionClassifier, embed=4, outputs=3),
         _randn(5, 4),
         nn.BCEWithLogitsLoss,
         batch_size=3,
     ),
-    "attention_batch_first": CaseSpec(partial(Attention, True), _randn(3, 4)),
-    "attention_sequence_first": CaseSpec(partial(Attention, False), _randn(3, 4)),
-    "transformer": CaseSpec(partial(Transformer, True), _randn(3, 4), nn.CrossEntropyLoss),
+    "attention_batch_first": CaseSpec(
+        partial(Attention, batch_first=True), _randn(3, 4), nn.MSELoss
+    ),
+    "attention_sequence_first": CaseSpec(
+        partial(Attention, batch_first=False), _randn(3, 4), nn.MSELoss
+    ),
+    "transformer": CaseSpec(
+        partial(Transformer, batch_first=True), _randn(3, 4), nn.CrossEntropyLoss
+    ),
     "transformer_sequence_first": CaseSpec(
-        partial(Transformer, False), _randn(3, 4), nn.CrossEntropyLoss
+        partial(Transformer, batch_first=False), _randn(3, 4), nn.CrossEntropyLoss
     ),
     "embedding": CaseSpec(
         partial(EmbeddingClassifier, vocabulary=7, embed=3, length=4, outputs=5),
         _tokens(7, 4),
         partial(nn.CrossEntropyLoss, label_smoothing=0.1),
     ),
-    "embedding_padding_twice": CaseSpec(PaddedTwice, _tokens(4, 6)),
+    "embedding_padding_twice": CaseSpec(PaddedTwice, _tokens(4, 6), nn.MSELoss),
     "shared_twice_direct_param": CaseSpec(SharedTwice, _randn(4), nn.CrossEntropyLoss),
     "tied_embedding": CaseSpec(TiedEmbedding, _tokens(5, 2), nn.CrossEntropyLoss),
-    "tied_head": CaseSpec(TiedHead, _tokens(5, 2)),
-    "in_place": CaseSpec(InPlace, _randn(4)),
-    "lstm": CaseSpec(LastStep, _randn(3, 3)),
-    "two_inputs": CaseSpec(TwoInputs, _two_inputs),
-    "unbatchable_backward": CaseSpec(_unbatchable_backward, _randn(3)),
+    "tied_head": CaseSpec(TiedHead, _tokens(5, 2), nn.MSELoss),
+    "in_place": CaseSpec(InPlace, _randn(4), nn.MSELoss),
+    "lstm": CaseSpec(LastStep, _randn(3, 3), nn.MSELoss),
+    "two_inputs": CaseSpec(TwoInputs, _two_inputs, nn.MSELoss),
+    "unbatchable_backward": CaseSpec(_unbatchable_backward, _randn(3), nn.MSELoss),
 }
-
-
-@dataclass
-class Case:
-    """A model of the zoo in eval mode, a batch for it and its loss.
-
-    Attributes:
-        name: The key in :data:`CASES`.
-        model: The model, called as ``model(*inputs)``.
-        loss_fn: ``loss_fn(outputs, targets)``, the scalar batch loss.
-        inputs: The model's inputs, the samples along dimension 0; ``(inputs, targets)`` is a
-            batch for curvkit's quantities.
-        targets: Targets that suit ``loss_fn``.
-        backpack_compatible: Whether BackPACK's ``extend`` supports the model and the loss.
-    """
-
-    name: str
-    model: nn.Module
-    loss_fn: nn.Module
-    inputs: tuple[Tensor, ...]
-    targets: Tensor
-    backpack_compatible: bool
-
-
-def make_case(
-    name: str,
-    batch_size: int | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> Case:
-    """Build the case ``name`` of :data:`CASES`.
-
-    The same seed gives the same numbers on every device (they are drawn on the CPU, in float64,
-    and cast). The model's initialisation reseeds torch's global generator with ``seed``.
-
-    Args:
-        name: A key of :data:`CASES`.
-        batch_size: The number of samples; ``None`` for the case's own.
-        device: Where the model, its loss and the data live.
-        dtype: Floating-point dtype of the parameters and of the float data.
-        seed: Seed of the initialisation and of the data.
-
-    Returns:
-        The case, its model in eval mode.
-
-    Raises:
-        KeyError: If ``name`` is not in :data:`CASES`.
-    """
-    if name not in CASES:
-        raise KeyError(f"no case {name!r} in the zoo; cases: {', '.join(CASES)}")
-    spec = CASES[name]
-    torch.manual_seed(seed)
-    model = spec.model().to(device=device, dtype=dtype).eval()
-    generator = torch.Generator().manual_seed(seed)
-    inputs = tuple(
-        x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-        for x in spec.inputs(spec.batch_size if batch_size is None else batch_size, generator)
-    )
-    loss_fn = spec.loss().to(device=device, dtype=dtype)
-    with torch.no_grad():
-        outputs = model(*inputs)
-    targets = make_targets(loss_fn, outputs, generator)
-    return Case(name, model, loss_fn, inputs, targets, spec.backpack_compatible)
-
-
-def make_targets(loss_fn: nn.Module, outputs: Tensor, generator: torch.Generator) -> Tensor:
-    """Random targets for ``loss_fn`` on ``outputs`` of shape ``[N, C]``.
-
-    Args:
-        loss_fn: Cross-entropy gets class indices, ``BCEWithLogitsLoss`` probabilities in
-            :math:`[0, 1)`, any other loss standard normal values shaped like ``outputs``.
-        outputs: The model's outputs.
-        generator: The CPU generator the targets are drawn from.
-
-    Returns:
-        The targets, on the device of ``outputs``.
-    """
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        targets = torch.randint(outputs.shape[1], outputs.shape[:1], generator=generator)
-        return targets.to(outputs.device)
-    shape = outputs.shape
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        targets = torch.rand(shape, generator=generator, dtype=torch.float64)
-    else:
-        targets = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return targets.to(device=outputs.device, dtype=outputs.dtype)
