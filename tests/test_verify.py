@@ -1,5 +1,6 @@
 """The plain-autograd references against closed forms and against torch.autograd.functional."""
 
+import copy
 import re
 
 import pytest
@@ -12,11 +13,13 @@ from curvkit.verify import (
     ComparisonReport,
     compare,
     reference_diag_ggn,
+    reference_factor_columns,
     reference_ggn,
     reference_hessian,
     reference_output_hessian,
     reference_per_sample_gradients,
 )
+from curvkit.zoo import make_case
 
 DTYPE = torch.float64
 REDUCTIONS = ["mean", "sum"]
@@ -284,23 +287,9 @@ def test_params_none_skips_frozen_parameters():
     assert len(reference_per_sample_gradients(model, loss_fn, x, y)) == 3
 
 
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(3, 2)
-        self.b = nn.Linear(2, 2, bias=False)
-        self.unused = nn.Parameter(torch.ones(2))
-
-    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        return torch.tanh(self.a(x1)) * self.b(x2)
-
-
 def test_tuple_inputs_and_unused_parameters():
-    torch.manual_seed(0)
-    model = TwoInputs().to(DTYPE)
-    x1, x2 = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
-    y = torch.randn(4, 2, dtype=DTYPE)
-    loss_fn = nn.MSELoss()
+    case = make_case("two_inputs", 4)
+    model, loss_fn, (x1, x2), y = case.model, case.loss_fn, case.inputs, case.targets
 
     names = [name for name, _ in model.named_parameters()]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -316,56 +305,58 @@ def test_tuple_inputs_and_unused_parameters():
     h = hessian(lambda out: loss_fn(out.reshape(f.shape), y), f.reshape(-1))
     ggn = reference_ggn(model, loss_fn, (x1, x2), y)
     assert_close(ggn, j.T @ h @ j)
-    # The unused parameter (registered first, so entries 0 and 1) has zero rows and columns.
+    # The unused parameter (registered first, so the first entries) has zero rows and columns.
     assert names[0] == "unused"
-    assert ggn[:2].abs().max() == 0 and ggn[:, :2].abs().max() == 0
-    assert ggn[2:].abs().max() > 0
-    assert reference_hessian(model, loss_fn, (x1, x2), y)[:2].abs().max() == 0
+    unused = model.unused.numel()
+    assert ggn[:unused].abs().max() == 0 and ggn[:, :unused].abs().max() == 0
+    assert ggn[unused:].abs().max() > 0
+    assert reference_hessian(model, loss_fn, (x1, x2), y)[:unused].abs().max() == 0
     per_sample = reference_per_sample_gradients(model, loss_fn, (x1, x2), y)
-    assert per_sample[0].shape == (4, 2) and per_sample[0].abs().max() == 0
+    assert per_sample[0].shape == (4, unused) and per_sample[0].abs().max() == 0
     (expected,) = torch.autograd.grad(loss_fn(model(x1[2:3], x2[2:3]), y[2:3]), model.a.weight)
     assert_close(per_sample[1][2], expected)
 
 
-class CheckedTripling(torch.autograd.Function):
-    """y = 3 x, with a backward that inspects values (``bool``), which vmap cannot batch."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return 3 * x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        if not bool(torch.isfinite(grad).all()):
-            raise FloatingPointError("non-finite gradient")
-        return 3 * grad
-
-
-class Tripled(nn.Module):
-    def __init__(self, custom: bool) -> None:
-        super().__init__()
-        self.layer = nn.Linear(3, 2)
-        self.custom = custom
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.layer(x)
-        return torch.tanh(CheckedTripling.apply(h) if self.custom else 3 * h)
-
-
 def test_operations_without_batching_rule_fall_back_to_a_loop():
-    torch.manual_seed(0)
-    custom, plain = Tripled(custom=True).to(DTYPE), Tripled(custom=False).to(DTYPE)
-    plain.load_state_dict(custom.state_dict())
-    x, y = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    case = make_case("unbatchable_backward", 4)
+    checked, loss_fn, (x,), y = case.model, case.loss_fn, case.inputs, case.targets
+    # The same function, without the custom backward that vmap cannot batch.
+    plain = copy.deepcopy(checked)
+    plain[1].forward = lambda h: plain[1].factor * h
     with pytest.raises(RuntimeError):  # the reason for the fallback
-        out = custom(x)
+        out = checked(x)
         torch.autograd.grad(
             out, x.requires_grad_(), torch.ones(2, *out.shape), is_grads_batched=True
         )
     x = x.detach()
-    loss_fn = nn.MSELoss()
-    assert_close(reference_ggn(custom, loss_fn, x, y), reference_ggn(plain, loss_fn, x, y))
-    assert_close(reference_hessian(custom, loss_fn, x, y), reference_hessian(plain, loss_fn, x, y))
+    assert_close(reference_ggn(checked, loss_fn, x, y), reference_ggn(plain, loss_fn, x, y))
+    assert_close(reference_hessian(checked, loss_fn, x, y), reference_hessian(plain, loss_fn, x, y))
+
+
+def test_factor_columns_of_a_linear_layer_are_outer_products():
+    model = nn.Linear(3, 2).to(DTYPE)
+    x = torch.randn(5, 3, dtype=DTYPE)
+    columns = torch.randn(4, 5, 2, dtype=DTYPE)
+    weight, bias = reference_factor_columns(model, x, columns)
+    assert_close(weight, torch.einsum("knc,ni->knci", columns, x))
+    assert_close(bias, columns)
+    with pytest.raises(ValueError, match=r"shape \(1, 2\), the columns .* \(4, 5, 1\)"):
+        reference_factor_columns(model, x, columns[..., :1])
+    with pytest.raises(ValueError, match=r"columns must be \[K, N, \*out\], got shape \(2,\)"):
+        reference_factor_columns(model, x, columns[0, 0])
+
+
+def test_factor_columns_from_the_loss_hessian_square_root_give_the_ggn():
+    """MSE with mean reduction: S_n = sqrt(2 / (N C)) I, so V V^T is the GGN."""
+    case = make_case("two_inputs", 4)
+    model, inputs, targets = case.model, case.inputs, case.targets
+    num_samples, num_outputs = targets.shape
+    eye = torch.eye(num_outputs, dtype=DTYPE)
+    columns = (2 / targets.numel()) ** 0.5 * eye[:, None, :].expand(-1, num_samples, -1)
+    factor = reference_factor_columns(model, inputs, columns, create_graph=True)
+    flat = torch.cat([f.reshape(num_outputs * num_samples, -1) for f in factor], dim=1)
+    assert_close(flat.T @ flat, reference_ggn(model, case.loss_fn, inputs, targets))
+    assert flat.requires_grad
 
 
 def test_references_leave_model_parameters_and_grads_alone():
