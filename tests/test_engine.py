@@ -17,7 +17,7 @@ from curvkit.engines import (
     compute_factors,
 )
 from curvkit.verify import reference_factor_columns
-from curvkit.zoo import CASES, make_case
+from curvkit.zoo import CASES, Case, make_case
 
 
 def _columns_for(model: nn.Module, inputs: tuple[Tensor, ...], num_columns: int = 3):
@@ -26,6 +26,15 @@ def _columns_for(model: nn.Module, inputs: tuple[Tensor, ...], num_columns: int 
     generator = torch.Generator().manual_seed(1)
     columns = torch.randn(num_columns, *outputs.shape, generator=generator, dtype=outputs.dtype)
     return columns
+
+
+def _factors_and_references(case: Case) -> tuple[Tensor, list[Factor], list[Tensor]]:
+    """Outputs and factors of ``compute_factors`` for random columns, and their references."""
+    model, inputs = case.model, case.inputs
+    params = list(model.parameters())
+    columns = _columns_for(model, inputs)
+    outputs, factors = compute_factors(model, inputs, params, lambda out: columns)
+    return outputs, factors, reference_factor_columns(model, inputs, columns, params)
 
 
 def _rel_error(actual: Tensor, expected: Tensor) -> float:
@@ -73,13 +82,10 @@ SAME_PADDING_EVEN_KERNEL = pytest.mark.filterwarnings(
 )
 def test_factors_match_per_sample_autograd(name: str, num_samples: int) -> None:
     case = make_case(name, num_samples)
-    model, inputs = case.model, case.inputs
-    params = list(model.parameters())
-    columns = _columns_for(model, inputs)
-    outputs, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_factor_columns(model, inputs, columns, params)
+    outputs, factors, expected = _factors_and_references(case)
+    params = list(case.model.parameters())
     with torch.no_grad():
-        assert torch.allclose(outputs, model(*inputs), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(outputs, case.model(*case.inputs), rtol=1e-12, atol=1e-12)
     assert len(factors) == len(params)
     for param, factor, reference in zip(params, factors, expected, strict=True):
         assert factor.param_shape == param.shape
@@ -110,11 +116,7 @@ def test_structured_rules_are_used() -> None:
 @pytest.mark.parametrize("name", ["mlp", "cnn2d_batchnorm_eval", "sequence_layernorm"])
 def test_float32(name: str) -> None:
     case = make_case(name, 5, dtype=torch.float32)
-    model, inputs = case.model, case.inputs
-    params = list(model.parameters())
-    columns = _columns_for(model, inputs)
-    _, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_factor_columns(model, inputs, columns, params)
+    _, factors, expected = _factors_and_references(case)
     for factor, reference in zip(factors, expected, strict=True):
         assert factor.dense().dtype == torch.float32
         assert _rel_error(factor.dense(), reference) < 1e-5
@@ -226,11 +228,7 @@ def test_both_backward_strategies(
     """The per-column backward loop and the vmapped backward pass give the same factors."""
     monkeypatch.setattr(backward, "PER_COLUMN_BACKWARD_ENTRIES", 0 if per_column else 2**62)
     case = make_case(name, 4)
-    model, inputs = case.model, case.inputs
-    params = list(model.parameters())
-    columns = _columns_for(model, inputs)
-    _, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_factor_columns(model, inputs, columns, params)
+    _, factors, expected = _factors_and_references(case)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
 
@@ -266,11 +264,7 @@ def test_embedding_factor_bad_shapes() -> None:
 def test_sample_axis_when_sequence_length_equals_batch_size(name: str) -> None:
     """Tensors ``[T, N, E]`` with ``T == N``: the probe pass of one sample tells the axes."""
     case = make_case(name, 3)  # the zoo's sequences have length 3
-    model, inputs = case.model, case.inputs
-    assert inputs[0].shape[:2] == (3, 3)
-    params = list(model.parameters())
-    columns = _columns_for(model, inputs)
-    _, factors = compute_factors(model, inputs, params, lambda out: columns)
-    expected = reference_factor_columns(model, inputs, columns, params)
+    assert case.inputs[0].shape[:2] == (3, 3)
+    _, factors, expected = _factors_and_references(case)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
