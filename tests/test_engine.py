@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor, nn
+from zoo_params import case_params
 
 from curvkit.engines import (
     DenseFactor,
@@ -65,21 +66,8 @@ def _check_methods(factor: Factor, rtol: float) -> None:
             assert actual.abs().max() == 0
 
 
-#: The zoo's cnn3d uses padding="same" with an even kernel and an odd dilation on purpose (the
-#: Conv rule must handle the asymmetric padding), which torch warns may copy the input.
-SAME_PADDING_EVEN_KERNEL = pytest.mark.filterwarnings(
-    "ignore:Using padding='same' with even kernel lengths and odd dilation:UserWarning"
-)
-
-
 @pytest.mark.parametrize("num_samples", [1, 7])
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=SAME_PADDING_EVEN_KERNEL) if name == "cnn3d" else name
-        for name in sorted(CASES)
-    ],
-)
+@pytest.mark.parametrize("name", case_params(sorted(CASES)))
 def test_factors_match_per_sample_autograd(name: str, num_samples: int) -> None:
     case = make_case(name, num_samples)
     outputs, factors, expected = _factors_and_references(case)

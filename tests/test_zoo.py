@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_params import case_params
 
 from curvkit.zoo import CASES, make_case
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", case_params(sorted(CASES)))
 def test_case_has_a_batch_and_a_scalar_loss(name: str) -> None:
     case = make_case(name, 3)
     assert case.name == name and not case.model.training
