@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ggn import ATOL, RTOL, build, flat, make_loss
+from test_ggn import ATOL, RTOL, build, flat, problem
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,8 +22,7 @@ def split(tensor: torch.Tensor | tuple[torch.Tensor, ...], sizes: list[int]):
 
 
 def batched(model_name: str, loss_name: str, reduction: str):
-    model, inputs = build(model_name, sum(SIZES))
-    loss_fn, targets = make_loss(loss_name, reduction, sum(SIZES))
+    model, loss_fn, inputs, targets = problem(model_name, loss_name, reduction, sum(SIZES))
     batches = list(zip(split(inputs, SIZES), split(targets, SIZES), strict=True))
     return model, loss_fn, inputs, targets, batches
 
@@ -67,8 +66,7 @@ def test_dataset_equals_concatenated_batch(model_name: str, loss_name: str, redu
 
 
 def test_dataloader_with_smaller_last_batch():
-    model, inputs = build("cnn", 7)
-    loss_fn, targets = make_loss("ce", "mean", 7)
+    model, loss_fn, inputs, targets = problem("cnn", "ce", "mean", 7)
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=3)
     compare(
         curvkit.diag_ggn(model, loss_fn, loader),
@@ -112,7 +110,7 @@ def test_monte_carlo_on_a_dataset_is_reproducible():
 def test_batches_with_every_target_ignored():
     model, inputs = build("mlp", 6)
     targets = torch.tensor([0, 2, -100, -100, 1, -100])
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64))
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64))
     # the middle batch has nothing but ignored targets: it weighs nothing, and the rest is exact.
     batches = [(inputs[:2], targets[:2]), (inputs[2:4], targets[2:4]), (inputs[4:], targets[4:])]
     compare(
@@ -167,11 +165,11 @@ def test_all_reduce_without_process_group_changes_nothing():
         (5, TypeError, "iterable of such batches"),
         (torch.zeros(3, 2), TypeError, "iterable of such batches"),
         ([], ValueError, "no batch"),
-        ([(torch.zeros(2, 5), torch.zeros(2, 3), 1)], TypeError, "batch 0 of data"),
-        ([(torch.zeros(2, 5).double(), torch.zeros(2, 3)), "b"], TypeError, "batch 1 of data"),
-        ([("inputs", torch.zeros(2, 3))], TypeError, "inputs of batch 0"),
-        ([(torch.zeros(2, 5), [0.0, 1.0])], TypeError, "targets of batch 0"),
-        ([((), torch.zeros(2, 3))], TypeError, "inputs of batch 0"),
+        ([(torch.zeros(2, 6), torch.zeros(2, 4), 1)], TypeError, "batch 0 of data"),
+        ([(torch.zeros(2, 6).double(), torch.zeros(2, 4)), "b"], TypeError, "batch 1 of data"),
+        ([("inputs", torch.zeros(2, 4))], TypeError, "inputs of batch 0"),
+        ([(torch.zeros(2, 6), [0.0, 1.0])], TypeError, "targets of batch 0"),
+        ([((), torch.zeros(2, 4))], TypeError, "inputs of batch 0"),
     ],
 )
 def test_bad_data(data: object, error: type[Exception], message: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ggn import ATOL, RTOL, build, make_loss
+from test_ggn import ATOL, RTOL, problem
 from torch import nn
 
 import curvkit
@@ -22,9 +22,7 @@ N = 7
 
 
 def _problem():
-    model, inputs = build("mlp", N)
-    loss_fn, targets = make_loss("weighted_ce", "mean", N)
-    return model, loss_fn, inputs, targets
+    return problem("mlp", "weighted_ce", "mean", N)
 
 
 def _quantities(model: nn.Module, loss_fn: nn.Module, data) -> list[torch.Tensor]:
