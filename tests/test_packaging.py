@@ -132,6 +132,7 @@ def test_core_dependencies_and_extras():
     assert names(project["dependencies"]) == {"torch", "numpy", "tqdm"}
     extras = project["optional-dependencies"]
     assert extras["vivit"] == ["backpack-for-pytorch>=1.6"]
+    assert "backpack-for-pytorch" not in names(extras["demo"])
     peers = {
         "backpack-for-pytorch",
         "vivit-for-pytorch",
@@ -170,12 +171,6 @@ def test_to_scipy_imports_scipy_when_called_and_says_what_to_install():
     assert "pip install scipy" in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="curvkit/cli/verify.py imports curvkit.vivit at module level, so the `curvkit` command "
-    "(and `curvkit demo`) needs BackPACK. Once that import is lazy, remove this mark and drop "
-    "backpack-for-pytorch from the demo extra in pyproject.toml.",
-)
 def test_cli_imports_without_backpack():
     result = run_python(
         """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import time
 import traceback
 import warnings
@@ -40,7 +41,6 @@ from curvkit.ggn import (
     ggn_vector_product,
 )
 from curvkit.ops.newton import newton_step
-from curvkit.vivit import DirectionalDampedNewtonComputation
 from curvkit.zoo import Case, make_case
 
 #: Tolerance per dtype, relative to the largest reference entry.
@@ -50,6 +50,9 @@ EIGEN_FACTOR = {torch.float64: 1.0, torch.float32: 10.0}
 NUM_DIRECTIONS = 3
 DAMPING = 0.5
 #: The cases of :data:`curvkit.zoo.CASES` that are checked, with their names in the table.
+#: Whether the ViViT drop-in (the ``vivit`` extra) can be checked beside the functional API.
+BACKPACK_INSTALLED = importlib.util.find_spec("backpack") is not None
+
 MODELS = {
     "mlp": "MLP",
     "cnn": "CNN",
@@ -113,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         f"{args.dtype} | tolerance {tolerance:g} relative to the largest reference entry",
         flush=True,
     )
+    if not BACKPACK_INSTALLED:
+        print(
+            "BackPACK is not installed, so the ViViT drop-in is not checked "
+            '(pip install "curvkit[vivit]")'
+        )
     start = time.perf_counter()
     results: list[Result] = []
     for name in MODELS:
@@ -171,7 +179,7 @@ def check_case(case: Case, tolerance: float, eigen_tolerance: float) -> list[Res
     ]
     if isinstance(case.loss_fn, nn.MSELoss):
         checks.insert(2, ("Gauss-Newton diagonal", references.gauss_newton_diagonal, tolerance))
-    if case.backpack_compatible:
+    if case.backpack_compatible and BACKPACK_INSTALLED:
         checks.append(
             (
                 "ViViT drop-in on BackPACK: step",
@@ -403,6 +411,8 @@ class _References:
     def vivit_damped_newton_step(self) -> tuple[Tensor, Tensor]:
         """Curvkit's ViViT-compatible class, run by BackPACK on a copy of the model."""
         from backpack import backpack, extend
+
+        from curvkit.vivit import DirectionalDampedNewtonComputation
 
         case = self.case
         model, loss_fn = extend(copy.deepcopy(case.model)), extend(copy.deepcopy(case.loss_fn))
