@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+import curvkit
 from curvkit.cli import demo, main, verify
 from curvkit.zoo import make_case
 
@@ -135,12 +136,12 @@ def test_verify_passes(capsys):
 
 
 def test_verify_fails_on_a_wrong_quantity(monkeypatch, capsys):
-    right = verify.ggn_vector_product
+    right = curvkit.ggn_vector_product
 
     def wrong_product(*args, **kwargs):
         return right(*args, **kwargs) * (1 + 1e-6)
 
-    monkeypatch.setattr(verify, "ggn_vector_product", wrong_product)
+    monkeypatch.setattr(curvkit, "ggn_vector_product", wrong_product)
     monkeypatch.setattr(verify, "MODELS", {"mlp": "MLP"})
     monkeypatch.setattr(verify, "check_newton_steps", lambda *args: [])
     assert exit_code(["verify"]) == 1
@@ -164,7 +165,7 @@ def test_verify_reports_an_error_as_a_failure(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(verify, "ggn_matrix", broken)
+    monkeypatch.setattr(curvkit, "ggn_matrix", broken)
     results = verify.check_case(make_case("mlp"), 1e-9, 1e-9)
     failed = [r for r in results if not r.passed]
     assert [(r.quantity, r.note) for r in failed] == [("dense GGN", "RuntimeError")]

@@ -15,7 +15,11 @@ import curvkit
 from curvkit.cli import bench, demo, verify
 from curvkit.cli._common import CommandError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: The subcommands: each module defines ``NAME``, ``HELP``, ``DESCRIPTION``,
+#: ``add_arguments(parser)`` and ``run(args) -> exit code``.
+COMMANDS = (demo, verify, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"curvkit {curvkit.__version__}")
     subparsers = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND", required=True)
-    demo.add_parser(subparsers)
-    verify.add_parser(subparsers)
-    bench.add_parser(subparsers)
+    for command in COMMANDS:
+        subparser = subparsers.add_parser(
+            command.NAME, help=command.HELP, description=command.DESCRIPTION
+        )
+        command.add_arguments(subparser)
+        subparser.set_defaults(handler=command.run, command=command.NAME)
     return parser
 
 

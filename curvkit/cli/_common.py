@@ -20,8 +20,8 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
-def add_device_dtype_options(parser: argparse.ArgumentParser, default_dtype: str) -> None:
-    """Add ``--device`` and ``--dtype`` to a subcommand's parser.
+def add_torch_options(parser: argparse.ArgumentParser, default_dtype: str) -> None:
+    """Add ``--device``, ``--dtype`` and ``--threads`` to a subcommand's parser.
 
     Args:
         parser: The subcommand's parser.
@@ -38,14 +38,6 @@ def add_device_dtype_options(parser: argparse.ArgumentParser, default_dtype: str
         default=default_dtype,
         help="floating-point precision (default: %(default)s)",
     )
-
-
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--threads`` (CPU threads for torch's operations) to a subcommand's parser.
-
-    Args:
-        parser: The subcommand's parser.
-    """
     parser.add_argument(
         "--threads",
         type=positive_int,
@@ -53,6 +45,22 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: %(default)s; the models here are small, and more "
         "threads than idle cores slow them down)",
     )
+
+
+def apply_torch_options(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Set torch's threads from the options of :func:`add_torch_options`.
+
+    Args:
+        args: The parsed options.
+
+    Returns:
+        The device and dtype to run on.
+
+    Raises:
+        CommandError: If the device is not available.
+    """
+    torch.set_num_threads(args.threads)
+    return resolve_device(args.device), DTYPES[args.dtype]
 
 
 def positive_int(text: str) -> int:

@@ -27,22 +27,23 @@ from curvkit.cli._common import CommandError, format_table
 SCRIPT_GLOB = "bench_*.py"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``bench`` subcommand.
+#: The subcommand's name, one-line help and description (``curvkit bench --help``).
+NAME = "bench"
+HELP = "benchmark curvkit against the installed peers (needs a source checkout)"
+DESCRIPTION = (
+    "Run the benchmark scripts in benchmarks/ (bench_*.py) against whichever peers are "
+    "installed (BackPACK, ViViT, curvlinops, Pyro, torch-secorder) and print tables of "
+    "run times and ratios. The scripts come with a clone of the repository, not with "
+    "the installed package."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``curvkit bench`` to its parser.
 
     Args:
-        subparsers: The main parser's subcommands.
+        parser: The subcommand's parser.
     """
-    parser = subparsers.add_parser(
-        "bench",
-        help="benchmark curvkit against the installed peers (needs a source checkout)",
-        description=(
-            "Run the benchmark scripts in benchmarks/ (bench_*.py) against whichever peers are "
-            "installed (BackPACK, ViViT, curvlinops, Pyro, torch-secorder) and print tables of "
-            "run times and ratios. The scripts come with a clone of the repository, not with "
-            "the installed package."
-        ),
-    )
     parser.add_argument(
         "names",
         nargs="*",
@@ -58,7 +59,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="the benchmarks directory (default: ./benchmarks, then the one next to the package)",
     )
-    parser.set_defaults(handler=run, command="bench")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,13 +34,11 @@ import curvkit
 from curvkit import verify
 from curvkit.cli import figures
 from curvkit.cli._common import (
-    DTYPES,
     CommandError,
-    add_device_dtype_options,
-    add_threads_option,
+    add_torch_options,
+    apply_torch_options,
     format_table,
     positive_int,
-    resolve_device,
     stopwatch,
 )
 from curvkit.directional import damped_newton_step, ggn_eigh, top_k
@@ -61,25 +59,25 @@ NUM_COLUMNS = 16
 ADAM_LR = 1e-2
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``demo`` subcommand.
+#: The subcommand's name, one-line help and description (``curvkit demo --help``).
+NAME = "demo"
+HELP = "GGN diagonal, spectrum and damped Newton training of an MLP, checked vs autograd"
+DESCRIPTION = (
+    "Train a small MLP on scikit-learn's bundled handwritten digits (8x8 images, 10 "
+    "classes) with directionally damped Newton steps beside Adam; compute the exact GGN "
+    "diagonal and spectrum; check the diagonal, GGN columns, eigenvalues and a damped "
+    "Newton step against plain autograd; write figures and a JSON report. Exit code 1 if "
+    "a check fails."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``curvkit demo`` to its parser.
 
     Args:
-        subparsers: The main parser's subcommands.
+        parser: The subcommand's parser.
     """
-    parser = subparsers.add_parser(
-        "demo",
-        help="GGN diagonal, spectrum and damped Newton training of an MLP, checked vs autograd",
-        description=(
-            "Train a small MLP on scikit-learn's bundled handwritten digits (8x8 images, 10 "
-            "classes) with directionally damped Newton steps beside Adam; compute the exact GGN "
-            "diagonal and spectrum; check the diagonal, GGN columns, eigenvalues and a damped "
-            "Newton step against plain autograd; write figures and a JSON report. Exit code 1 if "
-            "a check fails."
-        ),
-    )
-    add_device_dtype_options(parser, default_dtype="float64")
-    add_threads_option(parser)
+    add_torch_options(parser, default_dtype="float64")
     parser.add_argument(
         "--epochs", type=positive_int, default=5, help="training epochs (default: %(default)s)"
     )
@@ -103,7 +101,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars while training"
     )
-    parser.set_defaults(handler=run, command="demo")
 
 
 @dataclass
@@ -233,9 +230,7 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 if every check passed, 1 otherwise.
     """
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype]
-    torch.set_num_threads(args.threads)
+    device, dtype = apply_torch_options(args)
     if not args.no_figures:
         figures.require_matplotlib()
     start = time.perf_counter()

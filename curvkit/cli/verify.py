@@ -24,22 +24,7 @@ from torch import Tensor, nn
 
 import curvkit
 from curvkit import losses, verify
-from curvkit.cli._common import (
-    DTYPES,
-    add_device_dtype_options,
-    add_threads_option,
-    format_table,
-    resolve_device,
-)
-from curvkit.directional import damped_newton_step, directional_derivatives, ggn_eigh, top_k
-from curvkit.ggn import (
-    GGNOperator,
-    diag_ggn,
-    gauss_newton_diagonal,
-    ggn_columns,
-    ggn_matrix,
-    ggn_vector_product,
-)
+from curvkit.cli._common import add_torch_options, apply_torch_options, format_table
 from curvkit.ops.newton import newton_step
 from curvkit.zoo import Case, make_case
 
@@ -62,29 +47,28 @@ MODELS = {
 }
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``verify`` subcommand.
+#: The subcommand's name, one-line help and description (``curvkit verify --help``).
+NAME = "verify"
+HELP = "check every curvature quantity against plain autograd on a model zoo"
+DESCRIPTION = (
+    "Compare every curvature quantity of curvkit (output Hessian square roots, GGN "
+    "diagonal, GGN-vector products, columns, dense GGN, linear operator, eigenpairs, "
+    "directional derivatives, damped Newton steps) with references from plain autograd, "
+    "on small models: MLP, CNN, residual network, LayerNorm + attention, embedding; and "
+    "batched low-dimensional Newton steps with and without a trust region. "
+    "Prints a pass/fail table; exit code 1 on any mismatch. Run it on a new GPU or torch "
+    "version."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``curvkit verify`` to its parser.
 
     Args:
-        subparsers: The main parser's subcommands.
+        parser: The subcommand's parser.
     """
-    parser = subparsers.add_parser(
-        "verify",
-        help="check every curvature quantity against plain autograd on a model zoo",
-        description=(
-            "Compare every curvature quantity of curvkit (output Hessian square roots, GGN "
-            "diagonal, GGN-vector products, columns, dense GGN, linear operator, eigenpairs, "
-            "directional derivatives, damped Newton steps) with references from plain autograd, "
-            "on small models: MLP, CNN, residual network, LayerNorm + attention, embedding; and "
-            "batched low-dimensional Newton steps with and without a trust region. "
-            "Prints a pass/fail table; exit code 1 on any mismatch. Run it on a new GPU or torch "
-            "version."
-        ),
-    )
-    add_device_dtype_options(parser, default_dtype="float64")
-    add_threads_option(parser)
+    add_torch_options(parser, default_dtype="float64")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.set_defaults(handler=run, command="verify")
 
 
 @dataclass
@@ -107,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 if every check passed, 1 otherwise.
     """
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype]
-    torch.set_num_threads(args.threads)
+    device, dtype = apply_torch_options(args)
     tolerance = TOLERANCES[dtype]
     print(
         f"curvkit {curvkit.__version__} verify | torch {torch.__version__} | {device} "
@@ -305,7 +287,7 @@ class _References:
         self.evals, self.evecs = torch.linalg.eigh(self.ggn)
         self.group = {
             "params": self.params,
-            "criterion": top_k(NUM_DIRECTIONS),
+            "criterion": curvkit.top_k(NUM_DIRECTIONS),
             "damping": DAMPING,
         }
         self.generator = torch.Generator().manual_seed(0)
@@ -324,7 +306,7 @@ class _References:
         return hessians, reference.reshape(hessians.shape)
 
     def diagonal(self) -> tuple[Tensor, Tensor]:
-        return _flat(diag_ggn(self.case.model, self.case.loss_fn, self.batch)), (
+        return _flat(curvkit.diag_ggn(self.case.model, self.case.loss_fn, self.batch)), (
             self.ggn.diagonal()
         )
 
@@ -335,34 +317,42 @@ class _References:
             (tuple(x[:split] for x in inputs), targets[:split]),
             (tuple(x[split:] for x in inputs), targets[split:]),
         ]
-        return _flat(diag_ggn(self.case.model, self.case.loss_fn, halves)), (self.ggn.diagonal())
+        return _flat(curvkit.diag_ggn(self.case.model, self.case.loss_fn, halves)), (
+            self.ggn.diagonal()
+        )
 
     def gauss_newton_diagonal(self) -> tuple[Tensor, Tensor]:
         case = self.case
-        diagonal = gauss_newton_diagonal(case.model, case.loss_fn, case.inputs, case.targets)
+        diagonal = curvkit.gauss_newton_diagonal(
+            case.model, case.loss_fn, case.inputs, case.targets
+        )
         return _flat(diagonal), self.ggn.diagonal()
 
     def vector_product(self) -> tuple[Tensor, Tensor]:
         vector = self._random(self.ggn.shape[0])
-        product = ggn_vector_product(self.case.model, self.case.loss_fn, self.batch, vector)
+        product = curvkit.ggn_vector_product(self.case.model, self.case.loss_fn, self.batch, vector)
         return product, self.ggn @ vector
 
     def columns(self) -> tuple[Tensor, Tensor]:
         dim = self.ggn.shape[0]
         indices = sorted({0, dim // 3, dim // 2, dim - 1})
-        columns = dict(ggn_columns(self.case.model, self.case.loss_fn, self.batch, indices=indices))
+        columns = dict(
+            curvkit.ggn_columns(self.case.model, self.case.loss_fn, self.batch, indices=indices)
+        )
         return torch.stack([columns[i] for i in indices]), self.ggn[:, indices].T
 
     def matrix(self) -> tuple[Tensor, Tensor]:
-        return ggn_matrix(self.case.model, self.case.loss_fn, self.batch), self.ggn
+        return curvkit.ggn_matrix(self.case.model, self.case.loss_fn, self.batch), self.ggn
 
     def operator(self) -> tuple[Tensor, Tensor]:
-        operator = GGNOperator(self.case.model, self.case.loss_fn, self.batch)
+        operator = curvkit.GGNOperator(self.case.model, self.case.loss_fn, self.batch)
         matrix = self._random(self.ggn.shape[0], 3)
         return operator @ matrix, self.ggn @ matrix
 
     def _eigh(self) -> tuple[Tensor, Tensor]:
-        [(evals, evecs)] = ggn_eigh(self.case.model, self.case.loss_fn, self.batch, [self.group])
+        [(evals, evecs)] = curvkit.ggn_eigh(
+            self.case.model, self.case.loss_fn, self.batch, [self.group]
+        )
         return evals, torch.cat([e.flatten(start_dim=1) for e in evecs], dim=1).T
 
     def eigenvalues(self) -> tuple[Tensor, Tensor]:
@@ -389,20 +379,20 @@ class _References:
         return gammas, lambdas
 
     def gammas(self) -> tuple[Tensor, Tensor]:
-        [(gammas, _)] = directional_derivatives(
+        [(gammas, _)] = curvkit.directional_derivatives(
             self.case.model, self.case.loss_fn, self.batch, [self.group]
         )
         return gammas, self._directional_reference()[0]
 
     def lambdas(self) -> tuple[Tensor, Tensor]:
-        [(_, lambdas)] = directional_derivatives(
+        [(_, lambdas)] = curvkit.directional_derivatives(
             self.case.model, self.case.loss_fn, self.batch, [self.group]
         )
         return lambdas, self._directional_reference()[1]
 
     def damped_newton_step(self) -> tuple[Tensor, Tensor]:
         case = self.case
-        [step] = damped_newton_step(case.model, case.loss_fn, self.batch, [self.group])
+        [step] = curvkit.damped_newton_step(case.model, case.loss_fn, self.batch, [self.group])
         loss = case.loss_fn(case.model(*case.inputs), case.targets)
         gradient = _flat(torch.autograd.grad(loss, self.params))
         evals, evecs = self.evals[-NUM_DIRECTIONS:], self.evecs[:, -NUM_DIRECTIONS:]
