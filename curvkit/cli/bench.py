@@ -27,23 +27,8 @@ from curvkit.cli._common import CommandError, format_table
 SCRIPT_GLOB = "bench_*.py"
 
 
-#: The subcommand's name, one-line help and description (``curvkit bench --help``).
-NAME = "bench"
-HELP = "benchmark curvkit against the installed peers (needs a source checkout)"
-DESCRIPTION = (
-    "Run the benchmark scripts in benchmarks/ (bench_*.py) against whichever peers are "
-    "installed (BackPACK, ViViT, curvlinops, Pyro, torch-secorder) and print tables of "
-    "run times and ratios. The scripts come with a clone of the repository, not with "
-    "the installed package."
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``curvkit bench`` to its parser.
-
-    Args:
-        parser: The subcommand's parser.
-    """
+    """Add the options of ``curvkit bench`` to its parser."""
     parser.add_argument(
         "names",
         nargs="*",

@@ -59,24 +59,8 @@ NUM_COLUMNS = 16
 ADAM_LR = 1e-2
 
 
-#: The subcommand's name, one-line help and description (``curvkit demo --help``).
-NAME = "demo"
-HELP = "GGN diagonal, spectrum and damped Newton training of an MLP, checked vs autograd"
-DESCRIPTION = (
-    "Train a small MLP on scikit-learn's bundled handwritten digits (8x8 images, 10 "
-    "classes) with directionally damped Newton steps beside Adam; compute the exact GGN "
-    "diagonal and spectrum; check the diagonal, GGN columns, eigenvalues and a damped "
-    "Newton step against plain autograd; write figures and a JSON report. Exit code 1 if "
-    "a check fails."
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``curvkit demo`` to its parser.
-
-    Args:
-        parser: The subcommand's parser.
-    """
+    """Add the options of ``curvkit demo`` to its parser."""
     add_torch_options(parser, default_dtype="float64")
     parser.add_argument(
         "--epochs", type=positive_int, default=5, help="training epochs (default: %(default)s)"

@@ -47,26 +47,8 @@ MODELS = {
 }
 
 
-#: The subcommand's name, one-line help and description (``curvkit verify --help``).
-NAME = "verify"
-HELP = "check every curvature quantity against plain autograd on a model zoo"
-DESCRIPTION = (
-    "Compare every curvature quantity of curvkit (output Hessian square roots, GGN "
-    "diagonal, GGN-vector products, columns, dense GGN, linear operator, eigenpairs, "
-    "directional derivatives, damped Newton steps) with references from plain autograd, "
-    "on small models: MLP, CNN, residual network, LayerNorm + attention, embedding; and "
-    "batched low-dimensional Newton steps with and without a trust region. "
-    "Prints a pass/fail table; exit code 1 on any mismatch. Run it on a new GPU or torch "
-    "version."
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``curvkit verify`` to its parser.
-
-    Args:
-        parser: The subcommand's parser.
-    """
+    """Add the options of ``curvkit verify`` to its parser."""
     add_torch_options(parser, default_dtype="float64")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
