@@ -27,9 +27,10 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from curvkit.engines.backward import batching_fallback_allowed
+from curvkit.engines.factor import DenseFactor
 from curvkit.engines.recording import ModuleCall
 
-__all__ = ["generic_columns"]
+__all__ = ["generic_factors", "sample_axis"]
 
 
 def sample_axis(
@@ -71,15 +72,15 @@ def _tolerance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5 if dtype.is_floating_point else 0.0
 
 
-def generic_columns(
+def generic_factors(
     call: ModuleCall,
     named_params: dict[str, Tensor],
     output_grads: list[Tensor | None],
     num_samples: int,
     *,
     create_graph: bool,
-    chunk_size: int | None = None,
-) -> dict[str, Tensor]:
+    max_chunk_bytes: int,
+) -> dict[str, DenseFactor]:
     """Per-sample, per-column gradients of one module call with respect to some parameters.
 
     Args:
@@ -89,15 +90,19 @@ def generic_columns(
             backpropagated columns ``[K, *leaf.shape]``, or ``None`` where nothing flows back.
         num_samples: The batch size :math:`N`.
         create_graph: Whether the result must stay differentiable.
-        chunk_size: Samples processed at once (``None``: all).
+        max_chunk_bytes: Bound on the bytes of the per-sample gradients computed at once: the
+            samples are processed in chunks of this size.
 
     Returns:
-        ``name -> [K, N, *param.shape]``.
+        ``name -> factor`` with the columns ``[K, N, *param.shape]``.
 
     Raises:
         ValueError: If an output lacks a sample axis, or if recomputing the module on single
             samples gives outputs other than the batched call's (the module mixes samples).
     """
+    num_columns = next(g for g in output_grads if g is not None).shape[0]
+    sample_bytes = num_columns * sum(p.numel() * p.element_size() for p in named_params.values())
+    chunk_size = min(num_samples, max(1, max_chunk_bytes // max(sample_bytes, 1)))
     batch_first = getattr(call.module, "batch_first", True) is not False
     probe = call.probe
     input_leaves, input_spec = pytree.tree_flatten((call.args, call.kwargs))
@@ -206,4 +211,4 @@ def generic_columns(
                 "dropout, ...). Call `model.eval()` first; curvature per sample needs a model "
                 "whose outputs do not mix samples."
             )
-    return grads
+    return {name: DenseFactor(grads[name], p.shape) for name, p in named_params.items()}

@@ -15,8 +15,8 @@ import logging
 
 from torch import Tensor
 
-from curvkit.engines.factor import DenseFactor, Factor
-from curvkit.engines.generic import generic_columns
+from curvkit.engines.factor import Factor
+from curvkit.engines.generic import generic_factors
 from curvkit.engines.layer_rules import BUILTIN_RULES
 from curvkit.engines.recording import ModuleCall
 from curvkit.engines.registry import Decline, Rule, RuleCall, register_rule, rule_for, rule_name
@@ -65,30 +65,6 @@ def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:
                 f"{tuple(param.shape)}, {call.num_columns} columns and {call.num_samples} samples"
             )
     return factors
-
-
-def _generic_factors(
-    call: ModuleCall,
-    named_params: dict[str, Tensor],
-    output_grads: list[Tensor | None],
-    num_samples: int,
-    *,
-    num_columns: int,
-    create_graph: bool,
-    max_chunk_bytes: int,
-) -> dict[str, Factor]:
-    """The generic rule's factors, in chunks of samples bounded by ``max_chunk_bytes``."""
-    sizes = [p.numel() * p.element_size() for p in named_params.values()]
-    chunk_size = max(1, max_chunk_bytes // max(num_columns * sum(sizes), 1))
-    columns = generic_columns(
-        call,
-        named_params,
-        output_grads,
-        num_samples,
-        create_graph=create_graph,
-        chunk_size=min(chunk_size, num_samples),
-    )
-    return {name: DenseFactor(columns[name], p.shape) for name, p in named_params.items()}
 
 
 def factors_for_call(
@@ -149,12 +125,11 @@ def factors_for_call(
                 decline.reason,
             )
     if factors is None:
-        factors = _generic_factors(
+        factors = generic_factors(
             call,
             named_params,
             output_grads,
             num_samples,
-            num_columns=num_columns,
             create_graph=create_graph,
             max_chunk_bytes=max_chunk_bytes,
         )
