@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import inspect
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+_Class = TypeVar("_Class", bound=type)
 
 
 class PerTensorOptimizer(Optimizer):
@@ -64,3 +67,63 @@ class PerTensorOptimizer(Optimizer):
 
     def _update(self, param: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def with_defaults(
+    base: _Class, summary: str, *, module: str, positional: Collection[str] = (), **defaults: Any
+) -> _Class:
+    """A subclass of ``base`` of the same name whose constructor has other defaults.
+
+    The subclass's ``__init__`` has ``base``'s signature (as :func:`inspect.signature` and the
+    documentation show it) with the given ``defaults``, and the keyword-only parameters named in
+    ``positional`` made positional (after the others); it passes every argument on to
+    ``base.__init__`` by keyword. Its docstring is ``summary`` followed by the ``Args:`` section
+    (and what follows it) of ``base``'s docstring.
+
+    Args:
+        base: The class; its ``__init__`` takes no ``*args`` or ``**kwargs``.
+        summary: The subclass's docstring up to its arguments.
+        module: The module the subclass is defined in (its ``__module__``).
+        positional: Keyword-only parameters of ``base`` to take by position too.
+        **defaults: New default values, by parameter name.
+
+    Returns:
+        The subclass.
+
+    Raises:
+        ValueError: If a name in ``positional`` or ``defaults`` is no parameter of ``base``.
+    """
+    signature = inspect.signature(base.__init__)
+    unknown = (set(positional) | set(defaults)) - set(signature.parameters)
+    if unknown:
+        raise ValueError(f"{base.__name__} has no parameters {sorted(unknown)}.")
+    parameters = [
+        parameter.replace(
+            default=defaults.get(name, parameter.default),
+            kind=inspect.Parameter.POSITIONAL_OR_KEYWORD if name in positional else parameter.kind,
+        )
+        for name, parameter in signature.parameters.items()
+    ]
+    # A stable sort by kind puts the parameters made positional after the positional ones.
+    signature = signature.replace(parameters=sorted(parameters, key=lambda p: p.kind))
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments[next(iter(signature.parameters))]
+        base.__init__(self, **arguments)
+
+    name = base.__name__
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{name}.__init__"
+    __init__.__module__ = module
+    doc = base.__doc__ or ""
+    args = doc.find("\n    Args:\n")
+    namespace = {
+        "__init__": __init__,
+        "__doc__": summary.rstrip() + "\n" + (doc[args:] if args >= 0 else ""),
+        "__module__": module,
+        "__qualname__": name,
+    }
+    return type(base)(name, (base,), namespace)

@@ -102,12 +102,7 @@ class DampedNewton(torch.optim.Optimizer):
             for g in self.param_groups
         ]
         loss, steps = damped_newton_step_and_loss(
-            self.model,
-            self.loss_fn,
-            batch,
-            groups,
-            mc_samples=self.mc_samples,
-            generator=generator,
+            self.model, self.loss_fn, batch, groups, self.mc_samples, generator
         )
         with torch.no_grad():
             for group, group_step in zip(self.param_groups, steps, strict=True):
