@@ -273,55 +273,58 @@ def damped_newton_step(
         ValueError: For invalid groups, sub-sampling indices, criterion results or dampings.
         TypeError: For data that is not a batch or an iterable of batches.
     """
-    return damped_newton_step_and_loss(
+    problem = Problem(
         model,
         loss_fn,
         data,
         params,
+        options=GROUP_DEFAULTS,
         mc_samples=mc_samples,
-        subsampling_grad=subsampling_grad,
-        subsampling_ggn=subsampling_ggn,
         generator=generator,
         param_groups=param_groups,
-    )[1]
+    )
+    return _damped_newton(problem, subsampling_grad, subsampling_ggn)[1]
 
 
 def damped_newton_step_and_loss(
     model: nn.Module,
     loss_fn: LossFunction,
-    data: Data,
-    params: Params = None,
-    *,
-    mc_samples: int = 0,
-    subsampling_grad: Sequence[int] | None = None,
-    subsampling_ggn: Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-    param_groups: Params = None,
+    batch: Data,
+    params: Params,
+    mc_samples: int,
+    generator: torch.Generator | None,
 ) -> tuple[Tensor, list[list[Tensor]]]:
     """As :func:`damped_newton_step`, also returning the batch loss (detached) at the start point.
 
-    The loss comes from the same forward pass as the steps (for optimizers that report it).
+    For optimizers (:class:`curvkit.optim.DampedNewton`): the loss comes from the same forward
+    pass as the steps.
 
     Returns:
         ``(loss, steps)``.
     """
-    problem = _GramProblem(
+    return _damped_newton(
         Problem(
             model,
             loss_fn,
-            data,
+            batch,
             params,
             options=GROUP_DEFAULTS,
             mc_samples=mc_samples,
             generator=generator,
-            param_groups=param_groups,
         ),
-        subsampling_grad,
-        subsampling_ggn,
-        gradient=True,
+        None,
+        None,
     )
-    steps = [problem.step(group, factors) for group, factors in problem.groups()]
-    return problem.loss, steps
+
+
+def _damped_newton(
+    problem: Problem,
+    subsampling_grad: Sequence[int] | None,
+    subsampling_ggn: Sequence[int] | None,
+) -> tuple[Tensor, list[list[Tensor]]]:
+    gram_problem = _GramProblem(problem, subsampling_grad, subsampling_ggn, gradient=True)
+    steps = [gram_problem.step(group, factors) for group, factors in gram_problem.groups()]
+    return gram_problem.loss, steps
 
 
 class _GramProblem:

@@ -206,14 +206,7 @@ class Check:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo.
-
-    Args:
-        args: The parsed options of ``curvkit demo``.
-
-    Returns:
-        0 if every check passed, 1 otherwise.
-    """
+    """Run ``curvkit demo`` with its parsed options; the exit code is 1 if a check failed."""
     device, dtype = apply_torch_options(args)
     if not args.no_figures:
         figures.require_matplotlib()

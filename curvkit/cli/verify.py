@@ -65,14 +65,7 @@ class Result:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run every check and print the table.
-
-    Args:
-        args: The parsed options of ``curvkit verify``.
-
-    Returns:
-        0 if every check passed, 1 otherwise.
-    """
+    """Run ``curvkit verify``: every check, then the table; the exit code is 1 if one failed."""
     device, dtype = apply_torch_options(args)
     tolerance = TOLERANCES[dtype]
     print(
