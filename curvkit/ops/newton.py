@@ -586,67 +586,42 @@ def newton_step(
     return _newton_step(loss, x, trust_radius, None, create_graph=True)
 
 
-def newton_step_1d(
-    loss: Tensor, x: Tensor, trust_radius: float | None = None
-) -> tuple[Tensor, Tensor]:
-    r"""Newton step for ``x`` of shape ``(..., 1)``; see :func:`newton_step`.
-
-    The curvature is floored at the dtype's machine epsilon, so a nonpositive curvature gives a
-    very long step in the descent direction, which a trust radius clamps to :math:`\pm r`.
-
-    Args:
-        loss: A scalar, the sum over the batch of independent per-item losses.
-        x: The current point, shape ``(..., 1)``, with ``requires_grad=True``.
-        trust_radius: If given, each step is clamped to :math:`[-r, r]`.
-
-    Returns:
-        ``(mode, cov)`` of shapes ``(..., 1)`` and ``(..., 1, 1)``.
-
-    Raises:
-        TypeError: See :func:`newton_step`.
-        ValueError: If ``x.shape[-1] != 1``, or see :func:`newton_step`.
-    """
-    return _newton_step(loss, x, trust_radius, 1, create_graph=True)
+_StepFunction = Callable[[Tensor, Tensor, float | None], tuple[Tensor, Tensor]]
 
 
-def newton_step_2d(
-    loss: Tensor, x: Tensor, trust_radius: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Newton step for ``x`` of shape ``(..., 2)`` in closed form; see :func:`newton_step`.
+def _fixed_dimension_step(dimension: int, closed_form: str) -> _StepFunction:
+    """Pyro's ``newton_step_{dimension}d``: :func:`newton_step` for one fixed dimension."""
+
+    def step(loss: Tensor, x: Tensor, trust_radius: float | None = None) -> tuple[Tensor, Tensor]:
+        return _newton_step(loss, x, trust_radius, dimension, create_graph=True)
+
+    step.__name__ = step.__qualname__ = f"newton_step_{dimension}d"
+    step.__doc__ = f"""Newton step for ``x`` of shape ``(..., {dimension})``.
+
+    {closed_form} See :func:`newton_step`.
 
     Args:
         loss: A scalar, the sum over the batch of independent per-item losses.
-        x: The current point, shape ``(..., 2)``, with ``requires_grad=True``.
+        x: The current point, shape ``(..., {dimension})``, with ``requires_grad=True``.
         trust_radius: If given, a positive bound on the length of each item's step.
 
     Returns:
-        ``(mode, cov)`` of shapes ``(..., 2)`` and ``(..., 2, 2)``.
+        ``(mode, cov)`` of shapes ``(..., {dimension})`` and ``(..., {dimension}, {dimension})``.
 
     Raises:
         TypeError: See :func:`newton_step`.
-        ValueError: If ``x.shape[-1] != 2``, or see :func:`newton_step`.
+        ValueError: If ``x.shape[-1] != {dimension}``, or see :func:`newton_step`.
     """
-    return _newton_step(loss, x, trust_radius, 2, create_graph=True)
+    return step
 
 
-def newton_step_3d(
-    loss: Tensor, x: Tensor, trust_radius: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Newton step for ``x`` of shape ``(..., 3)`` in closed form; see :func:`newton_step`.
-
-    Args:
-        loss: A scalar, the sum over the batch of independent per-item losses.
-        x: The current point, shape ``(..., 3)``, with ``requires_grad=True``.
-        trust_radius: If given, a positive bound on the length of each item's step.
-
-    Returns:
-        ``(mode, cov)`` of shapes ``(..., 3)`` and ``(..., 3, 3)``.
-
-    Raises:
-        TypeError: See :func:`newton_step`.
-        ValueError: If ``x.shape[-1] != 3``, or see :func:`newton_step`.
-    """
-    return _newton_step(loss, x, trust_radius, 3, create_graph=True)
+newton_step_1d = _fixed_dimension_step(
+    1,
+    "The curvature is floored at the dtype's machine epsilon, so a nonpositive curvature gives a "
+    "very long step in the descent direction, which a trust radius clamps to :math:`\\pm r`.",
+)
+newton_step_2d = _fixed_dimension_step(2, "In closed form.")
+newton_step_3d = _fixed_dimension_step(3, "In closed form.")
 
 
 def newton_minimize(
