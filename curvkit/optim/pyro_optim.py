@@ -48,6 +48,60 @@ def is_scheduler(optimizer: Any) -> bool:
     return hasattr(optimizer, "optimizer")
 
 
+def pyro_wrapper(
+    wrapped: type,
+    *,
+    module: str,
+    per_param: type[PyroOptim] | None = None,
+    options: str = "The optimizer's options, or a callable returning them.",
+    clipping: bool = True,
+    reference: str | None = None,
+) -> Callable[..., PyroOptim]:
+    """Pyro's function of the name of ``wrapped`` that wraps it in a per-parameter optimizer.
+
+    Args:
+        wrapped: A torch optimizer or scheduler class.
+        module: The module the function is defined in (its ``__module__``).
+        per_param: :class:`PyroOptim` (None) or :class:`PyroLRScheduler`.
+        options: The documentation of the function's ``optim_args``.
+        clipping: Give the function the argument ``clip_args``, as Pyro's wrappers of torch's
+            optimizers have; without it the function takes ``optim_args`` only, as Pyro's
+            ``ClippedAdam``, ``AdagradRMSProp`` and ``DCTAdam``.
+        reference: The name its documentation links ``wrapped`` by (its module and name if None).
+
+    Returns:
+        ``X(optim_args, clip_args=None)`` (``X(optim_args)`` without ``clipping``) returning
+        ``per_param(wrapped, optim_args, clip_args)``.
+    """
+    optim = PyroOptim if per_param is None else per_param
+    if clipping:
+
+        def wrapper(
+            optim_args: PyroArgs | Mapping[str, Any], clip_args: PyroArgs | None = None
+        ) -> PyroOptim:
+            return optim(wrapped, optim_args, clip_args)
+
+    else:
+
+        def wrapper(optim_args: dict[str, Any]) -> PyroOptim:
+            return optim(wrapped, optim_args)
+
+    wrapper.__name__ = wrapper.__qualname__ = wrapped.__name__
+    wrapper.__module__ = module
+    clip_doc = (
+        "    clip_args: Gradient clipping, as for :class:`~curvkit.optim.PyroOptim`.\n"
+        if clipping
+        else ""
+    )
+    wrapper.__doc__ = (
+        f"Wrap :class:`{reference or f'{wrapped.__module__}.{wrapped.__name__}'}` in a "
+        f":class:`~curvkit.optim.{optim.__name__}`.\n\n"
+        f"Args:\n    optim_args: {options}\n{clip_doc}\n"
+        f"Returns:\n    The per-parameter {optim.__name__}.\n"
+    )
+    return wrapper
+
+
 def _split_name(name: str) -> tuple[str, str]:
     # Pyro's two-argument callables get (module name, parameter name); a name without a module
     # is passed as both, as Pyro does.
