@@ -25,36 +25,21 @@ from curvkit.optim.pyro import (
     optim,
     pytorch_optimizers,
 )
-from curvkit.optim.pyro.lr_scheduler import PyroLRScheduler
-from curvkit.optim.pyro.multi import (
-    MixedMultiOptimizer,
-    MultiOptimizer,
-    Newton,
-    PyroMultiOptimizer,
-    TorchMultiOptimizer,
-)
-from curvkit.optim.pyro.optim import AdagradRMSProp, ClippedAdam, DCTAdam, PyroOptim, is_scheduler
+from curvkit.optim.pyro.lr_scheduler import *  # noqa: F403
+from curvkit.optim.pyro.multi import *  # noqa: F403
+from curvkit.optim.pyro.optim import *  # noqa: F403
 from curvkit.optim.pyro.pytorch_optimizers import *  # noqa: F403 (made from torch's list)
-from curvkit.optim.pyro.pytorch_optimizers import __all__ as _pytorch_wrappers
 
+# Pyro's names, in order: its submodules and what pyro.optim takes from them, then the wrappers.
 __all__ = [
-    "AdagradRMSProp",
-    "ClippedAdam",
-    "DCTAdam",
-    "MixedMultiOptimizer",
-    "MultiOptimizer",
-    "Newton",
-    "PyroLRScheduler",
-    "PyroMultiOptimizer",
-    "PyroOptim",
-    "TorchMultiOptimizer",
     "adagrad_rmsprop",
     "clipped_adam",
     "dct_adam",
-    "is_scheduler",
     "lr_scheduler",
     "multi",
     "optim",
     "pytorch_optimizers",
-    *_pytorch_wrappers,
 ]
+__all__ += [*lr_scheduler.__all__, *multi.__all__, *optim.__all__]
+__all__.sort()
+__all__ += pytorch_optimizers.__all__
