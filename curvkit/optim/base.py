@@ -115,7 +115,7 @@ def with_defaults(
         base.__init__(self, **arguments)
 
     name = base.__name__
-    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__signature__ = signature
     __init__.__qualname__ = f"{name}.__init__"
     __init__.__module__ = module
     doc = base.__doc__ or ""

@@ -10,15 +10,15 @@ first-order torch optimizers fit it through :class:`PerParamMultiOptimizer`, and
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from curvkit.optim.per_param import OptimArgs, PerParamOptim
+from curvkit.optim.per_param import PerParamOptim
 from curvkit.optim.pyro_optim import PyroOptim
 
 
@@ -244,13 +244,11 @@ class TorchMultiOptimizer(PerParamMultiOptimizer):
         clip_args: Gradient clipping as for :class:`PerParamOptim`, or None.
     """
 
-    def __init__(
-        self,
-        optim_constructor: Callable[..., Optimizer],
-        optim_args: OptimArgs,
-        clip_args: OptimArgs | None = None,
-    ) -> None:
-        super().__init__(PerParamOptim(optim_constructor, optim_args, clip_args))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(PerParamOptim(*args, **kwargs))
+
+    # It takes PerParamOptim's arguments, and inspect.signature and the documentation say so.
+    __init__.__signature__ = inspect.signature(PerParamOptim.__init__)
 
 
 class MixedMultiOptimizer(MultiOptimizer):
