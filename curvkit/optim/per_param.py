@@ -115,13 +115,105 @@ def check_clip_args(clip_args: Mapping[str, Any], name: str | None) -> dict[str,
     return dict(clip_args)
 
 
-def _resolve(args: OptimArgs, name: str, what: str) -> dict[str, Any]:
+def check_optim_args(
+    optim_constructor: Any, optim_args: Any, clip_args: Any, *, callable_form: str
+) -> Any:
+    """Check the arguments of a per-parameter optimizer (PerParamOptim, PyroOptim).
+
+    Args:
+        optim_constructor: Must be callable.
+        optim_args: A dict or a callable returning one.
+        clip_args: A dict of :func:`check_clip_args`, a callable returning one, or None.
+        callable_form: How the messages name the callables, e.g. "a callable name -> dict".
+
+    Returns:
+        ``clip_args``, ``{}`` for None.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``clip_args`` is a dict with unknown keys or non-positive bounds.
+    """
+    if not callable(optim_constructor):
+        raise TypeError("optim_constructor must be callable, e.g. torch.optim.Adam.")
+    if clip_args is None:
+        clip_args = {}
+    for what, args in (("optim_args", optim_args), ("clip_args", clip_args)):
+        if not (callable(args) or isinstance(args, Mapping)):
+            raise TypeError(f"{what} must be a dict or {callable_form}, got {type(args).__name__}.")
+    if not callable(clip_args):
+        check_clip_args(clip_args, None)
+    return clip_args
+
+
+def resolve_args(args: OptimArgs, name: str, what: str) -> dict[str, Any]:
+    """The options of parameter ``name``: ``args``, or ``args(name)`` for a callable.
+
+    Args:
+        args: A dict, or a callable name -> dict.
+        name: The parameter's name.
+        what: What ``args`` are, for the message.
+
+    Returns:
+        The options as a new dict.
+
+    Raises:
+        TypeError: If the callable returns no dict.
+    """
     resolved = args(name) if callable(args) else args
     if not isinstance(resolved, Mapping):
         raise TypeError(
             f"{what} for parameter {name!r} must be a dict, got {type(resolved).__name__}."
         )
     return dict(resolved)
+
+
+def new_optimizer(
+    optim_constructor: Callable[..., Optimizer], param: Tensor, options: Mapping[str, Any]
+) -> Optimizer:
+    """``optim_constructor([param], **options)``, checked to be a torch optimizer.
+
+    Args:
+        optim_constructor: The optimizer's constructor.
+        param: The only tensor of the optimizer.
+        options: Its keyword options.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        TypeError: If ``optim_constructor`` returns no :class:`torch.optim.Optimizer`.
+    """
+    optimizer = optim_constructor([param], **options)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            "optim_constructor must return a torch.optim.Optimizer, "
+            f"got {type(optimizer).__name__}."
+        )
+    return optimizer
+
+
+def check_scheduler_args(
+    scheduler_constructor: Any, optim_args: Mapping[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Check a scheduler's constructor and split its ``optim_args`` (:func:`split_scheduler_args`).
+
+    Args:
+        scheduler_constructor: Must be callable.
+        optim_args: ``{"optimizer": optim_constructor, "optim_args": options,
+            **scheduler_args}``; not modified.
+
+    Returns:
+        ``(optim_constructor, options, scheduler_args)``.
+
+    Raises:
+        TypeError: If ``scheduler_constructor`` is not callable or ``optim_args`` not a dict.
+        ValueError: If ``optim_args`` lacks ``"optimizer"`` or ``"optim_args"``.
+    """
+    if not callable(scheduler_constructor):
+        raise TypeError(
+            "scheduler_constructor must be callable, e.g. torch.optim.lr_scheduler.StepLR."
+        )
+    return split_scheduler_args(optim_args)
 
 
 def split_scheduler_args(optim_args: Mapping[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -343,17 +435,9 @@ class PerParamOptim:
         optim_args: OptimArgs,
         clip_args: OptimArgs | None = None,
     ) -> None:
-        if not callable(optim_constructor):
-            raise TypeError("optim_constructor must be callable, e.g. torch.optim.Adam.")
-        if not (callable(optim_args) or isinstance(optim_args, Mapping)):
-            raise TypeError(
-                "optim_args must be a dict or a callable name -> dict, "
-                f"got {type(optim_args).__name__}."
-            )
-        if clip_args is None:
-            clip_args = {}
-        elif not callable(clip_args):
-            check_clip_args(clip_args, None)
+        clip_args = check_optim_args(
+            optim_constructor, optim_args, clip_args, callable_form="a callable name -> dict"
+        )
         self.optim_constructor = optim_constructor
         self.optim_args = optim_args
         self.clip_args = clip_args
@@ -508,15 +592,8 @@ class PerParamOptim:
         self.set_state(state)
 
     def _create(self, name: str, holder: Tensor) -> Optimizer:
-        optimizer = self.optim_constructor(
-            [holder], **_resolve(self.optim_args, name, "optim_args")
-        )
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "optim_constructor must return a torch.optim.Optimizer, "
-                f"got {type(optimizer).__name__}."
-            )
-        return optimizer
+        options = resolve_args(self.optim_args, name, "optim_args")
+        return new_optimizer(self.optim_constructor, holder, options)
 
     def _optimizer(self, name: str, value: Tensor) -> Optimizer:
         holder = self._holders.get(name)
@@ -526,7 +603,7 @@ class PerParamOptim:
                     f"parameter {name!r} must be a floating-point tensor, got dtype {value.dtype}."
                 )
             clip = (
-                _resolve(self.clip_args, name, "clip_args")
+                resolve_args(self.clip_args, name, "clip_args")
                 if callable(self.clip_args)
                 else self.clip_args
             )
@@ -590,11 +667,9 @@ class PerParamLRScheduler(PerParamOptim):
         optim_args: Mapping[str, Any],
         clip_args: OptimArgs | None = None,
     ) -> None:
-        if not callable(scheduler_constructor):
-            raise TypeError(
-                "scheduler_constructor must be callable, e.g. torch.optim.lr_scheduler.StepLR."
-            )
-        optim_constructor, options, self.scheduler_args = split_scheduler_args(optim_args)
+        optim_constructor, options, self.scheduler_args = check_scheduler_args(
+            scheduler_constructor, optim_args
+        )
         super().__init__(optim_constructor, options, clip_args)
         self.scheduler_constructor = scheduler_constructor
 

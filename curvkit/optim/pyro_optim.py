@@ -25,11 +25,14 @@ from torch.optim import Optimizer
 from curvkit.optim.per_param import (
     check_clip_args,
     check_loadable,
+    check_optim_args,
+    check_scheduler_args,
     check_state_dict,
     clip_gradient,
     load_state_file,
     named_tensors,
-    split_scheduler_args,
+    new_optimizer,
+    resolve_args,
     step_copy,
 )
 
@@ -152,17 +155,9 @@ class PyroOptim:
         optim_args: PyroArgs,
         clip_args: PyroArgs | None = None,
     ) -> None:
-        if not callable(optim_constructor):
-            raise TypeError("optim_constructor must be callable, e.g. torch.optim.Adam.")
-        if clip_args is None:
-            clip_args = {}
-        for what, args in (("optim_args", optim_args), ("clip_args", clip_args)):
-            if not (callable(args) or isinstance(args, Mapping)):
-                raise TypeError(
-                    f"{what} must be a dict or a callable returning one, got {type(args).__name__}."
-                )
-        if not callable(clip_args):
-            check_clip_args(clip_args, None)
+        clip_args = check_optim_args(
+            optim_constructor, optim_args, clip_args, callable_form="a callable returning one"
+        )
         self.pt_optim_constructor = optim_constructor
         self.pt_optim_args = optim_args
         self.pt_clip_args = clip_args
@@ -350,23 +345,12 @@ class PyroOptim:
         if not callable(args):
             return dict(args)
         name = self._name(param, f"{what} given as a callable")
-        resolved = (
-            args(name) if len(inspect.signature(args).parameters) == 1 else args(*_split_name(name))
-        )
-        if not isinstance(resolved, Mapping):
-            raise TypeError(
-                f"{what} for parameter {name!r} must be a dict, got {type(resolved).__name__}."
-            )
-        return dict(resolved)
+        if len(inspect.signature(args).parameters) == 1:
+            return resolve_args(args, name, what)
+        return resolve_args(lambda full: args(*_split_name(full)), name, what)
 
     def _create(self, param: Tensor, options: dict[str, Any]) -> Any:
-        optimizer = self.pt_optim_constructor([param], **options)
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "optim_constructor must return a torch.optim.Optimizer, "
-                f"got {type(optimizer).__name__}."
-            )
-        return optimizer
+        return new_optimizer(self.pt_optim_constructor, param, options)
 
     def _optimizer(self, param: Tensor) -> Any:
         optimizer = self.optim_objs.get(param)
@@ -428,11 +412,9 @@ class PyroLRScheduler(PyroOptim):
         optim_args: Mapping[str, Any],
         clip_args: PyroArgs | None = None,
     ) -> None:
-        if not callable(scheduler_constructor):
-            raise TypeError(
-                "scheduler_constructor must be callable, e.g. torch.optim.lr_scheduler.StepLR."
-            )
-        optim_constructor, options, self.kwargs = split_scheduler_args(optim_args)
+        optim_constructor, options, self.kwargs = check_scheduler_args(
+            scheduler_constructor, optim_args
+        )
         super().__init__(optim_constructor, options, clip_args)
         self.pt_scheduler_constructor = scheduler_constructor
 
