@@ -12,7 +12,7 @@ _Class = TypeVar("_Class", bound=type)
 
 def _with_pyro_eps(base: _Class, module: str, **changes: Any) -> _Class:
     # Pyro's ClippedAdam and DCTAdam add eps before the bias correction.
-    summary = f""":class:`curvkit.optim.{base.__name__}` with Pyro's placement of ``eps``.
+    summary = f""":class:`curvkit.optim.{base.__name__}` with the signature and defaults of Pyro's.
 
     ``eps`` is added before the bias correction (``corrected_eps=False``), so that this takes
     the steps of Pyro's ``{base.__name__}``.
