@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
-from curvkit.optim.base import PerTensorOptimizer
+from curvkit.optim.base import PerTensorOptimizer, fill_optimizer_docs
 
 
+@fill_optimizer_docs
 class AdagradRMSProp(PerTensorOptimizer):
     r"""The adaptive step size of equations 10 and 11 of Kucukelbir et al. (2017).
 
@@ -27,16 +28,14 @@ class AdagradRMSProp(PerTensorOptimizer):
     Differentiation Variational Inference", JMLR 18, 2017.
 
     Args:
-        params: Tensors or dicts of parameter groups, as for any :class:`torch.optim.Optimizer`.
+        params: {params}
         eta: Scale :math:`\eta > 0` of the step size.
         delta: Small :math:`\delta \ge 0` in the exponent of the step-size decay.
         t: Weight :math:`t \in (0, 1]` of the newest squared gradient in the moving average.
-        differentiable: Keep the update in autograd's graph, so that the new parameter values
-            are differentiable with respect to the gradient (parameters must then not be leaves
-            that require grad).
+        differentiable: {differentiable}
 
     Raises:
-        ValueError: If a hyperparameter is out of its range.
+        ValueError: If ``eta``, ``delta`` or ``t`` is out of its range.
     """
 
     def __init__(

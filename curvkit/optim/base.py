@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import re
+import textwrap
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
@@ -11,6 +13,50 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 _Class = TypeVar("_Class", bound=type)
+
+#: The documentation of the arguments curvkit's torch optimizers share, filled into their
+#: docstrings by :func:`fill_optimizer_docs`.
+OPTIMIZER_DOCS: dict[str, str] = {
+    "params": "Tensors or dicts of parameter groups, as for any :class:`torch.optim.Optimizer`.",
+    "lr": "Learning rate before the first decay.",
+    "clip_norm": r"Bound :math:`c > 0` of every gradient entry.",
+    "differentiable": (
+        "Keep the update in autograd's graph, so that the new parameter values are "
+        "differentiable with respect to the gradient (parameters must then not be leaves that "
+        "require grad)."
+    ),
+}
+
+_PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)(?P<name>\w+): \{(?P=name)\}$", re.MULTILINE)
+
+
+def fill_optimizer_docs(cls: _Class) -> _Class:
+    """Replace every docstring line ``name: {name}`` by ``name:`` and ``OPTIMIZER_DOCS[name]``.
+
+    Args:
+        cls: A class whose docstring holds such lines.
+
+    Returns:
+        ``cls`` with its filled-in docstring.
+
+    Raises:
+        KeyError: If a placeholder names no shared argument.
+    """
+
+    def fill(match: re.Match[str]) -> str:
+        indent, name = match["indent"], match["name"]
+        return textwrap.fill(
+            OPTIMIZER_DOCS[name],
+            width=96,
+            initial_indent=f"{indent}{name}: ",
+            subsequent_indent=f"{indent}    ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+
+    if cls.__doc__:
+        cls.__doc__ = _PLACEHOLDER.sub(fill, cls.__doc__)
+    return cls
 
 
 class PerTensorOptimizer(Optimizer):

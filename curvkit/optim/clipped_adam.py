@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.optim.base import PerTensorOptimizer
+from curvkit.optim.base import PerTensorOptimizer, fill_optimizer_docs
 
 
+@fill_optimizer_docs
 class ClippedAdam(PerTensorOptimizer):
     r"""Adam whose gradient entries are clipped and whose learning rate decays geometrically.
 
@@ -42,25 +43,24 @@ class ClippedAdam(PerTensorOptimizer):
     :math:`\epsilon`: a larger effective :math:`\epsilon` in the first steps.
 
     Args:
-        params: Tensors or dicts of parameter groups, as for any :class:`torch.optim.Optimizer`.
-        lr: Learning rate before the first decay.
+        params: {params}
+        lr: {lr}
         betas: Decay rates :math:`(\beta_1, \beta_2)` of the moving averages of the gradient and
             of its square.
         eps: :math:`\epsilon`, added to the denominator for numerical stability.
         weight_decay: Coefficient of the L2 penalty added to the gradient.
-        clip_norm: Bound :math:`c > 0` of every gradient entry.
+        clip_norm: {clip_norm}
         lrd: Factor :math:`\ge 0` multiplying the learning rate at every step (above 1 the
             learning rate grows).
         centered_variance: Average the squared deviation of the gradient from its moving mean
             instead of the squared gradient.
         corrected_eps: Add :math:`\epsilon` to the bias-corrected root of the second moment
             (as :class:`torch.optim.Adam`); False adds it before the correction (as Pyro).
-        differentiable: Keep the update in autograd's graph, so that the new parameter values
-            are differentiable with respect to the gradient (parameters must then not be leaves
-            that require grad).
+        differentiable: {differentiable}
 
     Raises:
-        ValueError: If a hyperparameter is out of its range.
+        ValueError: If ``lr``, ``betas``, ``eps``, ``weight_decay``, ``clip_norm`` or ``lrd`` is
+            out of its range.
     """
 
     def __init__(

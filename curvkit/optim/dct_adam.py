@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.optim.base import fill_optimizer_docs
 from curvkit.optim.clipped_adam import ClippedAdam, adam_direction
 
 
@@ -118,6 +119,7 @@ def subsample_mask(param: Tensor, subsample: Mapping[int, Tensor]) -> Tensor:
     return mask
 
 
+@fill_optimizer_docs
 class DCTAdam(ClippedAdam):
     r"""ClippedAdam that also adapts to a parameter's frequency content along a time dimension.
 
@@ -133,18 +135,18 @@ class DCTAdam(ClippedAdam):
     subsample, each with its own step count.
 
     Args:
-        params: Tensors or dicts of parameter groups, as for any :class:`torch.optim.Optimizer`.
-        lr: Learning rate before the first decay.
+        params: {params}
+        lr: {lr}
         betas: Decay rates of the moving averages of the gradient and of its square.
         eps: Added to the denominator for numerical stability.
-        clip_norm: Bound :math:`c > 0` of every gradient entry.
+        clip_norm: {clip_norm}
         lrd: Factor :math:`\ge 0` multiplying the learning rate at every step.
         subsample_aware: Update only the subsampled entries of parameters that say which.
         corrected_eps: Add ``eps`` after Adam's bias correction (as :class:`torch.optim.Adam`);
             False adds it before (as Pyro); see :class:`~curvkit.optim.ClippedAdam`.
 
     Raises:
-        ValueError: If a hyperparameter is out of its range.
+        ValueError: If ``lr``, ``betas``, ``eps``, ``clip_norm`` or ``lrd`` is out of its range.
     """
 
     def __init__(
