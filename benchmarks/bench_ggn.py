@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
+
+# BackPACK's module hooks make torch warn about full backward hooks on inputs that need no
+# gradient: the peer's notice, not a finding of this benchmark.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 # ---------------------------------------------------------------------------------------------
 # problems
