@@ -190,18 +190,15 @@ def compute_factors(
         RuntimeError: If a parameter influences the outputs through a use the engine could
             not see, or a recorded tensor is changed in place even in private copies.
     """
-    ((outputs, factors),) = (
-        (chunk.outputs, chunk.factors)
-        for chunk in iter_factors(
-            model,
-            inputs,
-            params,
-            backprop_columns,
-            create_graph=create_graph,
-            max_chunk_bytes=max_chunk_bytes,
-        )
+    (chunk,) = iter_factors(
+        model,
+        inputs,
+        params,
+        backprop_columns,
+        create_graph=create_graph,
+        max_chunk_bytes=max_chunk_bytes,
     )
-    return outputs, factors
+    return chunk.outputs, chunk.factors
 
 
 def _slices(total: int, size: int | None) -> list[slice]:
