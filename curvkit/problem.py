@@ -253,12 +253,14 @@ class Problem:
             inputs: The batch's inputs.
             targets: The batch's targets.
             columns: Maps the outputs to the columns to push back; :meth:`columns` by default.
-            reuse: Keep the factors of a lone batch for the next call (products on one batch).
+            reuse: Keep the factors of a lone batch with the default columns and hand them to
+                the next call that asks for reuse (several products on one batch).
 
         Returns:
             ``(outputs, factors)``, the factors in the order of :attr:`params`.
         """
-        if self._cached_factors is not None:
+        reusable = reuse and columns is None and data_utils.is_batch(self.data)
+        if reusable and self._cached_factors is not None:
             return self._cached_factors
 
         def default_columns(outputs: Tensor) -> Tensor:
@@ -272,7 +274,7 @@ class Problem:
             create_graph=self.create_graph,
             max_chunk_bytes=self.max_chunk_bytes,
         )
-        if reuse and data_utils.is_batch(self.data):
+        if reusable:
             self._cached_factors = result
         return result
 
