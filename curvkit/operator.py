@@ -8,14 +8,12 @@ is one pass over the data. ``to_scipy()`` hands it to :mod:`scipy.sparse.linalg`
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from curvkit.data import Data, Inputs
 from curvkit.factor_products import block_diagonal_matmul
+from curvkit.linear_operator import CurvatureOperator
 from curvkit.losses import LossFunction
 from curvkit.problem import Params, Problem, fill_argument_docs
 
@@ -23,11 +21,12 @@ __all__ = ["GGNOperator"]
 
 
 @fill_argument_docs
-class GGNOperator:
+class GGNOperator(CurvatureOperator):
     r"""The GGN as a linear operator on flat vectors, :math:`u \mapsto G u`.
 
-    ``op @ v`` (``v`` of shape ``[D]``) and ``op @ M`` (``M`` of shape ``[D, J]``) multiply by
-    the GGN over the flat concatenation of ``params``; ``op.to_scipy()`` wraps it for
+    ``op @ v`` (``v`` of shape ``[D]``), ``op @ M`` (``M`` of shape ``[D, J]``) and ``op @ [...]``
+    (a list shaped like the parameters) multiply by the GGN over the flat concatenation of
+    ``params``; ``op.to_dense()`` is the matrix; ``op.to_scipy()`` wraps it for
     :mod:`scipy.sparse.linalg` (``eigsh``, ``cg``, ...). With param groups, the operator is the
     block-diagonal GGN, one block per group.
 
@@ -95,56 +94,12 @@ class GGNOperator:
         self.shape = (dim, dim)
         self.dtype = first.dtype
         self.device = first.device
+        self.param_shapes = [p.shape for p in self._problem.params]
 
     def __repr__(self) -> str:
         mc_samples = self._problem.mc_samples
         kind = "exact" if mc_samples == 0 else f"Monte-Carlo ({mc_samples} samples)"
         return f"GGNOperator(shape={self.shape}, dtype={self.dtype}, device={self.device}, {kind})"
-
-    def __matmul__(self, other: Tensor) -> Tensor:
-        """Multiply by a flat vector ``[D]`` or a matrix ``[D, J]``."""
-        if not isinstance(other, Tensor):
-            return NotImplemented
-        if other.dim() not in (1, 2) or other.shape[0] != self.shape[1]:
-            raise ValueError(
-                f"GGNOperator of shape {self.shape} multiplies tensors of shape [{self.shape[1]}] "
-                f"or [{self.shape[1]}, J], got {tuple(other.shape)}"
-            )
-        Problem.check_like(other, self._problem.params[0], "the operand")
-        matrix = other if other.dim() == 2 else other.unsqueeze(1)
-        result = self._matmat(matrix)
-        return result if other.dim() == 2 else result.squeeze(1)
-
-    def to_scipy(self) -> Any:
-        """Return a :class:`scipy.sparse.linalg.LinearOperator` over float64 NumPy arrays.
-
-        Inputs are converted to the operator's dtype and device, results to float64 NumPy: the
-        operator is symmetric, so ``rmatvec`` is ``matvec``.
-
-        Raises:
-            ImportError: If SciPy is not installed.
-        """
-        try:
-            from scipy.sparse.linalg import LinearOperator
-        except ImportError as error:
-            raise ImportError("GGNOperator.to_scipy needs SciPy: pip install scipy") from error
-
-        def matmat(array: np.ndarray) -> np.ndarray:
-            operand = torch.as_tensor(np.asarray(array), device=self.device).to(self.dtype)
-            result = self @ operand.reshape(self.shape[1], -1)
-            return result.detach().to("cpu", torch.float64).numpy()
-
-        def matvec(array: np.ndarray) -> np.ndarray:
-            return matmat(np.asarray(array).reshape(-1, 1)).reshape(-1)
-
-        return LinearOperator(
-            self.shape,
-            matvec=matvec,
-            rmatvec=matvec,
-            matmat=matmat,
-            rmatmat=matmat,
-            dtype=np.float64,
-        )
 
     def _replay_generator(self) -> None:
         """Give the problem a generator in the state taken at construction."""
