@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import curvkit
 from curvkit.engines import compute_factors, iter_factors
 from curvkit.engines import recording as recording_module
-from curvkit.verify import reference_factor_columns
+from curvkit.verify import reference_factor_columns, reference_ggn
 from curvkit.zoo import make_case
 
 
@@ -281,11 +282,14 @@ def test_iter_factors_bad_chunks() -> None:
         )
 
 
-def test_param_used_outside_every_holding_call_is_refused() -> None:
-    model = nn.Sequential(nn.Linear(3, 2))
-    model.register_forward_pre_hook(lambda module, args: (args[0] + model[0].bias.sum(),))
-    with pytest.raises(ValueError, match="outside the forward pass of every module"):
-        compute_factors(model, torch.randn(4, 3), list(model.parameters()), lambda o: o[None])
+def test_param_used_outside_every_holding_call_goes_through_the_chain_rule() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    model.register_forward_pre_hook(lambda module, args: (args[0] * model[0].bias,))
+    inputs, targets = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    diag = curvkit.diag_ggn(model, nn.MSELoss(), (inputs, targets))
+    expected = reference_ggn(model, nn.MSELoss(), inputs, targets).diagonal()
+    torch.testing.assert_close(torch.cat([d.flatten() for d in diag]), expected)
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
 
 

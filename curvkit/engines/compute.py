@@ -36,6 +36,7 @@ from curvkit.engines.safety import (
     probe_first_sample,
     refuse_sample_mixing,
 )
+from curvkit.engines.shared import shared_factors
 from curvkit.groups import check_params
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
@@ -98,8 +99,9 @@ def _factors(
     outputs = recording.outputs
     num_columns, num_samples = columns.shape[0], columns.shape[1]
     targets: dict[int, Tensor] = {}
-    for call in recording.calls:
-        for tensor in _output_tensors(call.output):
+    site_outputs = [_output_tensors(site.output) for site in recording.sites]
+    for tensors in [_output_tensors(call.output) for call in recording.calls] + site_outputs:
+        for tensor in tensors:
             if tensor.requires_grad:
                 targets.setdefault(id(tensor), tensor)
     grads: dict[int, Tensor | None] = {}
@@ -112,7 +114,8 @@ def _factors(
             target_list,
             columns,
             create_graph=create_graph,
-            retain_graph=retain_graph,
+            # The chain rule through shared tensors needs the graph once more.
+            retain_graph=retain_graph or bool(recording.sites),
         )
         grads = {id(t): g for t, g in zip(target_list, results, strict=True)}
 
@@ -130,6 +133,18 @@ def _factors(
             )
             for index, factor in contributions.items():
                 parts[index].append(factor)
+        through_shared = shared_factors(
+            recording,
+            params,
+            grads,
+            site_outputs,
+            num_columns,
+            num_samples,
+            create_graph=create_graph,
+            max_chunk_bytes=max_chunk_bytes,
+        )
+        for index, factor in through_shared.items():
+            parts[index].append(factor)
     return [
         _combine(factor_parts)
         if factor_parts

@@ -9,6 +9,17 @@ tied into a custom ``forward``) is attributed to that enclosing call. Uses are s
 so no use goes unnoticed. A call is then kept for a parameter only if no enclosing call is kept
 for it too, so that every use is counted exactly once.
 
+Which tensors depend on the samples is tracked through the same mode: the model's input tensors
+do, and so does every result of a torch function that receives one. A parameter used only
+together with tensors that do not (a positional embedding of ``arange(T)``, a weight computed
+by a parametrization, a slice of a parameter) yields a *shared* tensor, the same for all
+samples. Such uses are not attributed to module calls. Instead, every torch function that
+combines a shared tensor computed from parameters with a sample-dependent one is recorded as
+a :class:`ModuleCall` of a :class:`SharedSite` (``x + pos``, ``F.linear(x, W)`` with a
+parametrized ``W``): the engine finds the per-sample gradient with respect to the shared
+tensor there, and the chain rule through the shared computation takes it to the parameters
+(:mod:`curvkit.engines.shared`).
+
 Inputs and outputs of calls are recorded as they are. If a recorded tensor is later changed in
 place (``nn.ReLU(inplace=True)`` right after a ``Linear``), a gradient with respect to it, or a
 rule reading it, would be wrong; the tensors' version counters reveal this, and the forward pass
@@ -17,6 +28,7 @@ is then run again with private copies for exactly the affected calls.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +38,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-__all__ = ["ModuleCall", "Recording", "record_forward"]
+__all__ = ["ModuleCall", "Recording", "SharedSite", "record_forward"]
 
 
 @dataclass(eq=False)
@@ -72,6 +84,49 @@ class ModuleCall:
             call = call.parent
 
 
+class SharedSite(nn.Module):
+    """A torch function combining sample-dependent tensors with shared ones, as a module.
+
+    The shared tensors (computed from parameters, the same for every sample) are its buffers
+    ``shared0``, ``shared1``, ...; the other arguments are the call's positional inputs, with
+    ``None`` where a shared tensor goes. :func:`torch.func.functional_call` can then replace
+    the shared tensors, so that the generic rule finds the per-sample gradients with respect to
+    them like those of any module's parameters.
+
+    Args:
+        func: The torch function.
+        spec: The pytree spec of the function's ``(args, kwargs)``.
+        positions: The leaf positions of the shared tensors.
+        shared: The shared tensors.
+    """
+
+    def __init__(
+        self, func: Callable[..., Any], spec: Any, positions: list[int], shared: list[Tensor]
+    ) -> None:
+        super().__init__()
+        self.func = func
+        self.spec = spec
+        self.positions = positions
+        for i, tensor in enumerate(shared):
+            self.register_buffer(f"shared{i}", tensor, persistent=False)
+
+    @property
+    def shared(self) -> list[Tensor]:
+        """The shared tensors, in the order of :attr:`positions`."""
+        return [getattr(self, f"shared{i}") for i in range(len(self.positions))]
+
+    def forward(self, *leaves: Any) -> Any:
+        """Call the function with the shared tensors put back among ``leaves``."""
+        values = list(leaves)
+        for position, tensor in zip(self.positions, self.shared, strict=True):
+            values[position] = tensor
+        args, kwargs = pytree.tree_unflatten(values, self.spec)
+        return self.func(*args, **kwargs)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return getattr(self.func, "__qualname__", repr(self.func))
+
+
 @dataclass
 class Recording:
     """The result of :func:`record_forward`.
@@ -80,11 +135,16 @@ class Recording:
         outputs: The model's output, still attached to the autograd graph.
         calls: The calls with attributed parameters, in call order.
         num_params: The number of requested parameters.
+        sites: The calls of :class:`SharedSite` modules: torch functions where a shared tensor
+            computed from parameters meets the samples, in call order.
+        shared_params: The indices of the parameters with uses that yield shared tensors.
     """
 
     outputs: Any
     calls: list[ModuleCall]
     num_params: int
+    sites: list[ModuleCall] = field(default_factory=list)
+    shared_params: set[int] = field(default_factory=set)
 
 
 def _tensors(tree: Any) -> list[Tensor]:
@@ -137,23 +197,95 @@ class _Recorder(TorchFunctionMode):
         self.calls: list[ModuleCall] = []
         self.stack: list[ModuleCall] = []
         self.counts: dict[int, int] = {}
-        self.uses: list[tuple[int, ModuleCall | None]] = []
+        self.uses: list[tuple[int, ModuleCall]] = []
+        self.sites: list[ModuleCall] = []
+        self.shared_params: set[int] = set()
+        # id -> weak reference: ids alone could be reused by later tensors.
+        self.sample_dependent: dict[int, weakref.ref] = {}
+        self.from_params: dict[int, weakref.ref] = {}
 
-    def _note(self, value: Tensor) -> None:
-        index = self.param_index.get(id(value))
-        if index is not None:
-            self.uses.append((index, self.stack[-1] if self.stack else None))
+    @staticmethod
+    def _member(table: dict[int, weakref.ref], tensor: Tensor) -> bool:
+        ref = table.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    @staticmethod
+    def _mark(table: dict[int, weakref.ref], result: Any) -> None:
+        values = result if isinstance(result, (list, tuple)) else (result,)
+        for value in values:
+            if isinstance(value, Tensor):
+                table[id(value)] = weakref.ref(value)
+
+    def mark_inputs(self, inputs: Any) -> None:
+        """Mark the model's input tensors as the sample-dependent ones."""
+        for leaf in _tensors(inputs):
+            self.sample_dependent[id(leaf)] = weakref.ref(leaf)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        tensors: list[Tensor] = []
         for value in (*args, *kwargs.values()):
             if isinstance(value, Tensor):
-                self._note(value)
+                tensors.append(value)
             elif isinstance(value, (list, tuple)):
-                for item in value:
-                    if isinstance(item, Tensor):
-                        self._note(item)
-        return func(*args, **kwargs)
+                tensors.extend(item for item in value if isinstance(item, Tensor))
+        if not tensors:
+            return func(*args, **kwargs)
+        uses = [self.param_index.get(id(t)) for t in tensors]
+        if any(self._member(self.sample_dependent, t) for t in tensors):
+            # A use outside every call of a module holding the parameter (in a hook, or by
+            # another module) is a site of the parameter as a shared tensor.
+            unheld = set()
+            for index in uses:
+                holder = None if index is None else self._holder(index)
+                if holder is not None:
+                    self.uses.append((index, holder))
+                elif index is not None:
+                    unheld.add(index)
+            if unheld or any(self._member(self.from_params, t) for t in tensors):
+                self.shared_params.update(unheld)
+                result = self._site(func, args, kwargs, unheld)
+            else:
+                result = func(*args, **kwargs)
+            self._mark(self.sample_dependent, result)
+            return result
+        result = func(*args, **kwargs)
+        shared_uses = {index for index in uses if index is not None}
+        if shared_uses or any(self._member(self.from_params, t) for t in tensors):
+            self.shared_params.update(shared_uses)
+            self._mark(self.from_params, result)
+        return result
+
+    def _site(self, func: Callable[..., Any], args: tuple, kwargs: dict, unheld: set[int]) -> Any:
+        """Run ``func`` as a recorded call of a :class:`SharedSite`."""
+        # `x += shared` rebinds x to the result: run it out of place, so that the recorded
+        # output is not changed by later in-place operations on x.
+        func = _OUT_OF_PLACE.get(func, func)
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            raise ValueError(
+                f"the in-place operation {name} combines a sample-dependent tensor with a tensor "
+                "computed from parameters and shared by all samples; write it out of place "
+                f"(`x = x.{name[:-1]}(...)`) so that curvkit can follow the samples through it"
+            )
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        positions = [
+            i
+            for i, leaf in enumerate(leaves)
+            if isinstance(leaf, Tensor)
+            and (self._member(self.from_params, leaf) or self.param_index.get(id(leaf)) in unheld)
+        ]
+        shared = [leaves[i] for i in positions]
+        inputs = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
+        module = SharedSite(func, spec, positions, shared)
+        call = ModuleCall(
+            module, len(self.sites), self.stack[-1] if self.stack else None, inputs, {}
+        )
+        call.input_versions = [t._version for t in _tensors(inputs)]
+        call.output = func(*args, **kwargs)
+        call.output_versions = [t._version for t in _tensors(call.output)]
+        self.sites.append(call)
+        return call.output
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Open a call: record its inputs."""
@@ -194,25 +326,32 @@ class _Recorder(TorchFunctionMode):
             for handle in handles:
                 handle.remove()
 
+    def _holder(self, index: int) -> ModuleCall | None:
+        """The innermost active call whose module holds parameter ``index``, if any."""
+        for call in reversed(self.stack):
+            if index in self.holders.get(id(call.module), (None, {}))[1]:
+                return call
+        return None
+
     def attribute(self) -> list[ModuleCall]:
         """Attribute every use to a call; return the calls that received parameters."""
         kept: dict[int, set[ModuleCall]] = {}
-        for index, innermost in self.uses:
-            chain = [] if innermost is None else [innermost, *innermost.ancestors()]
-            holder = next(
-                (c for c in chain if index in self.holders.get(id(c.module), (None, {}))[1]), None
-            )
-            if holder is None:
-                raise ValueError(
-                    f"parameter {index} of `params` is used outside the forward pass of every "
-                    "module holding it; the engine cannot attribute that use to a module call"
-                )
+        for index, holder in self.uses:
             kept.setdefault(index, set()).add(holder)
         for index, calls in kept.items():
             for call in calls:
                 if not any(outer in calls for outer in call.ancestors()):
                     call.params[index] = self.holders[id(call.module)][1][index]
         return [call for call in self.calls if call.params]
+
+
+#: Augmented assignments at a :class:`SharedSite`, run out of place (see ``_Recorder._site``).
+_OUT_OF_PLACE: dict[Callable[..., Any], Callable[..., Any]] = {
+    Tensor.__iadd__: Tensor.__add__,
+    Tensor.__isub__: Tensor.__sub__,
+    Tensor.__imul__: Tensor.__mul__,
+    Tensor.__itruediv__: Tensor.__truediv__,
+}
 
 
 def _changed_in_place(call: ModuleCall) -> bool:
@@ -240,18 +379,24 @@ def record_forward(
 
     Raises:
         RuntimeError: If a recorded tensor is changed in place even in the second pass.
-        ValueError: If a parameter is used outside the forward pass of every module holding it.
     """
     holders = _holders(model, params)
     copy_calls: set[tuple[int, int]] = set()
     for attempt in range(2):
         recorder = _Recorder(params, holders, copy_calls)
+        recorder.mark_inputs(inputs)
         with torch.set_grad_enabled(build_graph):
             outputs = recorder.run(lambda: model(*inputs))
         calls = recorder.attribute()
         changed = {call.key for call in calls if _changed_in_place(call)}
+        if any(_changed_in_place(site) for site in recorder.sites):
+            raise RuntimeError(
+                "a tensor where a shared tensor computed from parameters meets the samples "
+                "was changed in place later in the forward pass; write that operation out of "
+                "place"
+            )
         if not changed:
-            return Recording(outputs, calls, len(params))
+            return Recording(outputs, calls, len(params), recorder.sites, recorder.shared_params)
         if attempt == 1:
             raise RuntimeError(
                 "tensors recorded by the engine were changed in place even in private copies; "

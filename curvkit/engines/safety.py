@@ -80,13 +80,18 @@ def probe_first_sample(
             "(batch statistics, dropout, an operation across samples), so per-sample curvature "
             "is undefined. Call `model.eval()` first, and make sure no operation mixes samples."
         )
-    return {call.key: call for call in probe.calls}
+    return {call.key: call for call in probe.calls} | {
+        ("site", site.index): site for site in probe.sites
+    }
 
 
 def attach_probes(recording: Recording, probes: dict[tuple[int, int], ModuleCall]) -> None:
     """Give each recorded call its probe-pass twin (:func:`probe_first_sample`), if any."""
     for call in recording.calls:
         call.probe = probes.get(call.key)
+    for site in recording.sites:
+        twin = probes.get(("site", site.index))
+        site.probe = twin if twin is not None and twin.module.func is site.module.func else None
 
 
 def check_outputs(outputs: Any) -> Tensor:
@@ -128,7 +133,7 @@ def check_no_unseen_uses(
     dict argument) would otherwise give a silently zero factor. Parameters outside the graph
     cost nothing here: the backward pass reaches none of them.
     """
-    seen = {index for call in recording.calls for index in call.params}
+    seen = {index for call in recording.calls for index in call.params} | recording.shared_params
     unseen = [i for i in range(len(params)) if i not in seen]
     if not unseen:
         return
