@@ -36,7 +36,7 @@ from curvkit.engines.safety import (
     probe_first_sample,
     refuse_sample_mixing,
 )
-from curvkit.engines.shared import shared_factors
+from curvkit.engines.shared import batched_shared, shared_factors
 from curvkit.groups import check_params
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
@@ -100,7 +100,17 @@ def _factors(
     num_columns, num_samples = columns.shape[0], columns.shape[1]
     targets: dict[int, Tensor] = {}
     site_outputs = [_output_tensors(site.output) for site in recording.sites]
-    for tensors in [_output_tensors(call.output) for call in recording.calls] + site_outputs:
+    # Shared tensors expanded over the batch: the batched backward pass separates the samples.
+    expanded = [
+        [
+            site.module.shared[site.module.positions.index(p)]
+            for p in batched_shared(site, num_samples)
+        ]
+        for site in recording.sites
+    ]
+    for tensors in (
+        [_output_tensors(call.output) for call in recording.calls] + site_outputs + expanded
+    ):
         for tensor in tensors:
             if tensor.requires_grad:
                 targets.setdefault(id(tensor), tensor)

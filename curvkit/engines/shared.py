@@ -17,6 +17,11 @@ by the generic rule on that one function. Summed over the sites of each shared t
 :math:`v_{k,n} = J_g^\top c_{k,n}`: one backward pass through the shared computation (not
 through the model), batched over the :math:`K N` columns. The factors are dense:
 :math:`K N` times the parameters' size.
+
+A shared tensor may also have been expanded over the batch (BERT's token-type embeddings of
+``zeros(N, T)``): its axis that shrinks from :math:`N` to 1 in the engine's probe pass of the
+first sample alone is a sample axis, along which each sample uses its own slice. Its per-sample
+columns are the batched backward pass's columns at the tensor, cut into the samples' slices.
 """
 
 from __future__ import annotations
@@ -27,10 +32,49 @@ from torch.func import vmap
 
 from curvkit.engines.backward import batching_fallback_allowed
 from curvkit.engines.factor import DenseFactor
-from curvkit.engines.generic import generic_factors
-from curvkit.engines.recording import ModuleCall, Recording
+from curvkit.engines.generic import generic_factors, sample_axis
+from curvkit.engines.recording import ModuleCall, Recording, SharedSite
 
-__all__ = ["shared_factors"]
+__all__ = ["batched_shared", "shared_factors"]
+
+
+def batched_shared(site: ModuleCall, num_samples: int) -> dict[int, int]:
+    """The shared tensors of ``site`` expanded over the batch: ``position -> sample axis``.
+
+    Read off the site's twin in the probe pass of the first sample alone (without one, a shared
+    tensor has no sample axis).
+    """
+    probe = site.probe
+    if probe is None:
+        return {}
+    axes = {}
+    for position, tensor, twin in zip(
+        site.module.positions, site.module.shared, probe.module.shared, strict=True
+    ):
+        axis = sample_axis(tensor, num_samples, probe=twin)
+        if axis is not None and twin.shape[axis] == 1 and tensor.shape[axis] == num_samples:
+            axes[position] = axis
+    return axes
+
+
+def _without(site: ModuleCall, batched: dict[int, int]) -> ModuleCall:
+    """``site`` with the shared tensors at the positions ``batched`` moved to its inputs."""
+
+    def split(call: ModuleCall) -> ModuleCall:
+        module = call.module
+        leaves = list(call.args)
+        kept = []
+        for position, tensor in zip(module.positions, module.shared, strict=True):
+            if position in batched:
+                leaves[position] = tensor
+            else:
+                kept.append((position, tensor))
+        shared = SharedSite(module.func, module.spec, [p for p, _ in kept], [t for _, t in kept])
+        return ModuleCall(shared, call.index, call.parent, tuple(leaves), {}, output=call.output)
+
+    result = split(site)
+    result.probe = None if site.probe is None else split(site.probe)
+    return result
 
 
 def _site_cotangents(
@@ -45,19 +89,32 @@ def _site_cotangents(
     """The shared tensors and their per-sample columns ``[K, N, *shape]``, summed over sites."""
     shared: dict[int, Tensor] = {}
     cotangents: dict[int, Tensor] = {}
+
+    def add(tensor: Tensor, columns: Tensor) -> None:
+        key = id(tensor)
+        shared[key] = tensor
+        cotangents[key] = columns if key not in cotangents else cotangents[key] + columns
+
     for site, outputs in zip(sites, output_tensors, strict=True):
         output_grads = [grads.get(id(t)) for t in outputs]
         if all(g is None for g in output_grads):
             continue
+        batched = batched_shared(site, num_samples)
+        for position, axis in batched.items():
+            tensor = site.module.shared[site.module.positions.index(position)]
+            grad = grads.get(id(tensor))
+            if grad is not None and id(tensor) not in shared:
+                add(tensor, _slices_by_sample(grad, axis))
+        call = _without(site, batched) if batched else site
         named = {
             f"shared{i}": tensor
-            for i, tensor in enumerate(site.module.shared)
+            for i, tensor in enumerate(call.module.shared)
             if tensor.requires_grad
         }
         if not named:
             continue
         factors = generic_factors(
-            site,
+            call,
             named,
             output_grads,
             num_samples,
@@ -65,11 +122,17 @@ def _site_cotangents(
             max_chunk_bytes=max_chunk_bytes,
         )
         for name, tensor in named.items():
-            columns = factors[name].columns
-            key = id(tensor)
-            shared[key] = tensor
-            cotangents[key] = columns if key not in cotangents else cotangents[key] + columns
+            add(tensor, factors[name].columns)
     return list(shared.values()), list(cotangents.values())
+
+
+def _slices_by_sample(grad: Tensor, axis: int) -> Tensor:
+    """Columns ``[K, *shape]`` cut into per-sample columns ``[K, N, *shape]``, zero elsewhere."""
+    num_samples = grad.shape[axis + 1]
+    mask = torch.eye(num_samples, dtype=grad.dtype, device=grad.device)
+    shape = [1] * (grad.dim() + 1)
+    shape[1] = shape[axis + 2] = num_samples
+    return grad.unsqueeze(1) * mask.reshape(shape)
 
 
 def _backward_batched(
