@@ -168,7 +168,7 @@ def test_bad_inputs_get_clear_errors() -> None:
     with pytest.raises(TypeError, match="not a tensor"):
         compute_factors(model, x, [1.0], ok)
     with pytest.raises(TypeError, match="inputs must be"):
-        compute_factors(model, {"x": x}, params, ok)
+        compute_factors(model, 3.0, params, ok)
     with pytest.raises(ValueError, match=r"shape \[K, \*\(4, 2\)\]"):
         compute_factors(model, x, params, lambda o: o)
     with pytest.raises(ValueError, match=r"shape \[K, \*\(4, 2\)\]"):

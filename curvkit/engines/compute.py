@@ -14,7 +14,7 @@ at once; :func:`compute_factors` is its single chunk. The safety probes around t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +32,19 @@ from curvkit.engines.safety import (
     attach_probes,
     check_columns,
     check_no_unseen_uses,
-    check_outputs,
     probe_first_sample,
     refuse_sample_mixing,
 )
 from curvkit.engines.shared import batched_shared, shared_factors
 from curvkit.groups import check_params
+from curvkit.model_io import (
+    Inputs,
+    call_model,
+    input_tensors,
+    output_tensor,
+    sample_layout,
+    select_samples,
+)
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
@@ -61,12 +68,17 @@ class FactorChunk:
     factors: list[Factor]
 
 
-def _as_inputs(inputs: Tensor | Sequence[Tensor]) -> tuple[Any, ...]:
+def _as_inputs(inputs: Inputs | list[Any]) -> tuple[Any, ...] | Mapping[str, Any]:
     if isinstance(inputs, Tensor):
         return (inputs,)
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs)
-    raise TypeError(f"inputs must be a Tensor or a tuple of tensors, got {type(inputs).__name__}")
+    if isinstance(inputs, Mapping):
+        return inputs
+    raise TypeError(
+        "inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(inputs).__name__}"
+    )
 
 
 def _output_tensors(output: Any) -> list[Tensor]:
@@ -91,13 +103,14 @@ def _factors(
     recording: Recording,
     params: list[Tensor],
     columns: Tensor,
+    num_samples: int,
     *,
     create_graph: bool,
     retain_graph: bool,
     max_chunk_bytes: int,
 ) -> list[Factor]:
-    outputs = recording.outputs
-    num_columns, num_samples = columns.shape[0], columns.shape[1]
+    outputs = output_tensor(recording.outputs)
+    num_columns = columns.shape[0]
     targets: dict[int, Tensor] = {}
     site_outputs = [_output_tensors(site.output) for site in recording.sites]
     # Shared tensors expanded over the batch: the batched backward pass separates the samples.
@@ -167,7 +180,7 @@ def _factors(
 
 def compute_factors(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Inputs,
     params: Sequence[Tensor],
     backprop_columns: BackpropColumns,
     *,
@@ -236,7 +249,7 @@ def _slices(total: int, size: int | None) -> list[slice]:
 
 def iter_factors(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Inputs,
     params: Sequence[Tensor],
     backprop_columns: BackpropColumns,
     *,
@@ -281,34 +294,37 @@ def iter_factors(
     refuse_sample_mixing(model)
     if sample_chunk_size is None:
         recording = record_forward(model, inputs, params)
-        outputs = check_outputs(recording.outputs)
-        probes = probe_first_sample(model, inputs, params, outputs)
-        columns = check_columns(backprop_columns(outputs.detach()), outputs)
-        sample_slices = [slice(0, outputs.shape[0])]
+        outputs = output_tensor(recording.outputs)
     else:
         with torch.no_grad():
-            outputs = check_outputs(model(*inputs))
-        probes = probe_first_sample(model, inputs, params, outputs)
-        columns = check_columns(backprop_columns(outputs), outputs)
-        num_samples = outputs.shape[0]
-        for i, value in enumerate(inputs):
-            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != num_samples:
-                raise ValueError(
-                    f"chunking over samples needs every input to hold the {num_samples} "
-                    f"samples along axis 0; input {i} does not"
-                )
+            outputs = output_tensor(call_model(model, inputs))
+    num_samples, rows = sample_layout(inputs, outputs)
+    probes = probe_first_sample(model, inputs, params, outputs, num_samples)
+    columns = check_columns(backprop_columns(outputs.detach()), outputs)
+    if sample_chunk_size is None:
+        sample_slices = [slice(0, num_samples)]
+    else:
+        if any(x.dim() == 0 or x.shape[0] != num_samples for x in input_tensors(inputs)):
+            raise ValueError(
+                f"chunking over samples needs every input tensor to hold the {num_samples} "
+                "samples along axis 0; pass sample_chunk_size=None, or give the shared inputs "
+                "to the model another way"
+            )
         sample_slices = _slices(num_samples, sample_chunk_size)
     column_slices = _slices(columns.shape[0], column_chunk_size)
     for samples in sample_slices:
         if sample_chunk_size is not None:
-            recording = record_forward(model, tuple(x[samples] for x in inputs), params)
+            chunk_inputs = select_samples(inputs, samples, num_samples)
+            recording = record_forward(model, chunk_inputs, params)
         attach_probes(recording, probes)
-        chunk_outputs = recording.outputs
+        chunk_outputs = output_tensor(recording.outputs)
+        output_rows = slice(samples.start * rows, samples.stop * rows)
         for j, cols in enumerate(column_slices):
             factors = _factors(
                 recording,
                 params,
-                columns[cols, samples],
+                columns[cols, output_rows],
+                samples.stop - samples.start,
                 create_graph=create_graph,
                 retain_graph=j + 1 < len(column_slices),
                 max_chunk_bytes=max_chunk_bytes,

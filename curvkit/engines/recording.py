@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curvkit.model_io import Inputs, call_model
+
 __all__ = ["ModuleCall", "Recording", "SharedSite", "record_forward"]
 
 
@@ -361,16 +363,16 @@ def _changed_in_place(call: ModuleCall) -> bool:
 
 
 def record_forward(
-    model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor], *, build_graph: bool = True
+    model: nn.Module, inputs: Inputs, params: list[Tensor], *, build_graph: bool = True
 ) -> Recording:
-    """Run ``model(*inputs)`` once, recording the calls that use ``params``.
+    """Run the model on ``inputs`` once, recording the calls that use ``params``.
 
     If a recorded input or output is changed in place later in the forward pass, the pass is
     run a second time with private copies for the affected calls (see the module docstring).
 
     Args:
         model: The model.
-        inputs: Positional inputs of the model.
+        inputs: The model's inputs (see :func:`curvkit.model_io.call_model`).
         params: The requested parameters (each one in ``model``).
         build_graph: Whether to record the autograd graph (a probe pass needs none).
 
@@ -386,7 +388,7 @@ def record_forward(
         recorder = _Recorder(params, holders, copy_calls)
         recorder.mark_inputs(inputs)
         with torch.set_grad_enabled(build_graph):
-            outputs = recorder.run(lambda: model(*inputs))
+            outputs = recorder.run(lambda: call_model(model, inputs))
         calls = recorder.attribute()
         changed = {call.key for call in calls if _changed_in_place(call)}
         if any(_changed_in_place(site) for site in recorder.sites):

@@ -2,9 +2,8 @@ r"""Safety probes: refuse what per-sample curvature cannot be computed for, befo
 
 The engine calls these around its forward and backward pass: modules known to mix samples
 (:func:`refuse_sample_mixing`), a forward pass of the first sample alone that reveals any other
-mixing and the sample axes of recorded tensors (:func:`probe_first_sample`), the shapes of what
-the model and the caller hand over (:func:`check_outputs`, :func:`check_columns`) and parameter
-uses the recording did not see (:func:`check_no_unseen_uses`). Quantities that do not use the
+mixing and the sample axes of recorded tensors (:func:`probe_first_sample`), the shape of the
+columns the caller hands over (:func:`check_columns`) and parameter uses the recording did not see (:func:`check_no_unseen_uses`). Quantities that do not use the
 engine (:mod:`curvkit.autodiff`) call them too.
 """
 
@@ -15,14 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import _pytree as pytree
 
 from curvkit.engines.recording import ModuleCall, Recording, record_forward
+from curvkit.model_io import Inputs, input_tensors, output_tensor
 
 __all__ = [
     "attach_probes",
     "check_columns",
     "check_no_unseen_uses",
-    "check_outputs",
     "probe_first_sample",
     "refuse_sample_mixing",
 ]
@@ -45,8 +45,8 @@ def refuse_sample_mixing(model: nn.Module) -> None:
 
 
 def probe_first_sample(
-    model: nn.Module, inputs: tuple[Any, ...], params: list[Tensor], outputs: Tensor
-) -> dict[tuple[int, int], ModuleCall]:
+    model: nn.Module, inputs: Inputs, params: list[Tensor], outputs: Tensor, num_samples: int
+) -> dict[tuple[Any, int], ModuleCall]:
     """Run the first sample alone: refuse models that mix samples, find sample axes.
 
     One forward pass of one sample without gradients. If the first sample's output differs
@@ -62,16 +62,22 @@ def probe_first_sample(
     Raises:
         ValueError: If the outputs differ beyond floating-point noise.
     """
-    num_samples = outputs.shape[0]
-    if num_samples == 1 or not all(
-        isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == num_samples for x in inputs
-    ):
+    tensors = input_tensors(inputs)
+    if num_samples == 1 or not all(x.dim() > 0 and x.shape[0] == num_samples for x in tensors):
         return {}
-    probe = record_forward(model, tuple(x[:1].clone() for x in inputs), params, build_graph=False)
-    alone = probe.outputs
-    if not isinstance(alone, Tensor) or alone.shape[1:] != outputs.shape[1:]:
+    first = pytree.tree_map(
+        lambda x: x[:1].clone() if isinstance(x, Tensor) else x,
+        inputs,
+    )
+    probe = record_forward(model, first, params, build_graph=False)
+    rows = outputs.shape[0] // num_samples
+    try:
+        alone = output_tensor(probe.outputs)
+    except TypeError:
         return {}
-    expected = outputs[:1].detach()
+    if alone.shape != (rows, *outputs.shape[1:]):
+        return {}
+    expected = outputs[:rows].detach()
     tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
     scale = max(expected.abs().max().item(), 1.0)
     if not torch.allclose(alone, expected, rtol=0.0, atol=tolerance * scale):
@@ -92,17 +98,6 @@ def attach_probes(recording: Recording, probes: dict[tuple[int, int], ModuleCall
     for site in recording.sites:
         twin = probes.get(("site", site.index))
         site.probe = twin if twin is not None and twin.module.func is site.module.func else None
-
-
-def check_outputs(outputs: Any) -> Tensor:
-    """Return the model's ``outputs`` if they are one tensor with a sample axis, else raise."""
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        raise TypeError(
-            "the model must return one tensor whose first axis indexes the samples, got "
-            f"{type(outputs).__name__}"
-            + (f" of shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else "")
-        )
-    return outputs
 
 
 def check_columns(columns: Any, outputs: Tensor) -> Tensor:
