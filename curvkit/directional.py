@@ -78,6 +78,7 @@ from curvkit.gram_eigen import (
     gram_directions,
 )
 from curvkit.losses import LossFunction
+from curvkit.model_io import sample_layout
 from curvkit.problem import Params, Problem, fill_argument_docs
 
 __all__ = [
@@ -352,20 +353,15 @@ class _GramProblem:
                     f"got {type(criterion).__name__}"
                 )
         inputs, targets = problem.concatenated_batch()
-        self.batch_size = targets.shape[0]
-        self.subsampling_grad = _check_subsampling(
-            subsampling_grad, self.batch_size, "subsampling_grad"
-        )
-        self.subsampling_ggn = _check_subsampling(
-            subsampling_ggn, self.batch_size, "subsampling_ggn"
-        )
         self.problem = problem
         self.gradient = gradient
         self.num_sqrt_columns = 0
+        self.batch_size = 0
         self.loss = torch.zeros(())
 
         def columns(outputs: Tensor) -> Tensor:
-            sqrt = problem.columns(outputs, targets)
+            self.batch_size = sample_layout(inputs, outputs)[0]
+            sqrt = problem.columns(outputs, targets, self.batch_size)
             if problem.mc_samples == 0:
                 sqrt = drop_null_columns(sqrt)
             self.num_sqrt_columns = sqrt.shape[0]
@@ -380,6 +376,12 @@ class _GramProblem:
 
         _, factors = problem.factors(inputs, targets, columns)
         self._factors = problem.by_group(factors)
+        self.subsampling_grad = _check_subsampling(
+            subsampling_grad, self.batch_size, "subsampling_grad"
+        )
+        self.subsampling_ggn = _check_subsampling(
+            subsampling_ggn, self.batch_size, "subsampling_ggn"
+        )
 
     def groups(self) -> list[tuple[dict[str, Any], list[Factor]]]:
         """Each group with its parameters' factors."""

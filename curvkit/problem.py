@@ -37,6 +37,7 @@ from curvkit.data import Batch, BatchQuantity, Data, Inputs
 from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, compute_factors, iter_factors
 from curvkit.groups import normalize_param_groups
 from curvkit.losses import LossFunction
+from curvkit.model_io import sample_layout
 
 __all__ = ["ARGUMENT_DOCS", "Params", "Problem", "fill_argument_docs"]
 
@@ -233,11 +234,25 @@ class Problem:
 
     # -- the engine ----------------------------------------------------------------------------
 
-    def columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """The loss Hessian's square root ``[K, *outputs.shape]`` with the problem's settings."""
-        return losses.hessian_sqrt(
+    def columns(self, outputs: Tensor, targets: Tensor, num_samples: int | None = None) -> Tensor:
+        r"""The loss Hessian's square root ``[K, *outputs.shape]`` with the problem's settings.
+
+        For outputs that hold each of the ``num_samples`` samples in :math:`T > 1` consecutive
+        rows (:mod:`curvkit.model_io`), the engine reads a column's restriction to a sample's
+        rows as one column of that sample. Monte-Carlo columns are independent across rows, so
+        one column covers all positions of a sequence at once. Exact columns are not: each row's
+        columns are kept apart (:math:`K T` columns, each nonzero at one position per sample).
+        """
+        sqrt = losses.hessian_sqrt(
             self.loss_fn, outputs, targets, mc_samples=self.mc_samples, generator=self.generator
         )
+        rows = outputs.shape[0] // num_samples if num_samples else 1
+        if self.mc_samples > 0 or rows == 1:
+            return sqrt
+        per_position = sqrt.reshape(sqrt.shape[0], num_samples, rows, *outputs.shape[1:])
+        separate = sqrt.new_zeros(sqrt.shape[0], rows, *per_position.shape[1:])
+        separate.diagonal(dim1=1, dim2=3).copy_(per_position.movedim(2, -1))
+        return separate.reshape(-1, *outputs.shape)
 
     def factors(
         self,
@@ -264,7 +279,7 @@ class Problem:
             return self._cached_factors
 
         def default_columns(outputs: Tensor) -> Tensor:
-            return self.columns(outputs, targets)
+            return self.columns(outputs, targets, sample_layout(inputs, outputs)[0])
 
         result = compute_factors(
             self.model,
@@ -295,7 +310,7 @@ class Problem:
                 self.model,
                 inputs,
                 self.params,
-                lambda outputs: self.columns(outputs, targets),
+                lambda outputs: self.columns(outputs, targets, sample_layout(inputs, outputs)[0]),
                 sample_chunk_size=self.sample_chunk_size,
                 column_chunk_size=self.column_chunk_size,
                 create_graph=self.create_graph,

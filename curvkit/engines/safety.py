@@ -3,8 +3,9 @@ r"""Safety probes: refuse what per-sample curvature cannot be computed for, befo
 The engine calls these around its forward and backward pass: modules known to mix samples
 (:func:`refuse_sample_mixing`), a forward pass of the first sample alone that reveals any other
 mixing and the sample axes of recorded tensors (:func:`probe_first_sample`), the shape of the
-columns the caller hands over (:func:`check_columns`) and parameter uses the recording did not see (:func:`check_no_unseen_uses`). Quantities that do not use the
-engine (:mod:`curvkit.autodiff`) call them too.
+columns the caller hands over (:func:`check_columns`) and parameter uses the recording did not
+see (:func:`check_no_unseen_uses`). Quantities that do not use the engine
+(:mod:`curvkit.autodiff`) call them too.
 """
 
 from __future__ import annotations
