@@ -10,16 +10,18 @@ rule, the double-vjp trick computes :math:`J u` instead.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit import losses
-from curvkit.data import Inputs
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.groups import parameter_names
 from curvkit.losses import LossFunction
+from curvkit.model_io import Inputs, call_model, output_tensor
 
 __all__ = ["ggn_product"]
 
@@ -36,15 +38,21 @@ def ggn_product(
 
     :math:`J u` comes from forward-mode AD in the same forward pass that records the graph for
     the final vector-Jacobian product. Where an operation has no forward-mode rule, the
-    double-vjp trick computes it instead: :math:`J^\top w` is linear in :math:`w`, so its
-    derivative with respect to :math:`w` along :math:`u` is :math:`J u`.
+    product is tried again with attention computed by its math kernel (torch has no
+    forward-mode rule for CPU flash attention, nor a derivative of its backward), then by the
+    double-vjp trick: :math:`J^\top w` is linear in :math:`w`, so its derivative with respect to
+    :math:`w` along :math:`u` is :math:`J u`.
     """
     refuse_sample_mixing(model)
     with torch.enable_grad():
         try:
             outputs, jacobian_vector = _forward_mode_jvp(model, inputs, params, vector)
         except (RuntimeError, NotImplementedError):
-            outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
+            try:
+                with sdpa_kernel(SDPBackend.MATH):
+                    outputs, jacobian_vector = _forward_mode_jvp(model, inputs, params, vector)
+            except (RuntimeError, NotImplementedError):
+                outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
         columns = losses.hessian_sqrt(loss_fn, outputs.detach(), targets)
         coefficients = (columns * jacobian_vector).flatten(start_dim=2).sum(dim=2)
         output_product = torch.einsum("kn,kn...->n...", coefficients, columns)
@@ -52,13 +60,6 @@ def ggn_product(
             outputs, params, output_product, allow_unused=True, materialize_grads=True
         )
     return outputs.detach(), list(product)
-
-
-def _call(model: nn.Module, inputs: Inputs) -> Tensor:
-    outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        raise TypeError("the model must return one tensor whose first axis indexes the samples")
-    return outputs
 
 
 def _forward_mode_jvp(
@@ -75,16 +76,16 @@ def _forward_mode_jvp(
         duals = {
             names[id(p)]: forward_ad.make_dual(p, u) for p, u in zip(params, vector, strict=True)
         }
-        primal, tangent = forward_ad.unpack_dual(torch.func.functional_call(model, duals, inputs))
-    if not isinstance(primal, Tensor) or primal.dim() == 0:
-        raise TypeError("the model must return one tensor whose first axis indexes the samples")
+        args, kwargs = ((), inputs) if isinstance(inputs, Mapping) else (inputs, None)
+        outputs = output_tensor(torch.func.functional_call(model, duals, args, kwargs))
+        primal, tangent = forward_ad.unpack_dual(outputs)
     return primal, torch.zeros_like(primal) if tangent is None else tangent
 
 
 def _double_vjp_jvp(
     model: nn.Module, inputs: Inputs, params: list[Tensor], vector: list[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    outputs = _call(model, inputs)
+    outputs = output_tensor(call_model(model, inputs))
     dummy = torch.zeros_like(outputs, requires_grad=True)
     transposed = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
     pairs = [

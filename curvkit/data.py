@@ -1,12 +1,14 @@
 r"""Data handling shared by the curvature quantities: batches, datasets, ranks, progress.
 
-A quantity's ``data`` argument is either one batch ``(inputs, targets)`` (``inputs`` a tensor or a
-tuple of tensors, ``targets`` a tensor) or any iterable of such batches, such as a
-:class:`torch.utils.data.DataLoader`. For an iterable, a quantity is the curvature of the whole
+A quantity's ``data`` argument is either one batch ``(inputs, targets)`` (``inputs`` a tensor, a
+tuple of tensors or a dict of keyword inputs, :mod:`curvkit.model_io`; ``targets`` a tensor) or any
+iterable of such batches, such as a :class:`torch.utils.data.DataLoader`. A batch may also be a dict
+holding the targets under ``"labels"`` (what a Hugging Face tokenizer and data collator produce):
+its other entries are the keyword inputs. For an iterable, a quantity is the curvature of the whole
 dataset's loss, the loss of one batch made of all the data. For a loss that sums over samples
-(``reduction="sum"``) that is :math:`L = \sum_b L_b`. For a loss that averages, with :math:`Z_b`
-the normalization of batch :math:`b` (:func:`curvkit.losses.normalization`: the factor that turns
-the reduced batch loss :math:`L_b` into the plain sum of its per-sample terms),
+(``reduction="sum"``) that is :math:`L = \sum_b L_b`. For a loss that averages, with :math:`Z_b` the
+normalization of batch :math:`b` (:func:`curvkit.losses.normalization`: the factor that turns the
+reduced batch loss :math:`L_b` into the plain sum of its per-sample terms),
 
 .. math::
 
@@ -34,17 +36,36 @@ thousand samples a Gram matrix can hold.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from curvkit import losses
+from curvkit.model_io import Inputs
 
-Inputs: TypeAlias = Tensor | tuple[Tensor, ...]
+__all__ = [
+    "Batch",
+    "Data",
+    "Inputs",
+    "all_reduce_sum_",
+    "batches",
+    "check_batch",
+    "concatenate",
+    "dataset_average",
+    "distributed_world",
+    "is_batch",
+    "num_batches",
+    "show_progress",
+]
+
+#: The key under which a dict batch holds its targets (Hugging Face's convention).
+LABELS_KEY = "labels"
+
 Batch: TypeAlias = tuple[Inputs, Tensor]
 Data: TypeAlias = Batch | Iterable[Batch]
 
@@ -56,17 +77,30 @@ def is_batch(data: Any) -> bool:
     """Return whether ``data`` is one batch ``(inputs, targets)`` rather than a collection of them.
 
     A batch is a tuple or list of length two whose second entry is a tensor and whose first entry
-    is a tensor or a tuple (or list, as a DataLoader collates tuples) of tensors.
+    is a tensor, a tuple (or list, as a DataLoader collates tuples) of tensors or a dict of
+    keyword inputs; or a dict of tensors holding the targets under ``"labels"``.
     """
+    if _is_labelled_dict(data):
+        return True
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         return False
     inputs, targets = data
     return isinstance(targets, Tensor) and _is_inputs(inputs)
 
 
+def _is_labelled_dict(data: Any) -> bool:
+    return (
+        isinstance(data, Mapping)
+        and isinstance(data.get(LABELS_KEY), Tensor)
+        and all(isinstance(key, str) for key in data)
+    )
+
+
 def _is_inputs(inputs: Any) -> bool:
     if isinstance(inputs, Tensor):
         return True
+    if isinstance(inputs, Mapping):
+        return len(inputs) > 0 and all(isinstance(key, str) for key in inputs)
     return (
         isinstance(inputs, (tuple, list))
         and len(inputs) > 0
@@ -89,6 +123,8 @@ def check_batch(batch: Any, position: int | None = None) -> Batch:
             targets tensor.
     """
     where = "data" if position is None else f"batch {position} of data"
+    if _is_labelled_dict(batch):
+        return {k: v for k, v in batch.items() if k != LABELS_KEY}, batch[LABELS_KEY]
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             f"{where} must be a pair (inputs, targets), got {type(batch).__name__}"
@@ -98,8 +134,8 @@ def check_batch(batch: Any, position: int | None = None) -> Batch:
     inputs, targets = batch
     if not _is_inputs(inputs):
         raise TypeError(
-            f"inputs of {where} must be a tensor or a non-empty tuple of tensors, "
-            f"got {type(inputs).__name__}"
+            f"inputs of {where} must be a tensor, a non-empty tuple of tensors or a dict of "
+            f"keyword inputs, got {type(inputs).__name__}"
         )
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets of {where} must be a tensor, got {type(targets).__name__}")
@@ -188,25 +224,22 @@ def concatenate(data: Data) -> Batch:
     if len(parts) == 1:
         return parts[0]
     targets = torch.cat([t for _, t in parts])
-    if all(isinstance(inputs, Tensor) for inputs, _ in parts):
-        return torch.cat([inputs for inputs, _ in parts]), targets
-    if not all(
-        isinstance(inputs, tuple) and len(inputs) == len(parts[0][0]) for inputs, _ in parts
-    ):
+    leaves = [pytree.tree_flatten(inputs) for inputs, _ in parts]
+    if any(spec != leaves[0][1] for _, spec in leaves):
         raise TypeError(
-            "the batches' inputs differ in structure (a tensor in one, a tuple in another, or "
-            "tuples of different lengths), so they cannot be joined into one batch"
+            "the batches' inputs differ in structure (a tensor in one, a tuple in another, "
+            "tuples of different lengths, dicts with other keys), so they cannot be joined "
+            "into one batch"
         )
-    joined = tuple(
-        torch.cat(column) for column in zip(*(inputs for inputs, _ in parts), strict=True)
-    )
-    return joined, targets
+    joined = [
+        torch.cat(column) if isinstance(column[0], Tensor) else column[0]
+        for column in zip(*(values for values, _ in leaves), strict=True)
+    ]
+    return pytree.tree_unflatten(joined, leaves[0][1]), targets
 
 
 def _to(inputs: Inputs, device: torch.device | str) -> Inputs:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    return tuple(x.to(device) for x in inputs)
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, inputs)
 
 
 def distributed_world() -> int:
