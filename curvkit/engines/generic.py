@@ -181,23 +181,26 @@ def generic_factors(
         ]
         return grads, outputs
 
-    if create_graph:
-        # torch.func's batching rules do not carry the derivatives of an enclosing autograd
-        # graph correctly for every operator (layer_norm in torch 2.13), so loop instead.
-        grads, recomputed = sample_by_sample()
-    else:
-        try:
-            with batching_fallback_allowed():
-                grads, recomputed = vmap(
-                    lambda inputs, columns: per_sample(inputs, columns, True),
-                    in_dims=(input_axes, [axis + 1 for axis in output_axes]),
-                    out_dims=(1, tuple(output_axes)),
-                    randomness="different",
-                    chunk_size=chunk_size,
-                )(sample_inputs, cotangents)
-        except RuntimeError:
-            # Some operators cannot be vmapped (LSTM, PReLU's backward in torch 2.13).
+    # Under grad mode even without create_graph: some CPU kernels (oneDNN's LSTM in float32)
+    # take an inference path without the workspace their backward needs when it is off.
+    with torch.enable_grad():
+        if create_graph:
+            # torch.func's batching rules do not carry the derivatives of an enclosing autograd
+            # graph correctly for every operator (layer_norm in torch 2.13), so loop instead.
             grads, recomputed = sample_by_sample()
+        else:
+            try:
+                with batching_fallback_allowed():
+                    grads, recomputed = vmap(
+                        lambda inputs, columns: per_sample(inputs, columns, True),
+                        in_dims=(input_axes, [axis + 1 for axis in output_axes]),
+                        out_dims=(1, tuple(output_axes)),
+                        randomness="different",
+                        chunk_size=chunk_size,
+                    )(sample_inputs, cotangents)
+            except RuntimeError:
+                # Some operators cannot be vmapped (LSTM, PReLU's backward in torch 2.13).
+                grads, recomputed = sample_by_sample()
 
     for (pos, _), value in zip(selected, recomputed, strict=True):
         recorded = output_leaves[pos].detach()
