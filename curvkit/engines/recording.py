@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
@@ -201,6 +202,7 @@ class _Recorder(TorchFunctionMode):
         self.counts: dict[int, int] = {}
         self.uses: list[tuple[int, ModuleCall]] = []
         self.sites: list[ModuleCall] = []
+        self.borrowed: list[ModuleCall] = []
         self.shared_params: set[int] = set()
         # id -> weak reference: ids alone could be reused by later tensors.
         self.sample_dependent: dict[int, weakref.ref] = {}
@@ -235,6 +237,8 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         uses = [self.param_index.get(id(t)) for t in tensors]
         if any(self._member(self.sample_dependent, t) for t in tensors):
+            if func is F.linear and self._borrowed_linear(args, kwargs):
+                return self._linear_call(args, kwargs)
             # A use outside every call of a module holding the parameter (in a hook, or by
             # another module) is a site of the parameter as a shared tensor.
             unheld = set()
@@ -257,6 +261,47 @@ class _Recorder(TorchFunctionMode):
             self.shared_params.update(shared_uses)
             self._mark(self.from_params, result)
         return result
+
+    def _borrowed_linear(self, args: tuple, kwargs: dict) -> bool:
+        """Whether ``F.linear`` applies a submodule's parameter in an enclosing module's forward.
+
+        A tied language-model head, ``F.linear(x, self.embedding.weight)``: the call then gets the
+        ``nn.Linear`` rule of its own instead of the enclosing module's generic one.
+        """
+        if len(args) < 2 or set(kwargs) - {"bias"}:
+            return False
+        weight = args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        index = self.param_index.get(id(weight))
+        holder = None if index is None else self._holder(index)
+        return (
+            holder is not None
+            and "." in self.holders[id(holder.module)][1][index]
+            and isinstance(args[0], Tensor)
+            and not self._member(self.from_params, args[0])
+            and (bias is None or id(bias) in self.param_index)
+        )
+
+    def _linear_call(self, args: tuple, kwargs: dict) -> Tensor:
+        """Run ``F.linear(x, weight, bias)`` as a recorded call of an ``nn.Linear`` sharing them."""
+        x, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        # The parameters are registered as they are: nothing is allocated or initialised.
+        proxy = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(proxy)
+        proxy.in_features, proxy.out_features = weight.shape[1], weight.shape[0]
+        proxy.weight = weight
+        proxy.bias = bias
+        call = ModuleCall(proxy, 0, self.stack[-1] if self.stack else None, (x,), {})
+        call.params[self.param_index[id(weight)]] = "weight"
+        if bias is not None:
+            call.params[self.param_index[id(bias)]] = "bias"
+        call.input_versions = [x._version]
+        call.output = F.linear(x, weight, bias)
+        call.output_versions = [call.output._version]
+        self.borrowed.append(call)
+        self._mark(self.sample_dependent, call.output)
+        return call.output
 
     def _site(self, func: Callable[..., Any], args: tuple, kwargs: dict, unheld: set[int]) -> Any:
         """Run ``func`` as a recorded call of a :class:`SharedSite`."""
@@ -344,7 +389,7 @@ class _Recorder(TorchFunctionMode):
             for call in calls:
                 if not any(outer in calls for outer in call.ancestors()):
                     call.params[index] = self.holders[id(call.module)][1][index]
-        return [call for call in self.calls if call.params]
+        return [call for call in self.calls if call.params] + self.borrowed
 
 
 #: Augmented assignments at a :class:`SharedSite`, run out of place (see ``_Recorder._site``).
