@@ -40,9 +40,72 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFunction", "check_mc_samples", "hessian_sqrt", "normalization", "sample_reduction"]
+__all__ = [
+    "LossFunction",
+    "NextTokenCrossEntropyLoss",
+    "check_mc_samples",
+    "hessian_sqrt",
+    "normalization",
+    "sample_reduction",
+]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
+
+
+class NextTokenCrossEntropyLoss(nn.Module):
+    r"""A causal language model's loss as Hugging Face computes it from ``labels``.
+
+    For logits ``[N, T, V]`` and labels ``[N, T]`` (the input tokens, ``-100`` where padded), the
+    logits at position :math:`t` predict the label at :math:`t + 1`:
+    ``cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())``, averaged over the
+    labels that are not ``ignore_index`` (or summed). This is the one line of adapter code a
+    Hugging Face causal LM needs: its batches (dicts with ``labels``) and its ``ModelOutput``
+    are read as they are (:mod:`curvkit.model_io`), and its curvature is the closed-form
+    cross-entropy one, position by position.
+
+    Args:
+        ignore_index: The label of positions without a loss term.
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of a batch of logits ``[N, T, V]`` and labels ``[N, T]``."""
+        return nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1),
+            labels[:, 1:].flatten(),
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+    def cross_entropy_view(
+        self, logits: Tensor, labels: Tensor
+    ) -> tuple[nn.CrossEntropyLoss, Tensor, Tensor]:
+        """The same loss as ``nn.CrossEntropyLoss`` on logits ``[N, V, T]`` and shifted labels.
+
+        The labels move one position back; the last position gets ``ignore_index``.
+
+        Raises:
+            ValueError: If the shapes are not ``[N, T, V]`` and ``[N, T]``.
+        """
+        if logits.dim() != 3 or not isinstance(labels, Tensor) or labels.shape != logits.shape[:2]:
+            raise ValueError(
+                "NextTokenCrossEntropyLoss needs logits [N, T, V] and labels [N, T], got "
+                f"{tuple(logits.shape)} and "
+                f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}"
+            )
+        shifted = torch.cat(
+            [labels[:, 1:], labels.new_full((labels.shape[0], 1), self.ignore_index)], 1
+        )
+        loss = nn.CrossEntropyLoss(ignore_index=self.ignore_index, reduction=self.reduction)
+        return loss, logits.movedim(-1, 1), shifted
+
 
 _LINEAR_IN_INPUT = (nn.NLLLoss, nn.KLDivLoss)
 
@@ -130,6 +193,10 @@ def hessian_sqrt(
     _check_outputs(outputs)
     check_mc_samples(mc_samples, generator)
     outputs = outputs.detach()
+    if isinstance(loss_fn, NextTokenCrossEntropyLoss):
+        loss_fn, moved, targets = loss_fn.cross_entropy_view(outputs, targets)
+        sqrt = hessian_sqrt(loss_fn, moved, targets, mc_samples=mc_samples, generator=generator)
+        return sqrt.movedim(2, -1)
 
     if _is_exactly(loss_fn, nn.MSELoss):
         _check_same_shape(loss_fn, outputs, targets)
@@ -202,6 +269,8 @@ def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tenso
     _check_loss(loss_fn)
     _check_outputs(outputs)
     outputs = outputs.detach()
+    if isinstance(loss_fn, NextTokenCrossEntropyLoss):
+        return normalization(*loss_fn.cross_entropy_view(outputs, targets))
     reduction = getattr(loss_fn, "reduction", None)
 
     if _is_exactly(loss_fn, nn.MSELoss) or _is_exactly(loss_fn, nn.BCEWithLogitsLoss):
@@ -251,8 +320,9 @@ def sample_reduction(
     _check_loss(loss_fn)
     _check_outputs(outputs)
     reduction = getattr(loss_fn, "reduction", None)
-    if _is_torch_loss(loss_fn) and reduction in ("sum", "mean"):
-        return reduction
+    if _is_torch_loss(loss_fn) or isinstance(loss_fn, NextTokenCrossEntropyLoss):
+        if reduction in ("sum", "mean"):
+            return reduction
     return _probe_reduction(loss_fn, outputs.detach(), targets)
 
 

@@ -8,8 +8,9 @@ models, not for training.
 
 Conventions shared by all references:
 
-- ``inputs`` is a tensor or a tuple of tensors (``model(*inputs)``), with the samples along the
-  leading dimension; ``loss_fn(outputs, targets)`` returns the scalar batch loss, with its
+- ``inputs`` is a tensor, a tuple of tensors (``model(*inputs)``) or a dict of keyword inputs
+  (``model(**inputs)``), with the samples along the leading dimension; a model returning a
+  ``ModelOutput`` is read through its ``logits`` (:mod:`curvkit.model_io`); ``loss_fn(outputs, targets)`` returns the scalar batch loss, with its
   reduction.
 - ``params=None`` means every parameter of ``model`` that requires grad, in ``model.parameters()``
   order. Dense matrices are over the concatenation of the flattened parameters, in that order.
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit.model_io import Inputs, call_model, output_tensor
+
 __all__ = [
     "ComparisonReport",
     "ComparisonRow",
@@ -45,7 +48,6 @@ __all__ = [
 ]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
-Inputs = Tensor | tuple[Tensor, ...]
 
 # Vectors pushed through one vectorised autograd call: bounds memory at
 # ``_CHUNK_SIZE`` times that of a single backward pass.
@@ -533,10 +535,10 @@ def _resolve_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[T
 
 
 def _forward(model: nn.Module, inputs: Inputs) -> Tensor:
-    outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        raise ValueError("the model must return one tensor with a leading batch dimension")
-    return outputs
+    try:
+        return output_tensor(call_model(model, inputs))
+    except TypeError as error:
+        raise ValueError(str(error)) from None
 
 
 def _scalar_loss(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
