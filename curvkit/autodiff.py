@@ -13,9 +13,11 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from curvkit import losses
 from curvkit.engines.safety import refuse_sample_mixing
@@ -77,9 +79,33 @@ def _forward_mode_jvp(
             names[id(p)]: forward_ad.make_dual(p, u) for p, u in zip(params, vector, strict=True)
         }
         args, kwargs = ((), inputs) if isinstance(inputs, Mapping) else (inputs, None)
-        outputs = output_tensor(torch.func.functional_call(model, duals, args, kwargs))
+        with _PaddingRowsWithoutTangent():
+            outputs = output_tensor(torch.func.functional_call(model, duals, args, kwargs))
         primal, tangent = forward_ad.unpack_dual(outputs)
     return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+class _PaddingRowsWithoutTangent(TorchFunctionMode):
+    """Forward-mode AD with the gradient convention of ``F.embedding``'s ``padding_idx``.
+
+    Reverse mode defines the gradient with respect to the padding row as zero although the
+    output depends on it; forward mode would carry its tangent. Every other quantity (and
+    training) uses the reverse-mode convention, so the padding row's tangent is dropped here,
+    for this use of the weight only (a tied head still sees it).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            bound = dict(zip(("input", "weight", "padding_idx"), args, strict=False)) | kwargs
+            padding_idx = bound.get("padding_idx")
+            primal, tangent = forward_ad.unpack_dual(bound["weight"])
+            if padding_idx is not None and tangent is not None:
+                tangent = tangent.clone()
+                tangent[padding_idx] = 0
+                args = (bound["input"], forward_ad.make_dual(primal, tangent), *args[2:])
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
+        return func(*args, **kwargs)
 
 
 def _double_vjp_jvp(

@@ -363,7 +363,9 @@ class _GramProblem:
             self.batch_size = sample_layout(inputs, outputs)[0]
             sqrt = problem.columns(outputs, targets, self.batch_size)
             if problem.mc_samples == 0:
-                sqrt = drop_null_columns(sqrt)
+                # Per sample, not per output row: a sequence's rows share its columns.
+                per_sample = sqrt.reshape(sqrt.shape[0], self.batch_size, -1)
+                sqrt = drop_null_columns(per_sample).reshape(-1, *outputs.shape)
             self.num_sqrt_columns = sqrt.shape[0]
             with torch.enable_grad():
                 leaf = outputs.detach().requires_grad_(True)

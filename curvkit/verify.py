@@ -10,8 +10,8 @@ Conventions shared by all references:
 
 - ``inputs`` is a tensor, a tuple of tensors (``model(*inputs)``) or a dict of keyword inputs
   (``model(**inputs)``), with the samples along the leading dimension; a model returning a
-  ``ModelOutput`` is read through its ``logits`` (:mod:`curvkit.model_io`); ``loss_fn(outputs, targets)`` returns the scalar batch loss, with its
-  reduction.
+  ``ModelOutput`` is read through its ``logits`` (:mod:`curvkit.model_io`);
+  ``loss_fn(outputs, targets)`` returns the scalar batch loss, with its reduction.
 - ``params=None`` means every parameter of ``model`` that requires grad, in ``model.parameters()``
   order. Dense matrices are over the concatenation of the flattened parameters, in that order.
 - The model is called as it is (its train/eval mode is not changed; call ``model.eval()`` for models
