@@ -164,7 +164,9 @@ def hessian_vector_product(
         ValueError: If ``vector``'s shapes, dtype or device do not match the parameters, or the
             parameters are not the model's.
     """
-    problem = Problem(model, loss_fn, data, params, progress=progress, name="hessian_vector_product")
+    problem = Problem(
+        model, loss_fn, data, params, progress=progress, name="hessian_vector_product"
+    )
     blocks = [v.unsqueeze(0) for v in problem.split_vector(vector)]
     product = [p.squeeze(0) for p in _reduce_products(problem, blocks, passes=1)]
     if isinstance(vector, Tensor):
@@ -313,13 +315,12 @@ class _PreActivation(nn.Module):
         self.model = model
         self.position = position
 
-    def forward(self, *inputs: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, *inputs: Tensor) -> Tensor:
+        """Run the model; return the pre-activation."""
         return elementwise.capture_pre_activation(lambda: self.model(*inputs), self.position)
 
 
-def _residual_diag(
-    problem: Problem, inputs: tuple, position: int, weight: Tensor
-) -> list[Tensor]:
+def _residual_diag(problem: Problem, inputs: tuple, position: int, weight: Tensor) -> list[Tensor]:
     r"""The call's :math:`\sum_{n,j} \rho_{n,j} (\partial z_{n,j} / \partial\theta)^{\odot 2}`.
 
     The engine pushes the unit columns :math:`e_j` back from the pre-activation :math:`z`
@@ -342,8 +343,7 @@ def _residual_diag(
         max_chunk_bytes=problem.max_chunk_bytes,
     ):
         diag = [
-            _weighted_diag(f, weights[part.columns], problem.max_chunk_bytes)
-            for f in part.factors
+            _weighted_diag(f, weights[part.columns], problem.max_chunk_bytes) for f in part.factors
         ]
         total = diag if total is None else [a + b for a, b in zip(total, diag, strict=True)]
     assert total is not None
