@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit import elementwise
 from curvkit.data import Data, Inputs
@@ -113,7 +114,9 @@ def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int)
 
     def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         refuse_sample_mixing(problem.model)
-        with torch.enable_grad():
+        # The fused attention kernels have no double backward; the math kernel computes the
+        # same attention with differentiable operations.
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             outputs = _forward(problem.model, inputs)
             loss = problem.loss_fn(outputs, targets)
             products: list[Tensor] = []
