@@ -59,7 +59,8 @@ def _output_gradient(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) ->
         loss = loss_fn(outputs, targets)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(
-                "loss_fn must return a scalar batch loss (reduction 'mean' or 'sum'), got "
+                "loss_fn must return a scalar batch loss (use reduction='mean' or "
+                "reduction='sum'), got "
                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
             )
         (gradient,) = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
@@ -99,6 +100,12 @@ class _GradientProblem(Problem):
         self, *args: Any, scale: Callable[[LossFunction, Tensor, Tensor], Tensor], **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        reduction = getattr(self.loss_fn, "reduction", None)
+        if isinstance(self.loss_fn, nn.Module) and reduction not in (None, "mean", "sum"):
+            raise ValueError(
+                f"{type(self.loss_fn).__name__}(reduction={reduction!r}) does not return a "
+                "scalar batch loss; use reduction='mean' or reduction='sum'."
+            )
         self.scale = scale
 
     def columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -256,8 +263,9 @@ class _SampleSums:
     r"""Per-batch results of the per-sample gradients of the sum of the loss's terms.
 
     Iterates over the batches (in chunks of samples if asked), with the columns
-    :math:`Z_b\, \partial L_b / \partial f` (the gradients :math:`\nabla \ell_n` of the terms),
-    and totals the normalisation and sample count to rescale at the end.
+    :math:`Z_b\, \partial L_b / \partial f` (the gradients :math:`\nabla \ell_n` of the terms;
+    for a single batch :math:`\partial L / \partial f` itself), and totals the normalisation and
+    the sample count to rescale at the end.
     """
 
     def __init__(self, problem: Problem) -> None:
@@ -316,8 +324,8 @@ class _SampleSums:
 
     @property
     def gradient_scale(self) -> float:
-        """The factor from the terms' gradients to the per-sample gradients of the data's loss."""
-        if self.reduction == "sum":
+        """The factor from the columns' gradients to the per-sample gradients of the data's loss."""
+        if self.reduction == "sum" or _single_batch(self.problem.data):
             return 1.0
         if self.normalizer == 0:
             raise ValueError(
@@ -327,12 +335,32 @@ class _SampleSums:
         return 1.0 / self.normalizer
 
 
+def _single_batch(data: Data) -> bool:
+    return data_utils.is_batch(data) and data_utils.distributed_world() == 1
+
+
+def _unit_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
+    return torch.ones((), dtype=outputs.dtype, device=outputs.device)
+
+
 def _terms_problem(
     model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, name: str, **kwargs: Any
 ) -> _GradientProblem:
-    return _GradientProblem(
-        model, loss_fn, data, params, name=name, scale=losses.normalization, **kwargs
-    )
+    """The problem of the per-sample gradients of the terms (of the batch loss for one batch).
+
+    One batch needs no rescaling at the end: its columns are the batch loss's own gradient,
+    which saves a pass over the :math:`N D` per-sample gradients.
+    """
+    scale = _unit_scale if _single_batch(data) else losses.normalization
+    return _GradientProblem(model, loss_fn, data, params, name=name, scale=scale, **kwargs)
+
+
+def _joined(parts: list[list[Tensor]], scale: float) -> list[Tensor]:
+    """The per-sample results of all chunks, one tensor per parameter, times ``scale``."""
+    joined = [
+        torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts, strict=True)
+    ]
+    return joined if scale == 1.0 else [t * scale for t in joined]
 
 
 @fill_argument_docs
@@ -379,9 +407,7 @@ def batch_gradients(
     )
     sums = _SampleSums(problem)
     parts = sums.run(lambda fs: [f.dense()[0] for f in fs])
-    scale = sums.gradient_scale
-    gradients = [torch.cat(column) * scale for column in zip(*parts, strict=True)]
-    return problem.per_group(gradients)
+    return problem.per_group(_joined(parts, sums.gradient_scale))
 
 
 @fill_argument_docs
@@ -425,8 +451,7 @@ def batch_l2_norms(
     )
     sums = _SampleSums(problem)
     parts = sums.run(lambda fs: [_sample_square_norms(f) for f in fs])
-    scale = sums.gradient_scale**2
-    return problem.per_group([torch.cat(column) * scale for column in zip(*parts, strict=True)])
+    return problem.per_group(_joined(parts, sums.gradient_scale**2))
 
 
 @fill_argument_docs
