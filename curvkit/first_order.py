@@ -235,22 +235,33 @@ def _sample_square_norms(factor: Factor) -> Tensor:
     r""":math:`\sum_k \lVert v_{k,n} \rVert^2` for every sample :math:`n`, shape ``[N]``.
 
     A Kronecker factor uses :math:`\lVert \sum_t b_t \otimes x_t \rVert^2 = \sum_{t,s}
-    (b_t \cdot b_s)(x_t \cdot x_s)` where that is cheaper than forming the gradients, which it
-    otherwise forms a chunk of samples at a time.
+    (b_t \cdot b_s)(x_t \cdot x_s)` where that is cheaper than forming the gradients, and
+    otherwise forms them; either way a chunk of samples at a time, whose intermediates stay
+    under the factor's ``max_chunk_bytes``.
     """
     if isinstance(factor, ZeroFactor):
         return factor.diag().new_zeros(factor.num_samples)
-    if isinstance(factor, KroneckerFactor):
-        b, x = factor.output_grads, factor.inputs
-        t, o = b.shape[2], b.shape[4]
-        i = x.shape[-1]
-        if t == 1:
-            return torch.einsum("kngo,ngi->n", b[:, :, 0].square(), x[:, 0].square())
-        if t * (o + i) < o * i:
-            bb = torch.einsum("kntgo,knsgo->ntsg", b, b)
-            return torch.einsum("ntsg,ntgi,nsgi->n", bb, x, x)
-    dense = factor.dense()
-    return dense.reshape(*dense.shape[:2], -1).square().sum(dim=(0, 2))
+    if not isinstance(factor, KroneckerFactor):
+        dense = factor.dense()
+        return dense.reshape(*dense.shape[:2], -1).square().sum(dim=(0, 2))
+    b, x = factor.output_grads, factor.inputs
+    k, n, t, g, o = b.shape
+    i = x.shape[-1]
+    if t == 1:
+        return torch.einsum("kngo,ngi->n", b[:, :, 0].square(), x[:, 0].square())
+    pairwise = t * (o + i) < o * i
+    per_sample = t * t * g * (k + 1) if pairwise else k * g * o * i
+    step = max(1, factor.max_chunk_bytes // (b.element_size() * per_sample))
+    parts = []
+    for start in range(0, n, step):
+        bs, xs = b[:, start : start + step], x[start : start + step]
+        if pairwise:
+            bb = torch.einsum("kntgo,knsgo->ntsg", bs, bs)
+            parts.append(torch.einsum("ntsg,ntgi,nsgi->n", bb, xs, xs))
+        else:
+            per_sample_gradients = torch.einsum("kntgo,ntgi->kngoi", bs, xs)
+            parts.append(per_sample_gradients.square().sum(dim=(0, 2, 3, 4)))
+    return torch.cat(parts)
 
 
 def _gradient_sum(factor: Factor, param: Tensor) -> Tensor:

@@ -178,6 +178,35 @@ def test_sample_chunks_give_the_same_results():
         close(flat(chunked), flat(whole))
 
 
+class Positions(nn.Module):
+    """A Linear layer at two positions per sample: the pairwise route of the per-sample norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.inner(x)).flatten(start_dim=1))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 64])
+def test_per_sample_norms_of_a_weight_used_at_several_positions(monkeypatch, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(curvkit.problem, "DEFAULT_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    model = Positions().double()
+    inputs = torch.randn(7, 2, 8, dtype=torch.float64)
+    loss_fn = nn.CrossEntropyLoss()
+    targets = torch.randint(3, (7,))
+    expected = [g / 7 for g in term_gradients(model, loss_fn, (inputs,), targets)]
+    norms = curvkit.batch_l2_norms(model, loss_fn, (inputs, targets))
+    for actual, reference in zip(norms, expected, strict=True):
+        close(actual, reference.flatten(start_dim=1).square().sum(dim=1))
+    diagonal = curvkit.diag_ef(model, loss_fn, (inputs, targets))
+    close(flat(diagonal), 7 * flat([r.square().sum(dim=0) for r in expected]))
+
+
 def test_param_groups_give_results_per_group():
     model, loss_fn, inputs, targets, _ = case_with_loss("residual", "ce", "sum", 7)
     params = list(model.parameters())
