@@ -288,6 +288,10 @@ def check_diagonal_is_exact(outputs: Tensor, calls: list[ActivationCall]) -> Non
                 raise _refuse(
                     f"{name} is applied in place, or by a function curvkit does not record"
                 )
+        elif name == "DivBackward0":
+            # Linear in the numerator only: a computed denominator has a second derivative.
+            if node.next_functions[1][0] is not None:
+                raise _refuse("a division has a computed denominator")
         elif name in _PRODUCT_NODES:
             if name == "NativeBatchNormBackward0" and getattr(node, "_saved_training", True):
                 raise _refuse("a BatchNorm normalises with batch statistics")

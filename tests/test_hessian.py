@@ -210,7 +210,7 @@ class Smooth(nn.Module):
         self.act = nn.Softplus(beta=2.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = nn.functional.gelu(self.a(x), approximate="tanh")
+        h = nn.functional.gelu(self.a(x) / torch.full((6,), 2.0, dtype=x.dtype), approximate="tanh")
         h = h + nn.functional.elu(self.b(h), alpha=0.5)
         return self.c(self.act(torch.sigmoid(h).mul(2.0)) + nn.functional.silu(h))
 
@@ -234,6 +234,22 @@ def test_diag_hessian_refuses_other_nonlinearities(name: str):
     case = make_case(name, 3)
     with pytest.raises(NotElementwiseError, match="hutchinson_diag"):
         curvkit.diag_hessian(case.model, case.loss_fn, (case.inputs, case.targets))
+
+
+class Divided(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) / (1 + self.b(x).square())
+
+
+def test_diag_hessian_refuses_a_computed_denominator():
+    inputs, targets = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    with pytest.raises(NotElementwiseError, match="computed denominator"):
+        curvkit.diag_hessian(Divided().double(), nn.MSELoss(), (inputs, targets))
 
 
 def test_diag_hessian_refuses_an_unrecorded_in_place_activation():
