@@ -172,7 +172,11 @@ def test_data_of_several_batches(loss_name: str):
 def test_sample_chunks_give_the_same_results():
     case = make_case("cnn", 7)
     batch = (case.inputs, case.targets)
-    for function in (curvkit.batch_gradients, curvkit.batch_l2_norms, curvkit.diag_ef):
+    functions = (
+        curvkit.batch_gradients, curvkit.batch_l2_norms, curvkit.gradient_variance,
+        curvkit.diag_ef,
+    )  # fmt: skip
+    for function in functions:
         whole = function(case.model, case.loss_fn, batch)
         chunked = function(case.model, case.loss_fn, batch, sample_chunk_size=3)
         close(flat(chunked), flat(whole))

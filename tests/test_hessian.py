@@ -288,6 +288,14 @@ def test_bad_vectors_give_clear_errors():
         curvkit.HessianOperator(lambda x: x, case.loss_fn, batch)
 
 
+def test_operator_refuses_one_shot_iterators():
+    case = make_case("mlp", 4)
+    batches = (b for b in [(case.inputs, case.targets)])
+    operator = curvkit.HessianOperator(case.model, case.loss_fn, batches)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        operator @ torch.ones(operator.shape[1], dtype=torch.float64)
+
+
 def test_calls_leave_the_model_as_it_was():
     case = make_case("cnn", 4)
     model = case.model
