@@ -47,6 +47,7 @@ from curvkit.engines import Factor, FactorChunk, KroneckerFactor, ZeroFactor, it
 from curvkit.factor_products import block_diagonal_matmul
 from curvkit.linear_operator import CurvatureOperator
 from curvkit.losses import LossFunction
+from curvkit.model_io import call_model, output_tensor, sample_layout
 from curvkit.problem import Params, Problem, fill_argument_docs
 
 __all__ = ["EFOperator", "batch_gradients", "batch_l2_norms", "diag_ef", "gradient_variance"]
@@ -108,7 +109,13 @@ class _GradientProblem(Problem):
             )
         self.scale = scale
 
-    def columns(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def columns(self, outputs: Tensor, targets: Tensor, num_samples: int | None = None) -> Tensor:
+        """The scaled gradient column, ``[1, *outputs.shape]``.
+
+        One column serves every output layout: for outputs holding each sample in several rows
+        (``num_samples`` below ``outputs.shape[0]``), the engine reads its restriction to a
+        sample's rows as that sample's column, whose pull-back is the sample's whole gradient.
+        """
         scale = self.scale(self.loss_fn, outputs, targets)
         return _output_gradient(self.loss_fn, outputs, targets) * scale
 
@@ -308,7 +315,7 @@ class _SampleSums:
             ):
                 if chunk.samples.start == 0:
                     outputs = self._whole_outputs(chunk, inputs)
-                    self._count(outputs, targets)
+                    self._count(outputs, targets, sample_layout(inputs, outputs)[0])
                 results.append(quantity(chunk.factors))
         self._all_reduce()
         return results
@@ -317,12 +324,12 @@ class _SampleSums:
         if self.problem.sample_chunk_size is None:
             return chunk.outputs
         with torch.no_grad():
-            return self.problem.model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+            return output_tensor(call_model(self.problem.model, inputs))
 
-    def _count(self, outputs: Tensor, targets: Tensor) -> None:
+    def _count(self, outputs: Tensor, targets: Tensor, num_samples: int) -> None:
         loss_fn = self.problem.loss_fn
         self.normalizer += float(losses.normalization(loss_fn, outputs, targets))
-        self.num_samples += outputs.shape[0]
+        self.num_samples += num_samples
         if self.reduction is None:
             self.reduction = losses.sample_reduction(loss_fn, outputs, targets)
 

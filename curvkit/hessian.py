@@ -27,28 +27,23 @@ With param groups, every quantity is that of the block-diagonal Hessian, one blo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit import elementwise
-from curvkit.data import Data, Inputs
+from curvkit.data import Data
 from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, iter_factors
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.factor_products import CHUNK_ELEMENTS
 from curvkit.linear_operator import CurvatureOperator
 from curvkit.losses import LossFunction
+from curvkit.model_io import Inputs, call_model, output_tensor, sample_layout
 from curvkit.problem import Params, Problem, fill_argument_docs
 
 __all__ = ["HessianOperator", "diag_hessian", "hessian_matrix", "hessian_vector_product"]
-
-
-def _forward(model: nn.Module, inputs: Inputs) -> Tensor:
-    outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        raise TypeError("the model must return one tensor whose first axis indexes the samples")
-    return outputs
 
 
 def _group_products(loss: Tensor, params: list[Tensor], blocks: list[Tensor]) -> list[Tensor]:
@@ -117,7 +112,7 @@ def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int)
         # The fused attention kernels have no double backward; the math kernel computes the
         # same attention with differentiable operations.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            outputs = _forward(problem.model, inputs)
+            outputs = output_tensor(call_model(problem.model, inputs))
             loss = problem.loss_fn(outputs, targets)
             products: list[Tensor] = []
             for group, group_blocks in zip(problem.groups, grouped, strict=True):
@@ -318,9 +313,11 @@ class _PreActivation(nn.Module):
         self.model = model
         self.position = position
 
-    def forward(self, *inputs: Tensor) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Run the model; return the pre-activation."""
-        return elementwise.capture_pre_activation(lambda: self.model(*inputs), self.position)
+        return elementwise.capture_pre_activation(
+            lambda: self.model(*args, **kwargs), self.position
+        )
 
 
 def _residual_diag(problem: Problem, inputs: tuple, position: int, weight: Tensor) -> list[Tensor]:
@@ -399,16 +396,16 @@ def diag_hessian(
     problem = Problem(model, loss_fn, data, params, progress=progress, name="diag_hessian")
 
     def batch_diag(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         with torch.enable_grad(), elementwise.record_activations() as calls:
-            outputs = _forward(model, inputs)
+            outputs = output_tensor(call_model(model, inputs))
         elementwise.check_diagonal_is_exact(outputs, calls)
+        num_samples = sample_layout(inputs, outputs)[0]
         for call in calls:
-            if call.pre_activation.dim() == 0 or call.pre_activation.shape[0] != outputs.shape[0]:
+            if call.pre_activation.dim() == 0 or call.pre_activation.shape[0] != num_samples:
                 raise elementwise.NotElementwiseError(
                     "diag_hessian needs every activation's input to hold the samples along its "
                     f"first axis; {call.function.__name__} got shape "
-                    f"{tuple(call.pre_activation.shape)} for {outputs.shape[0]} samples"
+                    f"{tuple(call.pre_activation.shape)} for {num_samples} samples"
                 )
         with torch.enable_grad():
             weights = elementwise.residual_weights(problem.loss_fn(outputs, targets), calls)
