@@ -265,3 +265,45 @@ def test_calls_leave_the_model_as_it_was():
         assert torch.equal(value, before[name])
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+class TokenModel(nn.Module):
+    """Keyword inputs and logits flattened over positions, ``[N T, V]``, as language models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.hidden = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        logits = self.head(torch.tanh(self.hidden(self.embed(tokens))))
+        return logits.flatten(end_dim=1)
+
+
+def test_keyword_inputs_and_outputs_flattened_over_positions():
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    tokens = torch.randint(5, (7, 3))
+    targets = torch.randint(5, (21,))
+    loss_fn = nn.CrossEntropyLoss()
+    batch = ({"tokens": tokens}, targets)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def sample_loss(values: dict, sample_tokens: Tensor, sample_targets: Tensor) -> Tensor:
+        logits = torch.func.functional_call(model, values, (sample_tokens[None],))
+        return summed(logits, sample_targets)
+
+    terms = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
+        params, tokens, targets.reshape(7, 3)
+    )
+    expected = [terms[n] / 21 for n in params]
+    gradients = curvkit.batch_gradients(model, loss_fn, batch)
+    for actual, reference in zip(gradients, expected, strict=True):
+        close(actual, reference)
+    # curvlinops' R for cross-entropy: the number of predictions, N T.
+    diagonal = curvkit.diag_ef(model, loss_fn, batch)
+    close(flat(diagonal), 21 * flat([r.square().sum(dim=0) for r in expected]))
+    variance = curvkit.gradient_variance(model, loss_fn, batch)
+    close(flat(variance), flat([(7 * r).var(dim=0, unbiased=False) for r in expected]))

@@ -311,3 +311,24 @@ def test_calls_leave_the_model_as_it_was():
         not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
         for m in model.modules()
     )
+
+
+def test_keyword_inputs_and_outputs_flattened_over_positions():
+    class TokenModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 4)
+            self.hidden = nn.Linear(4, 6)
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.hidden(self.embed(tokens)))).flatten(end_dim=1)
+
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    tokens, targets = torch.randint(5, (7, 3)), torch.randint(5, (21,))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = reference_hessian(model, loss_fn, [((tokens,), targets)])
+    batch = ({"tokens": tokens}, targets)
+    close(curvkit.hessian_matrix(model, loss_fn, batch), expected)
+    close(flat(curvkit.diag_hessian(model, loss_fn, batch)), expected.diagonal())
