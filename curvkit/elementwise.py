@@ -4,7 +4,7 @@ For a loss :math:`L` of outputs :math:`f`, the Hessian is the GGN plus one resid
 nonlinear operation on the path from the parameters to :math:`f`. When every nonlinearity on that
 path is an elementwise activation :math:`a = \sigma(z)` (applied once per call, to a
 pre-activation :math:`z` that depends on the parameters), and every other operation is linear in
-each of its differentiable operands and never multiplies two of them that share a parameter, the
+each of its differentiable operands and never multiplies two that depend on one parameter, the
 diagonal of the Hessian is
 
 .. math::
@@ -140,8 +140,7 @@ _LINEAR_NODES = frozenset(
     }
 )
 
-#: Products of their operands: exact on the diagonal when at most one operand is more than a
-#: parameter (a chain of reshapes of one), since a parameter used once cannot reach the other.
+#: Products of their operands: exact on the diagonal when no parameter reaches two operands.
 _PRODUCT_NODES = frozenset(
     {
         "AddmmBackward0",
@@ -152,10 +151,6 @@ _PRODUCT_NODES = frozenset(
         "EmbeddingBackward0",
         "NativeBatchNormBackward0",
     }
-)
-
-_RESHAPES = frozenset(
-    {"TBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "AliasBackward0"}
 )
 
 
@@ -239,14 +234,23 @@ def capture_pre_activation(forward: Callable[[], Any], position: int) -> Tensor:
     return capture.value
 
 
-def _is_parameter_like(node: Any) -> bool:
-    """Whether an operand is a parameter, possibly reshaped (no other parameter behind it)."""
-    while node is not None and type(node).__name__ in _RESHAPES:
-        inputs = [fn for fn, _ in node.next_functions if fn is not None]
-        if len(inputs) != 1:
-            return False
-        node = inputs[0]
-    return node is not None and type(node).__name__ == "AccumulateGrad"
+def _parameters_behind(root: Any) -> dict[int, frozenset[int]]:
+    """For every node of the graph below ``root``: the parameters (leaf nodes) it depends on."""
+    behind: dict[int, frozenset[int]] = {}
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in behind:
+            continue
+        operands = [fn for fn, _ in node.next_functions if fn is not None]
+        if type(node).__name__ == "AccumulateGrad":
+            behind[id(node)] = frozenset({id(node)})
+        elif expanded:
+            behind[id(node)] = frozenset().union(*(behind[id(op)] for op in operands))
+        else:
+            stack.append((node, True))
+            stack.extend((op, False) for op in operands if id(op) not in behind)
+    return behind
 
 
 def _refuse(reason: str) -> NotElementwiseError:
@@ -265,12 +269,15 @@ def check_diagonal_is_exact(outputs: Tensor, calls: list[ActivationCall]) -> Non
 
     Raises:
         NotElementwiseError: For any other nonlinear operation, a smooth activation applied
-            outside the recorded calls, or a parameter that enters the outputs twice.
+            outside the recorded calls, or a product of two tensors that depend on one
+            parameter (a weight tied to one it multiplies, attention's queries and keys).
     """
+    if outputs.grad_fn is None:
+        return
     recorded = {id(call.output.grad_fn) for call in calls}
-    uses: dict[int, int] = {}
+    behind = _parameters_behind(outputs.grad_fn)
     seen: set[int] = set()
-    stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
+    stack = [outputs.grad_fn]
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -278,11 +285,6 @@ def check_diagonal_is_exact(outputs: Tensor, calls: list[ActivationCall]) -> Non
         seen.add(id(node))
         name = type(node).__name__
         operands = [fn for fn, _ in node.next_functions if fn is not None]
-        for operand in operands:
-            if type(operand).__name__ == "AccumulateGrad":
-                uses[id(operand)] = uses.get(id(operand), 0) + 1
-                if uses[id(operand)] > 1:
-                    raise _refuse("a parameter enters the outputs through two operations")
         if name in _SMOOTH_NODES:
             if id(node) not in recorded:
                 raise _refuse(
@@ -294,9 +296,20 @@ def check_diagonal_is_exact(outputs: Tensor, calls: list[ActivationCall]) -> Non
                 raise _refuse("a division has a computed denominator")
         elif name in _PRODUCT_NODES:
             if name == "NativeBatchNormBackward0" and getattr(node, "_saved_training", True):
-                raise _refuse("a BatchNorm normalises with batch statistics")
-            if sum(not _is_parameter_like(op) for op in operands) > 1:
-                raise _refuse(f"{name[: -len('Backward0')]} multiplies two computed tensors")
+                raise _refuse(
+                    "a normalisation (BatchNorm in training mode, InstanceNorm, GroupNorm) "
+                    "divides by statistics of its input"
+                )
+            # A product is linear along one parameter coordinate when no parameter reaches
+            # two of its operands: its second derivatives are then all off the diagonal.
+            reached: set[int] = set()
+            for operand in operands:
+                if reached & behind[id(operand)]:
+                    raise _refuse(
+                        f"{name[: -len('Backward0')]} multiplies two tensors that depend on the "
+                        "same parameter"
+                    )
+                reached |= behind[id(operand)]
         elif name not in _LINEAR_NODES:
             raise _refuse(f"the model applies the nonlinear operation {name}")
         stack.extend(operands)
