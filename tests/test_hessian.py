@@ -11,7 +11,7 @@ from zoo_params import case_params
 
 import curvkit
 from curvkit.elementwise import NotElementwiseError
-from curvkit.zoo import CASES, make_case, make_targets
+from curvkit.zoo import CASES, CheckedScaling, make_case, make_targets
 
 #: torch.func.hessian (the reference) runs forward-mode AD, whose decompositions torch compiles
 #: with torch.jit.script on first use, which warns that it is deprecated: torch's internals.
@@ -47,9 +47,10 @@ def reference_hessian(
     point = flat([p.detach() for p in params])
     # The fused attention kernels have neither forward-mode nor double-backward rules.
     with sdpa_kernel(SDPBackend.MATH):
-        if any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        if any(isinstance(m, (nn.LayerNorm, CheckedScaling)) for m in model.modules()):
             # torch.func.hessian is wrong through LayerNorm on torch 2.13 (off by up to 1.2 on
-            # sequence_layernorm, where finite differences agree with autograd to 1e-9):
+            # sequence_layernorm, where finite differences agree with autograd to 1e-9), and
+            # cannot run an autograd.Function without setup_context (CheckedScaling):
             # autograd's own dense Hessian instead, one reverse-over-reverse row at a time.
             return torch.autograd.functional.hessian(loss, point)
         return torch.func.hessian(loss)(point)
@@ -73,7 +74,11 @@ def close(actual: Tensor, expected: Tensor) -> None:
 # -- products, operator, dense matrix ----------------------------------------------------------
 
 
-PRODUCT_MODELS = ["mlp", "cnn", "residual", "transformer", "embedding", "cnn2d_batchnorm_eval"]
+#: ``unbatchable_backward`` has no batching rule in its backward: products one vector at a time.
+PRODUCT_MODELS = [
+    "mlp", "cnn", "residual", "transformer", "embedding", "cnn2d_batchnorm_eval",
+    "unbatchable_backward",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", case_params(PRODUCT_MODELS))
@@ -104,6 +109,17 @@ def test_hessian_every_loss_and_reduction(loss_name: str, reduction: str, n: int
     operator = curvkit.HessianOperator(model, loss_fn, (inputs, targets))
     close(operator.to_dense(), expected)
     close(flat(curvkit.diag_hessian(model, loss_fn, (inputs, targets))), expected.diagonal())
+
+
+def test_a_loss_linear_in_the_parameters_has_a_zero_hessian():
+    model = nn.Linear(3, 2).double()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
+
+    def linear_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs - targets).sum()
+
+    operator = curvkit.HessianOperator(model, linear_loss, batch)
+    assert torch.equal(operator.to_dense(), torch.zeros(operator.shape, dtype=torch.float64))
 
 
 def test_operator_interface_lists_and_scipy():
