@@ -373,9 +373,14 @@ def diag_hessian(
     ELU, SELU, CELU, Softplus, Mish, LogSigmoid) one more pass of the engine, from :math:`z`,
     with :math:`z`'s size per sample in columns. ReLU-like activations and pooling add nothing.
     Any graph is fine (skip connections, several inputs, convolutions, BatchNorm in eval mode)
-    as long as every other operation is linear in each operand and every parameter is used
-    once; anything else (LayerNorm, attention, a shared weight, ``x * y`` of two computed
-    tensors) is refused with a pointer to the stochastic estimators.
+    as long as every other operation is linear in each operand and no product has two operands
+    that depend on one parameter; anything else (LayerNorm, attention, a tied weight, ``x * x``
+    of a computed tensor) is refused with a pointer to the stochastic estimators.
+
+    Cost: an activation with :math:`W` entries per sample costs an engine pass with :math:`W`
+    columns per sample (in chunks of columns under the chunk budget): cheap for the hidden
+    layers of an MLP, as for BackPACK's ``DiagHessian``, but slow for a smooth activation on a
+    large convolutional feature map, where the estimators are the better tool.
 
     Args:
         model: {model}
