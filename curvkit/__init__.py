@@ -12,6 +12,13 @@ from curvkit.directional import (
     ggn_eigh,
     top_k,
 )
+from curvkit.first_order import (
+    EFOperator,
+    batch_gradients,
+    batch_l2_norms,
+    diag_ef,
+    gradient_variance,
+)
 from curvkit.ggn import (
     GGNOperator,
     diag_ggn,
@@ -19,6 +26,12 @@ from curvkit.ggn import (
     ggn_columns,
     ggn_matrix,
     ggn_vector_product,
+)
+from curvkit.hessian import (
+    HessianOperator,
+    diag_hessian,
+    hessian_matrix,
+    hessian_vector_product,
 )
 
 __version__ = "0.1.0"
@@ -36,18 +49,27 @@ _LAZY = {
 __all__ = [
     "DirectionalDampedNewtonComputation",
     "DirectionalDerivativesComputation",
+    "EFOperator",
     "EighComputation",
     "EigvalshComputation",
     "GGNOperator",
+    "HessianOperator",
+    "batch_gradients",
+    "batch_l2_norms",
     "damped_newton_step",
     "default_criterion",
+    "diag_ef",
     "diag_ggn",
+    "diag_hessian",
     "directional_derivatives",
     "gauss_newton_diagonal",
     "ggn_columns",
     "ggn_eigh",
     "ggn_matrix",
     "ggn_vector_product",
+    "gradient_variance",
+    "hessian_matrix",
+    "hessian_vector_product",
     "top_k",
 ]
 

@@ -14,3 +14,10 @@ BACKPACK_FULL_BACKWARD_HOOK = pytest.mark.filterwarnings(
     "ignore:Full backward hook is firing when gradients are computed with respect to module "
     "outputs since no inputs require gradients:UserWarning"
 )
+
+#: curvlinops' products run forward-mode AD, whose decompositions torch compiles with
+#: ``torch.jit.script`` on first use, which torch 2.13 warns is deprecated: torch's internals,
+#: reached through the peer's code.
+CURVLINOPS_JIT_SCRIPT = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.script` is deprecated:DeprecationWarning"
+)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK
+from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK, CURVLINOPS_JIT_SCRIPT
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 MIGRATING = DOCS / "migrating.rst"
@@ -21,6 +21,8 @@ GETTING_STARTED = DOCS / "getting_started.rst"
 PAIRS = {
     "backpack-diagonal": ["diagonal"],
     "backpack-product": ["product"],
+    "backpack-batchgrad": ["gradients", "diagonal"],
+    "curvlinops-operators": ["product", "ef_product"],
     "vivit-eigh": ["evals"],
     "vivit-newton": ["step"],
     "pyro-newton": ["mode", "cov"],
@@ -69,6 +71,8 @@ def flat(value) -> torch.Tensor:
         # BackPACK's snippets and the ViViT ones (curvkit's classes) run an extended model.
         pytest.param(pair, marks=BACKPACK_FULL_BACKWARD_HOOK)
         if pair.startswith(("backpack", "vivit"))
+        else pytest.param(pair, marks=CURVLINOPS_JIT_SCRIPT)
+        if pair.startswith("curvlinops")
         else pair
         for pair in sorted(PAIRS)
     ],
