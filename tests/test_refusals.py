@@ -1,0 +1,44 @@
+"""Issue 13: inputs curvkit cannot handle get clear errors before any wrong result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvkit
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 6, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=generator)
+
+
+def _loader(shuffle: bool) -> DataLoader:
+    return DataLoader(TensorDataset(*_batch(24)), batch_size=8, shuffle=shuffle)
+
+
+def test_monte_carlo_operator_refuses_a_shuffling_loader() -> None:
+    op = curvkit.GGNOperator(_mlp(), LOSS, _loader(shuffle=True), mc_samples=2)
+    vector = torch.ones(op.shape[0], dtype=torch.float64)
+    op @ vector
+    with pytest.raises(ValueError, match=r"data changed between passes.*shuffle=False"):
+        op @ vector
+
+
+@pytest.mark.parametrize(("shuffle", "mc_samples"), [(False, 2), (True, 0)])
+def test_operator_over_data_that_is_the_same_on_every_pass(shuffle: bool, mc_samples: int) -> None:
+    # The exact GGN does not depend on how the samples are batched; the Monte-Carlo one is
+    # replayed batch by batch.
+    op = curvkit.GGNOperator(_mlp(), LOSS, _loader(shuffle), mc_samples=mc_samples)
+    vector = torch.ones(op.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(op @ vector, op @ vector)
