@@ -42,3 +42,31 @@ def test_operator_over_data_that_is_the_same_on_every_pass(shuffle: bool, mc_sam
     op = curvkit.GGNOperator(_mlp(), LOSS, _loader(shuffle), mc_samples=mc_samples)
     vector = torch.ones(op.shape[0], dtype=torch.float64)
     torch.testing.assert_close(op @ vector, op @ vector)
+
+
+def test_loss_coupling_samples_is_refused() -> None:
+    x, _ = _batch()
+    targets = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="couples samples"):
+        curvkit.diag_ggn(_mlp(), lambda o, t: ((o - t).sum(0) ** 2).sum(), (x, targets))
+    # A sum of per-sample terms is fine.
+    curvkit.diag_ggn(_mlp(), lambda o, t: ((o - t) ** 2).sum(), (x, targets))
+
+
+def test_newton_step_refuses_coupled_items() -> None:
+    from curvkit.ops.newton import newton_step
+
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="couples the items"):
+        newton_step((x**2).sum() + (x.sum(0) ** 2).sum(), x)
+    mode, _ = newton_step(((x - 1) ** 2).sum(), x)
+    torch.testing.assert_close(mode, torch.ones_like(x))
+
+
+def test_weighted_cross_entropy_lambda_points_to_the_module() -> None:
+    weight = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    data = [_batch(5), _batch(7)]
+    with pytest.raises(ValueError, match=r"nn\.CrossEntropyLoss\(weight=\.\.\.\)"):
+        curvkit.diag_ggn(
+            _mlp(), lambda o, t: nn.functional.cross_entropy(o, t, weight=weight), data
+        )

@@ -79,7 +79,7 @@ from curvkit.ops.entrywise import (
     stack_matrices,
     upper_indices,
 )
-from curvkit.ops.linalg import sym_adjugate_3x3, sym_eigvals_3x3
+from curvkit.ops.linalg import couples_items, sym_adjugate_3x3, sym_eigvals_3x3
 
 __all__ = [
     "newton_minimize",
@@ -181,6 +181,17 @@ def _gradient_and_hessian_rows(
     if not g.requires_grad:
         # The loss is linear in x: the Hessian vanishes.
         return g, [torch.zeros_like(g) for _ in range(dim)]
+    if couples_items(
+        lambda v: torch.autograd.grad(
+            g, x, v.reshape(x.shape), retain_graph=True, allow_unused=True, materialize_grads=True
+        )[0],
+        x.detach().reshape(-1, dim),
+    ):
+        raise ValueError(
+            "loss couples the items of x: a Hessian-vector product along x's first item reaches "
+            "the others, so the items' Hessians are not the blocks of the batch Hessian and the "
+            "Newton steps would be wrong. Pass a loss that sums independent per-item terms."
+        )
     basis = torch.eye(dim, dtype=g.dtype, device=g.device)
     rows = []
     for i in range(dim):
@@ -577,8 +588,9 @@ def newton_step(
         TypeError: If ``loss`` or ``x`` is not a tensor, ``x`` is not floating point, or
             ``trust_radius`` is not a number.
         ValueError: If ``loss`` is not a scalar, ``x`` has no last dimension, ``x`` does not
-            require grad, ``loss`` does not depend on ``x``, or ``trust_radius`` is not positive
-            and finite.
+            require grad, ``loss`` does not depend on ``x`` or couples its items (one
+            Hessian-vector product along the first item reveals it), or ``trust_radius`` is not
+            positive and finite.
 
     Warns:
         UserWarning: If the gradient, the Hessian or the covariance contains NaN or Inf.
