@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -70,3 +72,51 @@ def test_weighted_cross_entropy_lambda_points_to_the_module() -> None:
         curvkit.diag_ggn(
             _mlp(), lambda o, t: nn.functional.cross_entropy(o, t, weight=weight), data
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:.*selected GGN eigenvalue:RuntimeWarning")
+def test_damped_newton_step_in_half_precision(dtype: torch.dtype) -> None:
+    # The small dense eigensolves run in float32; the step comes back in the model's dtype.
+    model, (x, y) = _mlp(), _batch(8)
+    expected = curvkit.damped_newton_step(
+        model, LOSS, (x, y), [{"params": list(model.parameters()), "criterion": curvkit.top_k(2)}]
+    )[0]
+    half = copy.deepcopy(model).to(dtype)
+    steps = curvkit.damped_newton_step(
+        half,
+        LOSS,
+        (x.to(dtype), y),
+        [{"params": list(half.parameters()), "criterion": curvkit.top_k(2)}],
+    )[0]
+    for step, want in zip(steps, expected, strict=True):
+        assert step.dtype == dtype
+        assert (step.double() - want).norm() <= 0.1 * want.norm()
+
+
+@pytest.mark.parametrize("quantity", ["diag_ggn", "damped_newton_step"])
+def test_bad_batches_get_clear_errors(quantity: str) -> None:
+    x, y = _batch()
+    function = getattr(curvkit, quantity)
+    with pytest.raises(ValueError, match="holds no sample"):
+        function(_mlp(), LOSS, (x[:0], y[:0]))
+    nan = x.clone()
+    nan[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="input 0 of data holds NaN"):
+        function(_mlp(), LOSS, (nan, y))
+    with pytest.raises(TypeError, match=r"targets of data must be a tensor, got list"):
+        function(_mlp(), LOSS, (x, y.tolist()))
+
+
+def test_non_finite_outputs_are_named() -> None:
+    model = _mlp()
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+    with pytest.raises(ValueError, match="outputs hold NaN or inf"):
+        curvkit.diag_ggn(model, LOSS, _batch())
+
+
+def test_damped_newton_step_with_every_target_ignored() -> None:
+    x, _ = _batch()
+    with pytest.raises(ValueError, match="ignore_index"):
+        curvkit.damped_newton_step(_mlp(), LOSS, (x, torch.full((5,), -100)))

@@ -24,8 +24,8 @@ from torch.utils import _pytree as pytree
 
 from curvkit.engines.backward import backpropagate
 from curvkit.engines.embedding import EmbeddingFactor
-from curvkit.engines.guard import model_guard
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
+from curvkit.engines.guard import model_guard
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
 from curvkit.engines.recording import Recording, record_forward
 from curvkit.engines.rules import factors_for_call

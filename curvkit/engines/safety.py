@@ -73,8 +73,14 @@ def probe_first_sample(
         single sample).
 
     Raises:
-        ValueError: If the outputs differ beyond floating-point noise.
+        ValueError: If the batch's outputs are not finite, or the outputs differ beyond
+            floating-point noise.
     """
+    if outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
+        raise ValueError(
+            "the model's outputs hold NaN or inf although its inputs are finite (an overflow, "
+            "a log of 0, non-finite parameters?), so their curvature is undefined"
+        )
     tensors = input_tensors(inputs)
     if not all(x.dim() > 0 and x.shape[0] == num_samples for x in tensors):
         return {}

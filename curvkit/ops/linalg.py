@@ -24,11 +24,21 @@ __all__ = [
     "determinant_3d",
     "eig_3d",
     "inv3d",
+    "lapack_dtype",
     "rinverse",
     "safe_sqrt",
     "sym_adjugate_3x3",
     "sym_eigvals_3x3",
 ]
+
+
+def lapack_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which torch's dense solvers (``eigh``, ``qr``, ``inv``) take ``dtype``.
+
+    LAPACK and cuSOLVER have no half precision: float16 and bfloat16 matrices are solved in
+    float32 (and the results cast back by the caller).
+    """
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
 def couples_items(hessian_product: Callable[[Tensor], Tensor], items: Tensor) -> bool:
