@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit.model_io import Inputs, call_model, output_tensor
 
@@ -549,8 +550,11 @@ def _resolve_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[T
 
 
 def _forward(model: nn.Module, inputs: Inputs) -> Tensor:
+    # The references differentiate the model twice (the double-vjp trick, the Hessian), and
+    # torch's fused CPU attention kernels have no double backward: the math kernel has.
     try:
-        return output_tensor(call_model(model, inputs))
+        with sdpa_kernel(SDPBackend.MATH):
+            return output_tensor(call_model(model, inputs))
     except TypeError as error:
         raise ValueError(str(error)) from None
 
