@@ -48,6 +48,9 @@ def test_compiled_models_give_the_uncompiled_results(how: str) -> None:
     compiled(batch[0])  # the user's own compiled call comes first
     for got, want in zip(_quantities(compiled, batch), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    chunked = curvkit.diag_ggn(compiled, LOSS, batch, sample_chunk_size=2)
+    for got, want in zip(chunked, expected[: len(chunked)], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     # The compiled code stays in place for the user's own calls.
     if how == "module.compile":
         assert copied._compiled_call_impl is not None
