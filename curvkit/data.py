@@ -265,6 +265,20 @@ def _to(inputs: Inputs, device: torch.device | str) -> Inputs:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, inputs)
 
 
+def fingerprint(inputs: Inputs, targets: Tensor) -> Tensor:
+    """A cheap summary of a batch that changes when its data does: sums and sums of squares.
+
+    Returns:
+        ``[2 * (number of tensors)]`` in float64 on the CPU.
+    """
+    with torch.no_grad():
+        sums = [
+            torch.stack([t.double().sum(), t.double().square().sum()]).cpu()
+            for t in [*input_tensors(inputs), targets]
+        ]
+    return torch.cat(sums)
+
+
 def distributed_world() -> int:
     """Return the number of ranks of the default process group, 1 when there is none."""
     if dist.is_available() and dist.is_initialized():
