@@ -254,7 +254,7 @@ def _check_directions(example: Example, params: list[Tensor], ggn: Tensor) -> No
 
 
 PROFILE = settings(
-    max_examples=25,
+    max_examples=50,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
