@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from curvkit import losses
+from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.groups import parameter_names
 from curvkit.losses import LossFunction
@@ -43,10 +44,11 @@ def ggn_product(
     product is tried again with attention computed by its math kernel (torch has no
     forward-mode rule for CPU flash attention, nor a derivative of its backward), then by the
     double-vjp trick: :math:`J^\top w` is linear in :math:`w`, so its derivative with respect to
-    :math:`w` along :math:`u` is :math:`J u`.
+    :math:`w` along :math:`u` is :math:`J u`. The model runs as in the engine
+    (:func:`curvkit.engines.guard.model_guard`).
     """
     refuse_sample_mixing(model)
-    with torch.enable_grad():
+    with torch.enable_grad(), model_guard(model):
         try:
             outputs, jacobian_vector = _forward_mode_jvp(model, inputs, params, vector)
         except (RuntimeError, NotImplementedError):

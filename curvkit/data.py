@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from curvkit import losses
-from curvkit.model_io import Inputs
+from curvkit.model_io import Inputs, input_tensors
 
 __all__ = [
     "Batch",
@@ -78,14 +78,17 @@ def is_batch(data: Any) -> bool:
 
     A batch is a tuple or list of length two whose second entry is a tensor and whose first entry
     is a tensor, a tuple (or list, as a DataLoader collates tuples) of tensors or a dict of
-    keyword inputs; or a dict of tensors holding the targets under ``"labels"``.
+    keyword inputs; or a dict of tensors holding the targets under ``"labels"``. A pair whose
+    first entry is a tensor is taken for a batch whatever its second entry (a collection of
+    batches never starts with a tensor), so that :func:`check_batch` can say what is wrong with
+    its targets.
     """
     if _is_labelled_dict(data):
         return True
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         return False
     inputs, targets = data
-    return isinstance(targets, Tensor) and _is_inputs(inputs)
+    return isinstance(inputs, Tensor) or (isinstance(targets, Tensor) and _is_inputs(inputs))
 
 
 def _is_labelled_dict(data: Any) -> bool:
@@ -121,10 +124,12 @@ def check_batch(batch: Any, position: int | None = None) -> Batch:
     Raises:
         TypeError: If ``batch`` is not a pair of inputs (a tensor or a tuple of tensors) and a
             targets tensor.
+        ValueError: If it holds no sample, or NaN or inf in floating inputs or targets.
     """
     where = "data" if position is None else f"batch {position} of data"
     if _is_labelled_dict(batch):
-        return {k: v for k, v in batch.items() if k != LABELS_KEY}, batch[LABELS_KEY]
+        inputs = {k: v for k, v in batch.items() if k != LABELS_KEY}
+        return _check_values(inputs, batch[LABELS_KEY], where)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             f"{where} must be a pair (inputs, targets), got {type(batch).__name__}"
@@ -138,9 +143,27 @@ def check_batch(batch: Any, position: int | None = None) -> Batch:
             f"keyword inputs, got {type(inputs).__name__}"
         )
     if not isinstance(targets, Tensor):
-        raise TypeError(f"targets of {where} must be a tensor, got {type(targets).__name__}")
+        raise TypeError(
+            f"targets of {where} must be a tensor, got {type(targets).__name__}; pass "
+            "`torch.as_tensor(targets)`"
+        )
     if isinstance(inputs, list):
         inputs = tuple(inputs)
+    return _check_values(inputs, targets, where)
+
+
+def _check_values(inputs: Inputs, targets: Tensor, where: str) -> Batch:
+    """Refuse a batch without samples, or with NaN or inf, before any work on it."""
+    named = [(f"input {i}", t) for i, t in enumerate(input_tensors(inputs))]
+    named.append(("targets", targets))
+    if any(t.dim() > 0 and t.shape[0] == 0 for _, t in named):
+        raise ValueError(f"{where} holds no sample (a tensor with 0 rows); pass a non-empty batch")
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{name} of {where} holds NaN or inf, so the loss and its curvature are not "
+                "finite; clean the data first"
+            )
     return inputs, targets
 
 
@@ -240,6 +263,20 @@ def concatenate(data: Data) -> Batch:
 
 def _to(inputs: Inputs, device: torch.device | str) -> Inputs:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, inputs)
+
+
+def fingerprint(inputs: Inputs, targets: Tensor) -> Tensor:
+    """A cheap summary of a batch that changes when its data does: sums and sums of squares.
+
+    Returns:
+        ``[2 * (number of tensors)]`` in float64 on the CPU.
+    """
+    with torch.no_grad():
+        sums = [
+            torch.stack([t.double().sum(), t.double().square().sum()]).cpu()
+            for t in [*input_tensors(inputs), targets]
+        ]
+    return torch.cat(sums)
 
 
 def distributed_world() -> int:

@@ -79,6 +79,7 @@ from curvkit.gram_eigen import (
 )
 from curvkit.losses import LossFunction
 from curvkit.model_io import sample_layout
+from curvkit.ops.linalg import lapack_dtype
 from curvkit.problem import Params, Problem, fill_argument_docs
 
 __all__ = [
@@ -479,15 +480,24 @@ def drop_null_columns(sqrt: Tensor) -> Tensor:
 
     Returns:
         ``[r, N, *out]`` with ``r <= K``; ``sqrt`` itself if no column can be dropped.
+
+    Raises:
+        ValueError: If every column is zero (``r = 0``): the GGN has no directions.
     """
     num_columns, num_samples = sqrt.shape[:2]
     rows = sqrt.reshape(num_columns, num_samples, -1).transpose(0, 1)
-    evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh((rows @ rows.transpose(1, 2)).to(lapack_dtype(sqrt.dtype)))
     tolerance = num_columns * torch.finfo(sqrt.dtype).eps * evals.max()
     rank = int((evals > tolerance).sum(dim=1).max())
+    if rank == 0:
+        raise ValueError(
+            "the loss's Hessian with respect to the outputs is zero for every sample (every "
+            "target equals ignore_index? a loss linear in the outputs?), so the GGN is zero and "
+            "has no directions; pass data with targets that count"
+        )
     if rank == num_columns:
         return sqrt
-    reduced = evecs[:, :, num_columns - rank :].transpose(1, 2) @ rows
+    reduced = evecs[:, :, num_columns - rank :].transpose(1, 2).to(sqrt.dtype) @ rows
     return reduced.transpose(0, 1).reshape(rank, *sqrt.shape[1:])
 
 

@@ -74,6 +74,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvkit.ops.linalg import lapack_dtype
+
 __all__ = [
     "GramDirections",
     "TopK",
@@ -182,7 +184,10 @@ def gram_directions(
     num_columns, num_samples = gram.shape[:2]
     size = num_columns * num_samples
     scale_sq = batch_size / num_samples
-    matrix = scale_sq * gram.reshape(size, size)
+    dtype = gram.dtype
+    # Half precisions are decomposed in float32 (torch has no eigh for them); the tolerances
+    # below stay those of the Gram matrix's own dtype, and the results come back in it.
+    matrix = scale_sq * gram.reshape(size, size).to(lapack_dtype(dtype))
     matrix = 0.5 * (matrix + matrix.T)
 
     if (
@@ -203,7 +208,7 @@ def gram_directions(
     index = torch.tensor(keep, dtype=torch.long, device=evals.device)
     evals, evecs = evals[index], _fix_signs(evecs[:, index])
 
-    eps = torch.finfo(evals.dtype).eps
+    eps = torch.finfo(dtype).eps
     zero_tol = size * eps * max_abs
     is_zero = evals <= zero_tol
     threshold = math.sqrt(eps) * max_abs if warn_below is None else warn_below
@@ -227,9 +232,9 @@ def gram_directions(
         )
     inv_sqrt = torch.where(is_zero, torch.zeros_like(evals), evals.clamp_min(zero_tol).rsqrt())
     return GramDirections(
-        evals=evals,
-        gram_evecs=evecs,
-        inv_sqrt_evals=inv_sqrt,
+        evals=evals.to(dtype),
+        gram_evecs=evecs.to(dtype),
+        inv_sqrt_evals=inv_sqrt.to(dtype),
         scale=math.sqrt(scale_sq),
         batch_size=batch_size,
         num_columns=num_columns,

@@ -40,6 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from curvkit.ops.linalg import couples_items
+
 __all__ = [
     "LossFunction",
     "NextTokenCrossEntropyLoss",
@@ -165,8 +167,9 @@ def hessian_sqrt(
     (:math:`K = D`); negative eigenvalues (a non-convex loss) are clamped to zero with a
     :class:`RuntimeWarning`. With ``mc_samples = M > 0`` the generic square root is sketched:
     :math:`S_n Z / \sqrt M` with a Gaussian :math:`Z \in \mathbb R^{D \times M}`, unbiased too.
-    The generic path assumes, and cannot check, that sample :math:`n`'s loss depends on
-    :math:`f_n` only.
+    The generic path needs sample :math:`n`'s loss to depend on :math:`f_n` only, and refuses a
+    loss whose Hessian-vector product along one sample reaches the others
+    (:func:`curvkit.ops.linalg.couples_items`).
 
     Args:
         loss_fn: ``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss`` (closed forms), or any
@@ -187,7 +190,7 @@ def hessian_sqrt(
         ValueError: For ``reduction="none"``, ``NLLLoss``/``KLDivLoss``, outputs without a batch
             dimension, targets whose shape or values do not fit the outputs, negative weights or
             probabilities (a Hessian that is not positive semi-definite), ``mc_samples < 0``, or a
-            generic loss that does not return a scalar.
+            generic loss that does not return a scalar or couples samples.
     """
     _check_loss(loss_fn)
     _check_outputs(outputs)
@@ -604,6 +607,16 @@ def _per_sample_hessians(loss_fn: LossFunction, outputs: Tensor, targets: Any) -
         (grad,) = torch.autograd.grad(loss, outputs, create_graph=True)
         if grad.grad_fn is None:  # the loss is piecewise linear in the outputs
             return outputs.new_zeros(num_samples, dim, dim)
+        if couples_items(
+            lambda v: torch.autograd.grad(grad, outputs, v, retain_graph=True)[0], outputs
+        ):
+            raise ValueError(
+                "loss_fn couples samples: its Hessian with respect to the outputs links the "
+                "outputs of different samples (a product along sample 0 reaches the others), so "
+                "the GGN is not a sum of per-sample terms. curvkit needs a loss that sums or "
+                "averages independent per-sample terms, such as `((outputs - targets) ** 2)"
+                ".sum()`; sums over the batch inside a square are not."
+            )
         eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device)
         directions = eye.unsqueeze(1).expand(dim, num_samples, dim).reshape(dim, *outputs.shape)
         try:
@@ -691,6 +704,7 @@ def _probe_reduction(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> st
     raise ValueError(
         f"The batch loss ({batch.item():.6g}) is neither the sum ({total.item():.6g}) nor the mean "
         f"({(total / num_samples).item():.6g}) of the losses of its single samples, so batches "
-        f"cannot be combined exactly and the per-sample Hessians are not independent. curvkit "
-        f"needs a loss that sums or averages independent per-sample terms."
+        f"cannot be combined exactly. curvkit needs a loss that sums or averages per-sample "
+        f"terms; for a mean weighted by class (cross-entropy with class weights) pass "
+        f"`nn.CrossEntropyLoss(weight=...)`, whose normalisation curvkit knows."
     )

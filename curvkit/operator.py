@@ -38,8 +38,8 @@ class GGNOperator(CurvatureOperator):
 
     With ``mc_samples > 0`` the operator is one fixed Monte-Carlo estimate of the GGN: the random
     state is taken at construction and replayed on every pass, so that repeated products see
-    the same matrix (this needs the batches to come in the same order on every pass: no
-    shuffling DataLoader).
+    the same matrix (this needs the batches to come in the same order on every pass: a product
+    over a shuffling DataLoader is refused).
 
     Args:
         model: {model}

@@ -231,6 +231,7 @@ class Problem:
         self.name = name
         self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
         self._cached_factors: tuple[Tensor, list[Factor]] | None = None
+        self._first_pass: list[Tensor] | None = None
 
     # -- the engine ----------------------------------------------------------------------------
 
@@ -336,13 +337,26 @@ class Problem:
 
         Returns:
             The quantity as :func:`curvkit.data.dataset_average` defines it.
+
+        Raises:
+            ValueError: If ``passes > 1`` and the data changed since the first pass (see
+                :meth:`_check_same_data`).
         """
         if self.create_graph and data_utils.distributed_world() > 1:
             raise ValueError(
                 "create_graph=True cannot be summed over torch.distributed ranks (the all-reduce "
                 "is not differentiable); compute it outside the process group"
             )
-        return data_utils.dataset_average(
+        seen: list[Tensor] = []
+        if passes > 1 and not data_utils.is_batch(self.data):
+
+            def batch_quantity(
+                inputs: Inputs, targets: Tensor, quantity: BatchQuantity = batch_quantity
+            ) -> tuple[Tensor, list[Tensor]]:
+                seen.append(data_utils.fingerprint(inputs, targets))
+                return quantity(inputs, targets)
+
+        result = data_utils.dataset_average(
             self.loss_fn,
             self.data,
             batch_quantity,
@@ -350,6 +364,36 @@ class Problem:
             description=self.name,
             passes=passes,
         )
+        if seen:
+            self._check_same_data(seen)
+        return result
+
+    def _check_same_data(self, seen: list[Tensor]) -> None:
+        """Refuse data that changed between the passes of a multi-pass quantity.
+
+        The first pass's batch fingerprints (:func:`curvkit.data.fingerprint`) are kept. Exact
+        quantities need the same samples (their order and batching do not matter: the sums over
+        all batches are compared); Monte-Carlo ones replay their random draws batch by batch, so
+        they need the same batches in the same order.
+        """
+        if self._first_pass is None:
+            self._first_pass = seen
+            return
+        first, now = self._first_pass, seen
+        if self.mc_samples == 0:
+            first, now = [torch.stack(first).sum(0)], [torch.stack(now).sum(0)]
+        if len(first) != len(now) or not all(
+            a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=0.0)
+            for a, b in zip(first, now, strict=False)
+        ):
+            order = "" if self.mc_samples == 0 else " (or in the same order)"
+            raise ValueError(
+                f"{self.name} iterates over data several times, and the data changed between "
+                f"passes: the batches do not hold the same samples{order} as in the first pass "
+                "(a DataLoader with shuffle=True, random augmentation). Pass data that is the "
+                "same on every pass: a DataLoader with shuffle=False and no random transforms, "
+                "or a list of batches."
+            )
 
     def concatenated_batch(self) -> Batch:
         """All batches of all ranks as one batch (for quantities not linear in the loss)."""

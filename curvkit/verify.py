@@ -26,12 +26,13 @@ back to a plain loop over the vectors, which computes the same numbers.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit.model_io import Inputs, call_model, output_tensor
 
@@ -412,14 +413,14 @@ class ComparisonReport:
 
 
 def compare(
-    actual: Tensor | Sequence[Any],
-    expected: Tensor | Sequence[Any],
+    actual: Tensor | Sequence[Any] | Mapping[str, Any],
+    expected: Tensor | Sequence[Any] | Mapping[str, Any],
     *,
     rtol: float = 1e-7,
     atol: float = 1e-12,
     names: Sequence[str] | None = None,
 ) -> ComparisonReport:
-    r"""Compare tensors, or (nested) lists/tuples of tensors, with their expected values.
+    r"""Compare tensors, or (nested) lists, tuples or dicts of tensors, with their expected values.
 
     A tensor passes if :math:`|a - e| \le \text{atol} + \text{rtol}\,|e|` holds elementwise (the
     rule of ``torch.allclose``; NaN never passes). Errors are computed in float64 on the device of
@@ -432,8 +433,10 @@ def compare(
         expected: The reference values, with the same structure and shapes.
         rtol: Relative tolerance.
         atol: Absolute tolerance.
-        names: One name per tensor, in flattened order; default: the tensor's position
-            (``"0"``, ``"1.2"`` for nested lists, ``"tensor"`` for a single tensor).
+        names: One name per tensor, in flattened order; default: the tensor's key in a dict
+            (named results, ``{"0.weight": ...}`` as from ``model.named_parameters()``, label
+            their rows by name) or its position (``"0"``, ``"1.2"`` for nested lists,
+            ``"tensor"`` for a single tensor).
 
     Returns:
         The report, one row per tensor.
@@ -487,10 +490,22 @@ def _flatten_pairs(actual: Any, expected: Any, position: str) -> list[tuple[str,
                 f"{type(actual).__name__}"
             )
         return [(position, actual, expected)]
+    if isinstance(expected, Mapping):
+        if not isinstance(actual, Mapping) or list(actual) != list(expected):
+            found = list(actual) if isinstance(actual, Mapping) else f"a {type(actual).__name__}"
+            raise TypeError(
+                f"at {position or 'top level'}: expected a mapping with the keys "
+                f"{list(expected)}, actual is {found}"
+            )
+        pairs = []
+        for key, e in expected.items():
+            label = f"{position}.{key}" if position else str(key)
+            pairs.extend(_flatten_pairs(actual[key], e, label))
+        return pairs
     if not isinstance(expected, list | tuple):
         raise TypeError(
-            f"at {position or 'top level'}: expected values must be tensors or lists/tuples of "
-            f"them, got a {type(expected).__name__}"
+            f"at {position or 'top level'}: expected values must be tensors or lists, tuples "
+            f"or dicts of them, got a {type(expected).__name__}"
         )
     if not isinstance(actual, list | tuple) or len(actual) != len(expected):
         found = (
@@ -535,8 +550,11 @@ def _resolve_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[T
 
 
 def _forward(model: nn.Module, inputs: Inputs) -> Tensor:
+    # The references differentiate the model twice (the double-vjp trick, the Hessian), and
+    # torch's fused CPU attention kernels have no double backward: the math kernel has.
     try:
-        return output_tensor(call_model(model, inputs))
+        with sdpa_kernel(SDPBackend.MATH):
+            return output_tensor(call_model(model, inputs))
     except TypeError as error:
         raise ValueError(str(error)) from None
 

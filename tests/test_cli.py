@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,3 +251,30 @@ def test_demo_without_matplotlib_says_what_to_do(monkeypatch, tmp_path, capsys):
     assert exit_code(["demo", "--data", "synthetic", "--out", str(tmp_path)]) == 1
     assert "--no-figures" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # failed before any work
+
+
+def test_diagonal_figure_counts_exact_zeros_instead_of_clamping_them(tmp_path):
+    from curvkit.cli import figures
+
+    diagonal = {
+        "0.weight": np.array([0.0, 0.0, 0.0, 1e-3, 1e-1]),
+        "0.bias": np.array([0.5, 2.0]),
+        "2.bias": np.zeros(3),
+    }
+    figure = figures.plot_diagonal(diagonal, tmp_path / "d.png")
+    (axes,) = figure.axes
+    labels = [tick.get_text() for tick in axes.get_xticklabels()]
+    assert labels == ["0.weight\n(5, 3 zero)", "0.bias\n(2)", "2.bias\n(3, 3 zero)"]
+    # The lower whisker of 0.weight is its smallest positive entry, not a clamped zero.
+    assert axes.get_ylim()[0] <= -3 < axes.get_ylim()[0] + 1
+
+
+def test_training_figure_has_a_wall_clock_view(tmp_path):
+    from curvkit.cli import figures
+
+    history = {"train_loss": [2.0, 1.0], "test_accuracy": [0.1, 0.8], "seconds": [0.0, 3.0]}
+    figure = figures.plot_training({"Adam": history}, tmp_path / "t.png")
+    time_axes = figure.axes[2]
+    assert time_axes.get_xscale() == "log"
+    assert "wall clock" in time_axes.get_xlabel()
+    assert list(time_axes.lines[0].get_xdata()) == [3.0]

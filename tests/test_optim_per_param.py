@@ -343,3 +343,13 @@ def test_scheduler_errors():
         PerParamLRScheduler(step, [torch.optim.SGD])
     with pytest.raises(ValueError, match="lacks"):
         PerParamLRScheduler(step, {"optimizer": torch.optim.SGD, "step_size": 1})
+
+
+def test_state_of_a_parameter_not_yet_seen_is_checked_when_it_comes():
+    # Issue 13: a saved (3,) state loaded before its parameter is seen, which then has shape (4,).
+    saved = PerParamOptim(torch.optim.Adam, {"lr": 0.1})
+    saved.updated("w", torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    loader = PerParamOptim(torch.optim.Adam, {"lr": 0.1})
+    loader.set_state(saved.get_state())
+    with pytest.raises(ValueError, match=r"shape \(3,\), but the parameter has shape \(4,\)"):
+        loader.updated("w", torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))

@@ -550,7 +550,9 @@ def test_compare_structure_and_shape_errors():
         compare([1.0], [torch.ones(1)])
     with pytest.raises(TypeError, match="actual is a Tensor"):
         compare(torch.ones(2), [torch.ones(2)])
-    with pytest.raises(TypeError, match="must be tensors or lists/tuples of them, got a float"):
+    with pytest.raises(
+        TypeError, match="must be tensors or lists, tuples or dicts of them, got a float"
+    ):
         compare(1.0, 1.0)
     with pytest.raises(ValueError, match="tolerances must be non-negative"):
         compare(torch.ones(1), torch.ones(1), rtol=-1.0)
@@ -633,3 +635,16 @@ def test_references_follow_the_model_dtype():
     assert reference_hessian(model32, loss_fn, x32, y32).dtype == torch.float32
     assert reference_output_hessian(loss_fn, model32(x32), y32).dtype == torch.float32
     torch.testing.assert_close(ggn32.double(), ggn64, rtol=1e-5, atol=1e-6)
+
+
+def test_compare_labels_rows_of_named_results_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    named = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = compare(named, {name: t.clone() for name, t in named.items()})
+    assert [row.name for row in report.rows] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert report.passed
+    nested = compare([named], [named])
+    assert nested.rows[0].name == "0.0.weight"
+    with pytest.raises(TypeError, match="keys"):
+        compare({"a": torch.ones(1)}, {"b": torch.ones(1)})

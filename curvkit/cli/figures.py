@@ -70,49 +70,71 @@ def plot_spectrum(
     figure.savefig(path)
 
 
-def plot_diagonal(diagonal: Mapping[str, np.ndarray], path: Path) -> None:
-    """Plot the distribution of the GGN diagonal's entries for each parameter tensor.
+def plot_diagonal(diagonal: Mapping[str, np.ndarray], path: Path) -> Any:
+    """Plot the distribution of the GGN diagonal's positive entries for each parameter tensor.
+
+    A log axis cannot show exact zeros (a dead ReLU's incoming weights, an unused class's bias):
+    they are left out of the boxes and counted in the tensor's label instead.
 
     Args:
         diagonal: The diagonal's entries per parameter name.
         path: Where to write the PNG.
+
+    Returns:
+        The figure.
     """
     figure = _figure(6.4, 4.0)
     axes = figure.add_subplot()
     names = list(diagonal)
-    floor = min(float(v[v > 0].min()) for v in diagonal.values() if (v > 0).any())
-    logs = [
-        np.log10(np.maximum(np.asarray(v, dtype=float).ravel(), floor)) for v in diagonal.values()
-    ]
+    entries = [np.asarray(diagonal[n], dtype=float).ravel() for n in names]
+    # A tensor without a positive entry gets an empty box (NaN is not drawn).
+    logs = [np.log10(v[v > 0]) if (v > 0).any() else np.array([np.nan]) for v in entries]
+    labels = []
+    for name, values in zip(names, entries, strict=True):
+        zeros = int((values <= 0).sum())
+        labels.append(f"{name}\n({values.size}" + (f", {zeros} zero)" if zeros else ")"))
     axes.boxplot(logs, whis=(0, 100), widths=0.6)
-    axes.set_xticks(range(1, len(names) + 1), [f"{n}\n({diagonal[n].size})" for n in names])
-    axes.set_xlabel("parameter tensor (number of entries)")
+    axes.set_xticks(range(1, len(names) + 1), labels)
+    axes.set_xlabel("parameter tensor (number of entries, of them exactly zero)")
     axes.set_ylabel("log10 of the GGN diagonal entry")
     axes.set_title(
-        "Exact GGN diagonal over the training set\n(boxes: quartiles, whiskers: min to max)",
+        "Exact GGN diagonal over the training set, entries > 0\n"
+        "(boxes: quartiles, whiskers: min to max)",
         fontsize=11,
     )
     axes.grid(True, axis="y", alpha=0.4)
     figure.savefig(path)
+    return figure
 
 
-def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
-    """Plot training loss and test accuracy per epoch, one line per optimiser.
+def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> Any:
+    """Plot training loss and test accuracy per epoch, and test accuracy over wall-clock time.
+
+    The per-epoch panels hide what an epoch costs; the third panel shows it: each optimiser's
+    test accuracy against its training time (evaluation excluded), on a log axis since the
+    optimisers' costs per epoch differ by orders of magnitude.
 
     Args:
-        histories: Per optimiser, lists ``train_loss`` and ``test_accuracy`` (epoch 0 first).
+        histories: Per optimiser, lists ``train_loss``, ``test_accuracy`` and ``seconds``
+            (training time so far), epoch 0 first.
         path: Where to write the PNG.
+
+    Returns:
+        The figure.
     """
     from matplotlib.ticker import MaxNLocator
 
-    figure = _figure(9.0, 3.6)
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    figure = _figure(13.0, 3.6)
+    loss_axes, accuracy_axes, time_axes = figure.subplots(1, 3)
     for name, history in histories.items():
         epochs = np.arange(len(history["train_loss"]))
         colour = COLOURS.get(name)
         loss_axes.plot(epochs, history["train_loss"], "o-", ms=3, color=colour, label=name)
         accuracy = 100 * np.asarray(history["test_accuracy"])
         accuracy_axes.plot(epochs, accuracy, "o-", ms=3, color=colour, label=name)
+        # Epoch 0 (before training) took no time: it cannot sit on a log axis.
+        seconds = np.asarray(history["seconds"], dtype=float)
+        time_axes.plot(seconds[1:], accuracy[1:], "o-", ms=3, color=colour, label=name)
     loss_axes.set_xlabel("epoch")
     loss_axes.set_ylabel("training loss (cross-entropy)")
     loss_axes.set_title("Training loss")
@@ -121,11 +143,18 @@ def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: 
     accuracy_axes.set_ylim(0, 100)
     loss_axes.set_ylim(bottom=0)
     accuracy_axes.set_title("Test accuracy")
+    time_axes.set_xscale("log")
+    time_axes.set_xlabel("training time (s, wall clock)")
+    time_axes.set_ylabel("test accuracy (%)")
+    time_axes.set_ylim(0, 100)
+    time_axes.set_title("Test accuracy over time")
     for axes in (loss_axes, accuracy_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axes in (loss_axes, accuracy_axes, time_axes):
         axes.grid(True, alpha=0.4)
         axes.legend()
     figure.savefig(path)
+    return figure
 
 
 def require_matplotlib() -> None:

@@ -8,6 +8,16 @@ owning parameters goes through a generic :mod:`torch.func` rule (a :class:`Dense
 parameter used several times gets the sum of its uses; a parameter the outputs do not depend on
 gets a :class:`ZeroFactor`.
 
+.. rubric:: The user's model
+
+Every forward pass of the engine runs under :func:`curvkit.engines.guard.model_guard`: compiled
+models run their uncompiled code; the user's backward hooks never run in the engine's backward
+passes; the user's forward (pre-)hooks run once in the forward pass over each batch (and each
+chunk of samples) and not in the engine's probe pass of the first sample
+(:func:`curvkit.engines.safety.probe_first_sample`), unless the outputs differ without them;
+buffers changed by a module in training mode are restored and the call refused. Nothing of it
+outlasts the pass.
+
 .. rubric:: Rules
 
 Which factor a module call gets is decided by the rule registered for the module's exact class

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from curvkit.engines.backward import backpropagate
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
+from curvkit.engines.guard import model_guard
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
 from curvkit.engines.recording import Recording, record_forward
 from curvkit.engines.rules import factors_for_call
@@ -296,7 +297,7 @@ def iter_factors(
         recording = record_forward(model, inputs, params)
         outputs = output_tensor(recording.outputs)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), model_guard(model):
             outputs = output_tensor(call_model(model, inputs))
     num_samples, rows = sample_layout(inputs, outputs)
     probes = probe_first_sample(model, inputs, params, outputs, num_samples)

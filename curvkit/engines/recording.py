@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curvkit.engines.guard import model_guard
 from curvkit.model_io import Inputs, call_model
 
 __all__ = ["ModuleCall", "Recording", "SharedSite", "record_forward"]
@@ -408,18 +409,26 @@ def _changed_in_place(call: ModuleCall) -> bool:
 
 
 def record_forward(
-    model: nn.Module, inputs: Inputs, params: list[Tensor], *, build_graph: bool = True
+    model: nn.Module,
+    inputs: Inputs,
+    params: list[Tensor],
+    *,
+    build_graph: bool = True,
+    forward_hooks: bool = True,
 ) -> Recording:
     """Run the model on ``inputs`` once, recording the calls that use ``params``.
 
     If a recorded input or output is changed in place later in the forward pass, the pass is
     run a second time with private copies for the affected calls (see the module docstring).
+    The model runs under :func:`curvkit.engines.guard.model_guard`: eagerly, without the user's
+    backward hooks, and with its forward hooks only if ``forward_hooks``.
 
     Args:
         model: The model.
         inputs: The model's inputs (see :func:`curvkit.model_io.call_model`).
         params: The requested parameters (each one in ``model``).
         build_graph: Whether to record the autograd graph (a probe pass needs none).
+        forward_hooks: Whether the user's forward hooks run (not in checking passes).
 
     Returns:
         The recording.
@@ -432,7 +441,7 @@ def record_forward(
     for attempt in range(2):
         recorder = _Recorder(params, holders, copy_calls)
         recorder.mark_inputs(inputs)
-        with torch.set_grad_enabled(build_graph):
+        with torch.set_grad_enabled(build_graph), model_guard(model, forward_hooks=forward_hooks):
             outputs = recorder.run(lambda: call_model(model, inputs))
         calls = recorder.attribute()
         changed = {call.key for call in calls if _changed_in_place(call)}

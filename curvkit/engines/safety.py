@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
+from curvkit.engines.guard import has_forward_hooks
 from curvkit.engines.recording import ModuleCall, Recording, record_forward
 from curvkit.model_io import Inputs, input_tensors, output_tensor
 
@@ -30,12 +32,19 @@ __all__ = [
 
 
 def refuse_sample_mixing(model: nn.Module) -> None:
-    """Raise if ``model`` holds a module known to mix samples.
+    """Raise if ``model`` holds a module known to mix samples or to be random.
 
     Raises:
-        ValueError: For a BatchNorm layer in training mode or without running statistics.
+        ValueError: For a BatchNorm layer in training mode or without running statistics, or
+            a dropout layer with ``p > 0`` in training mode.
     """
     for name, module in model.named_modules():
+        if isinstance(module, _DropoutNd) and module.training and module.p > 0:
+            raise ValueError(
+                f"{type(module).__name__} `{name or 'model'}` is random in training mode, so "
+                "the model's outputs, and their curvature, change from call to call. Call "
+                "`model.eval()` first."
+            )
         if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
             raise ValueError(
                 f"{type(module).__name__} `{name or 'model'}` normalises with statistics of "
@@ -48,48 +57,71 @@ def refuse_sample_mixing(model: nn.Module) -> None:
 def probe_first_sample(
     model: nn.Module, inputs: Inputs, params: list[Tensor], outputs: Tensor, num_samples: int
 ) -> dict[tuple[Any, int], ModuleCall]:
-    """Run the first sample alone: refuse models that mix samples, find sample axes.
+    """Run the first sample alone: refuse models that mix samples or are random, find sample axes.
 
     One forward pass of one sample without gradients. If the first sample's output differs
     from its output in the batch, the model mixes samples in a way no module type reveals
-    (``x - x.mean(0)`` in a ``forward``, dropout in training mode). The pass is recorded like
-    the batch's: the axis of a recorded tensor that shrinks from :math:`N` to 1 is its sample
-    axis, even where another axis also has size :math:`N`. Skipped for a single sample or when
-    an input does not hold the samples along axis 0.
+    (``x - x.mean(0)`` in a ``forward``) or is random (dropout in training mode); with a single
+    sample, the pass runs it again, which reveals the latter. The pass is recorded like the
+    batch's: the axis of a recorded tensor that shrinks from :math:`N` to 1 is its sample axis,
+    even where another axis also has size :math:`N`. The user's forward hooks do not run in it
+    (:mod:`curvkit.engines.guard`), unless the output differs without them. Skipped when an
+    input does not hold the samples along axis 0.
 
     Returns:
-        The recorded calls of the pass by :attr:`ModuleCall.key` (empty when skipped).
+        The recorded calls of the pass by :attr:`ModuleCall.key` (empty when skipped, or for a
+        single sample).
 
     Raises:
-        ValueError: If the outputs differ beyond floating-point noise.
+        ValueError: If the batch's outputs are not finite, or the outputs differ beyond
+            floating-point noise.
     """
+    if outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
+        raise ValueError(
+            "the model's outputs hold NaN or inf although its inputs are finite (an overflow, "
+            "a log of 0, non-finite parameters?), so their curvature is undefined"
+        )
     tensors = input_tensors(inputs)
-    if num_samples == 1 or not all(x.dim() > 0 and x.shape[0] == num_samples for x in tensors):
+    if not all(x.dim() > 0 and x.shape[0] == num_samples for x in tensors):
         return {}
     first = pytree.tree_map(
         lambda x: x[:1].clone() if isinstance(x, Tensor) else x,
         inputs,
     )
-    probe = record_forward(model, first, params, build_graph=False)
-    rows = outputs.shape[0] // num_samples
-    try:
-        alone = output_tensor(probe.outputs)
-    except TypeError:
-        return {}
-    if alone.shape != (rows, *outputs.shape[1:]):
-        return {}
-    expected = outputs[:rows].detach()
-    tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
-    scale = max(expected.abs().max().item(), 1.0)
-    if not torch.allclose(alone, expected, rtol=0.0, atol=tolerance * scale):
+    expected = outputs[: outputs.shape[0] // num_samples].detach()
+    probe = record_forward(model, first, params, build_graph=False, forward_hooks=False)
+    if not _same_output(probe.outputs, expected) and has_forward_hooks(model):
+        # A forward hook that changes a module's output is part of the model's function.
+        probe = record_forward(model, first, params, build_graph=False)
+    if not _same_output(probe.outputs, expected):
         raise ValueError(
-            "the model's output for a sample changes with the other samples in the batch "
-            "(batch statistics, dropout, an operation across samples), so per-sample curvature "
-            "is undefined. Call `model.eval()` first, and make sure no operation mixes samples."
+            "the model's output for a sample changes with the other samples in the batch or "
+            "from one call to the next (batch statistics, dropout, an operation across "
+            "samples), so per-sample curvature is undefined. Call `model.eval()` first, and "
+            "make sure no operation mixes samples or draws random numbers."
         )
+    if num_samples == 1:
+        return {}
     return {call.key: call for call in probe.calls} | {
         ("site", site.index): site for site in probe.sites
     }
+
+
+def _same_output(outputs: Any, expected: Tensor) -> bool:
+    """Whether the probe's ``outputs`` are ``expected`` up to floating-point noise.
+
+    Outputs that cannot be compared (no tensor, another shape: the samples are not along their
+    first axis) count as the same: there is nothing to check.
+    """
+    try:
+        alone = output_tensor(outputs)
+    except TypeError:
+        return True
+    if alone.shape != expected.shape:
+        return True
+    tolerance = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
+    scale = max(expected.abs().max().item(), 1.0)
+    return torch.allclose(alone, expected, rtol=0.0, atol=tolerance * scale)
 
 
 def attach_probes(recording: Recording, probes: dict[tuple[int, int], ModuleCall]) -> None:

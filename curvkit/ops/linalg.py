@@ -14,19 +14,58 @@ exact eigenvalues and finite gradients instead of a division by zero.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "couples_items",
     "determinant_3d",
     "eig_3d",
     "inv3d",
+    "lapack_dtype",
     "rinverse",
     "safe_sqrt",
     "sym_adjugate_3x3",
     "sym_eigvals_3x3",
 ]
+
+
+def lapack_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which torch's dense solvers (``eigh``, ``qr``, ``inv``) take ``dtype``.
+
+    LAPACK and cuSOLVER have no half precision: float16 and bfloat16 matrices are solved in
+    float32 (and the results cast back by the caller).
+    """
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def couples_items(hessian_product: Callable[[Tensor], Tensor], items: Tensor) -> bool:
+    r"""Whether a Hessian over ``items`` (shape ``[I, ...]``) couples different items.
+
+    One Hessian-vector product with a vector supported on item 0 alone: a Hessian that is
+    block diagonal over the items (a sum of independent per-item terms) leaves every other item
+    at zero. A coupling that this one vector does not reveal would need a Hessian block orthogonal
+    to a fixed, generic vector.
+
+    Args:
+        hessian_product: Maps a vector shaped like ``items`` to the Hessian's product with it.
+        items: A tensor shaped like the variables, items along axis 0.
+
+    Returns:
+        ``True`` if the product reaches another item beyond floating-point noise.
+    """
+    if items.shape[0] < 2:
+        return False
+    direction = torch.zeros_like(items)
+    direction[0] = torch.linspace(
+        1.0, 2.0, items[0].numel(), dtype=items.dtype, device=items.device
+    ).reshape(items.shape[1:])
+    product = hessian_product(direction).detach().reshape(items.shape[0], -1)
+    leak = product[1:].abs().max()
+    scale = product.abs().max()
+    return bool(leak > math.sqrt(torch.finfo(product.dtype).eps) * scale)
 
 
 def _check_square(M: Tensor, name: str, size: int | None = None) -> None:

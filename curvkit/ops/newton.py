@@ -79,7 +79,12 @@ from curvkit.ops.entrywise import (
     stack_matrices,
     upper_indices,
 )
-from curvkit.ops.linalg import sym_adjugate_3x3, sym_eigvals_3x3
+from curvkit.ops.linalg import (
+    couples_items,
+    lapack_dtype,
+    sym_adjugate_3x3,
+    sym_eigvals_3x3,
+)
 
 __all__ = [
     "newton_minimize",
@@ -181,6 +186,17 @@ def _gradient_and_hessian_rows(
     if not g.requires_grad:
         # The loss is linear in x: the Hessian vanishes.
         return g, [torch.zeros_like(g) for _ in range(dim)]
+    if couples_items(
+        lambda v: torch.autograd.grad(
+            g, x, v.reshape(x.shape), retain_graph=True, allow_unused=True, materialize_grads=True
+        )[0],
+        x.detach().reshape(-1, dim),
+    ):
+        raise ValueError(
+            "loss couples the items of x: a Hessian-vector product along x's first item reaches "
+            "the others, so the items' Hessians are not the blocks of the batch Hessian and the "
+            "Newton steps would be wrong. Pass a loss that sums independent per-item terms."
+        )
     basis = torch.eye(dim, dtype=g.dtype, device=g.device)
     rows = []
     for i in range(dim):
@@ -341,11 +357,6 @@ def _write_items(dx: Tensor, cov: Tensor, items: Tensor, dx_out: Tensor, cov_out
     cov_out.index_copy_(1, items, cov.flatten(-2).T)
 
 
-def _lapack_dtype(dtype: torch.dtype) -> torch.dtype:
-    # LAPACK (and cuSOLVER) have no half precision: their rare items are solved in float32.
-    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
-
-
 def _solve_chunk_plain(
     h: list[list[Tensor]], g: list[Tensor], dx_out: Tensor, cov_out: Tensor
 ) -> Tensor:
@@ -371,7 +382,7 @@ def _solve_chunk_plain(
     if fallback.numel() == 0:
         return _finite_check(factors, dx)
     H = stack_matrices(h, fallback)
-    cov = torch.linalg.inv_ex(H.to(_lapack_dtype(H.dtype)))[0].to(H.dtype)
+    cov = torch.linalg.inv_ex(H.to(lapack_dtype(H.dtype)))[0].to(H.dtype)
     cov = (cov + cov.mT) / 2
     dx = -(cov @ torch.stack([entry[fallback] for entry in g], -1).unsqueeze(-1)).squeeze(-1)
     _write_items(dx, cov, fallback, dx_out, cov_out)
@@ -420,7 +431,7 @@ def _solve_chunk_trust(
     unconverged = (torch.isnan(v[:, 0]) & torch.isfinite(abs_sum)).nonzero().squeeze(-1)
     if unconverged.numel() > 0:
         H = stack_matrices(h, unconverged)
-        v[unconverged] = torch.linalg.eigh(H.to(_lapack_dtype(H.dtype)))[1][..., 0].to(H.dtype)
+        v[unconverged] = torch.linalg.eigh(H.to(lapack_dtype(H.dtype)))[1][..., 0].to(H.dtype)
     # The Rayleigh quotient at the eigenvector: lambda_min to second order in its error.
     lambda_min = sum(h[i][j] * (v[:, i] * v[:, j] * (1 if i == j else 2)) for i, j in upper)
     g_norm = sum(entry.square() for entry in g).sqrt()
@@ -577,8 +588,9 @@ def newton_step(
         TypeError: If ``loss`` or ``x`` is not a tensor, ``x`` is not floating point, or
             ``trust_radius`` is not a number.
         ValueError: If ``loss`` is not a scalar, ``x`` has no last dimension, ``x`` does not
-            require grad, ``loss`` does not depend on ``x``, or ``trust_radius`` is not positive
-            and finite.
+            require grad, ``loss`` does not depend on ``x`` or couples its items (one
+            Hessian-vector product along the first item reveals it), or ``trust_radius`` is not
+            positive and finite.
 
     Warns:
         UserWarning: If the gradient, the Hessian or the covariance contains NaN or Inf.
