@@ -20,6 +20,7 @@ from curvkit.ggn import (
     ggn_matrix,
     ggn_vector_product,
 )
+from curvkit.kfac_operator import EKFACOperator, KFACOperator
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,11 @@ _LAZY = {
 __all__ = [
     "DirectionalDampedNewtonComputation",
     "DirectionalDerivativesComputation",
+    "EKFACOperator",
     "EighComputation",
     "EigvalshComputation",
     "GGNOperator",
+    "KFACOperator",
     "damped_newton_step",
     "default_criterion",
     "diag_ggn",
