@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import losses
-from curvkit.data import Inputs
+from curvkit.data import Inputs, distributed_world, is_batch
 from curvkit.engines import Factor, KroneckerFactor, ZeroFactor
 from curvkit.problem import Problem
 
@@ -229,10 +229,27 @@ def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
+def _gram(z: Tensor) -> Tensor:
+    r""":math:`\sum_m z_m z_m^\top` per group, ``[M, G, D] -> [G, D, D]``.
+
+    A batched matmul: twice as fast as the equivalent ``einsum``, which copies its operands.
+    """
+    return torch.bmm(z.permute(1, 2, 0), z.permute(1, 0, 2))
+
+
 def _layer_moments(
-    factor: KroneckerFactor, plan: LayerPlan, approx: str, joint: bool, forward_only: bool
+    factor: KroneckerFactor,
+    plan: LayerPlan,
+    approx: str,
+    joint: bool,
+    forward_only: bool,
+    weight: Tensor | None,
 ) -> list[Tensor]:
-    """``[sum of x x^T, count, sum of b b^T]`` of one batch (no ``B`` for forward-only)."""
+    """``[sum of x x^T, count, sum of b b^T]`` of one batch (no ``B`` for forward-only).
+
+    The first two are divided by the batch's ``weight`` (:func:`curvkit.losses.normalization`)
+    unless it is ``None`` (a lone batch, where it would cancel).
+    """
     b, x = factor.output_grads, factor.inputs
     n, t = x.shape[0], x.shape[1]
     out: list[Tensor] = []
@@ -243,10 +260,14 @@ def _layer_moments(
             xs, count = x.mean(dim=1), n
         if joint:
             xs = _with_ones(xs)
-        out += [torch.einsum("mgi,mgj->gij", xs, xs), xs.new_tensor(float(count))]
+        count = xs.new_tensor(float(count))
+        if weight is not None:
+            # Scaling the N T inputs costs less than scaling their I x I moment.
+            xs, count = xs * weight.rsqrt(), count / weight
+        out += [_gram(xs), count]
     if not forward_only:
         bs = b.reshape(-1, *b.shape[3:]) if approx == "expand" else b.sum(dim=2).flatten(0, 1)
-        out.append(torch.einsum("mgo,mgp->gop", bs, bs))
+        out.append(_gram(bs))
     return out
 
 
@@ -353,6 +374,7 @@ def compute_kfac_blocks(
             ``fisher_type="forward-only"``), or a fallback block too large to build.
     """
     forward_only = fisher_type == "forward-only"
+    lone_batch = is_batch(problem.data) and distributed_world() == 1
     layouts: list[_Layout] = []
 
     def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -370,7 +392,7 @@ def compute_kfac_blocks(
                 )
             )
         layout = layouts[0]
-        weight = losses.normalization(problem.loss_fn, outputs, targets)
+        weight = None if lone_batch else losses.normalization(problem.loss_fn, outputs, targets)
         out: list[Tensor] = []
         for plan, joint, _, _ in layout.kronecker:
             factor = factors[plan.weight]
@@ -379,11 +401,7 @@ def compute_kfac_blocks(
                     f"the layer {plan.module!r} has a Kronecker factor in one batch but not in "
                     "another; its calls must be alike in every batch"
                 )
-            moments = _layer_moments(factor, plan, kfac_approx, joint, forward_only)
-            if plan.weight_requested:
-                # A's sum and count, divided by the batch's weight, come back as sums.
-                moments[0], moments[1] = moments[0] / weight, moments[1] / weight
-            out += moments
+            out += _layer_moments(factor, plan, kfac_approx, joint, forward_only, weight)
         out += [_fallback_moment(factors[p], kind) for p, _, kind in layout.fallback]
         return outputs, out
 
@@ -394,7 +412,7 @@ def compute_kfac_blocks(
         a = None
         if plan.weight_requested:
             total, count = next(reduced), next(reduced)
-            a = total / count
+            a = total.div_(count)
         if forward_only:
             like = problem.params[plan.weight]
             eye = torch.eye(outputs, dtype=like.dtype, device=like.device)
