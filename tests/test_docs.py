@@ -21,6 +21,7 @@ GETTING_STARTED = DOCS / "getting_started.rst"
 PAIRS = {
     "backpack-diagonal": ["diagonal"],
     "backpack-product": ["product"],
+    "curvlinops-kfac": ["product", "inverse_product"],
     "vivit-eigh": ["evals"],
     "vivit-newton": ["step"],
     "pyro-newton": ["mode", "cov"],
