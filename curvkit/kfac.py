@@ -237,6 +237,20 @@ def _gram(z: Tensor) -> Tensor:
     return torch.bmm(z.permute(1, 2, 0), z.permute(1, 0, 2))
 
 
+def _outer_sum(z: Tensor) -> Tensor:
+    r""":math:`\sum_{m,t} z_{m,t} z_{m,t}^\top` per group, ``[M, T, G, D] -> [G, D, D]``."""
+    m, t, g, d = z.shape
+    rows = z.permute(0, 2, 3, 1)
+    if t > 1 and rows.is_contiguous():
+        # A convolution's patches and output columns lie as [M, G, D, T]: a batched matmul per
+        # sample reads them in place, where one matmul over (m, t) would first copy them.
+        out = z.new_zeros(g, d, d)
+        for block in rows:
+            out.baddbmm_(block, block.transpose(1, 2))
+        return out
+    return _gram(z.reshape(m * t, g, d))
+
+
 def _layer_moments(
     factor: KroneckerFactor,
     plan: LayerPlan,
@@ -254,20 +268,17 @@ def _layer_moments(
     n, t = x.shape[0], x.shape[1]
     out: list[Tensor] = []
     if plan.weight_requested:
-        if approx == "expand":
-            xs, count = x.reshape(n * t, *x.shape[2:]), n * t
-        else:
-            xs, count = x.mean(dim=1), n
+        xs, count = (x, n * t) if approx == "expand" else (x.mean(dim=1, keepdim=True), n)
         if joint:
             xs = _with_ones(xs)
         count = xs.new_tensor(float(count))
         if weight is not None:
             # Scaling the N T inputs costs less than scaling their I x I moment.
             xs, count = xs * weight.rsqrt(), count / weight
-        out += [_gram(xs), count]
+        out += [_outer_sum(xs), count]
     if not forward_only:
-        bs = b.reshape(-1, *b.shape[3:]) if approx == "expand" else b.sum(dim=2).flatten(0, 1)
-        out.append(_gram(bs))
+        bs = b.flatten(0, 1)
+        out.append(_outer_sum(bs if approx == "expand" else bs.sum(dim=1, keepdim=True)))
     return out
 
 
