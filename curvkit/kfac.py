@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from curvkit import losses
 from curvkit.data import Inputs, distributed_world, is_batch
-from curvkit.engines import Factor, KroneckerFactor, ZeroFactor
+from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, rule_for
 from curvkit.problem import Problem
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "FallbackBlock",
     "KroneckerBlock",
     "LayerPlan",
+    "check_coverage",
     "compute_kfac_blocks",
     "eigenvalue_corrections",
     "plan_layers",
@@ -290,9 +291,8 @@ def _fallback_moment(factor: Factor, kind: str) -> Tensor:
     return flat.T @ flat
 
 
-def _check_fallback(
-    kind: str, name: str, module: nn.Module, factor: Factor, fisher_type: str
-) -> None:
+def _refuse_uncovered(kind: str, name: str, module: nn.Module, fisher_type: str) -> None:
+    """Raise for a parameter without a Kronecker factor that the settings cannot cover."""
     what = f"{name!r} of {type(module).__name__}"
     if kind == "error":
         raise ValueError(
@@ -305,12 +305,41 @@ def _check_fallback(
             f"fisher_type='forward-only' has no output factor to cover the parameter {what}, "
             "which has no Kronecker factor: leave it out of params"
         )
+
+
+def check_coverage(
+    model: nn.Module, plans: list[LayerPlan], *, fallback: str, fisher_type: str
+) -> None:
+    """Refuse, before any computation, parameters that certainly get no Kronecker factor.
+
+    Those are the parameters of modules without a registered rule, and those other than a
+    weight and an additive bias. (A module with a rule may still decline a call; that shows
+    only when the factors are computed.)
+
+    Raises:
+        ValueError: As the computation would, naming the parameter and its module.
+    """
+    for plan in plans:
+        module = model.get_submodule(plan.module)
+        uncovered = list(plan.others)
+        if rule_for(type(module)) is None:
+            for position, part in ((plan.weight, "weight"), (plan.bias, "bias")):
+                if position is not None and (part == "bias" or plan.weight_requested):
+                    uncovered.append((position, f"{plan.module}.{part}".lstrip(".")))
+        for _, name in sorted(uncovered):
+            _refuse_uncovered(fallback, name, module, fisher_type)
+
+
+def _check_fallback(
+    kind: str, name: str, module: nn.Module, factor: Factor, fisher_type: str, itemsize: int
+) -> None:
+    _refuse_uncovered(kind, name, module, fisher_type)
     size = factor.param_shape.numel()
-    needed = size * size * 8
+    needed = size * size * itemsize
     if kind == "block" and needed > MAX_FALLBACK_BLOCK_BYTES:
         raise ValueError(
-            f"the fallback block of {what} ({size} entries) would take {needed / 2**30:.1f} GiB; "
-            "use fallback='diagonal' for it"
+            f"the fallback block of {name!r} ({size} entries) would take "
+            f"{needed / 2**30:.1f} GiB; use fallback='diagonal' for it"
         )
 
 
@@ -330,6 +359,7 @@ def _layout(
     separate_weight_and_bias: bool,
     fallback: str,
     fisher_type: str,
+    itemsize: int,
 ) -> _Layout:
     kronecker, fallback_parts = [], []
     for plan in plans:
@@ -351,7 +381,7 @@ def _layout(
                 # The parameter does not influence the outputs: its block is exactly zero.
                 fallback_parts.append((position, name, "diagonal"))
                 continue
-            _check_fallback(fallback, name, module, factor, fisher_type)
+            _check_fallback(fallback, name, module, factor, fisher_type, itemsize)
             fallback_parts.append((position, name, fallback))
     return _Layout(kronecker, fallback_parts)
 
@@ -400,6 +430,7 @@ def compute_kfac_blocks(
                     separate_weight_and_bias=separate_weight_and_bias,
                     fallback=fallback,
                     fisher_type=fisher_type,
+                    itemsize=outputs.element_size(),
                 )
             )
         layout = layouts[0]

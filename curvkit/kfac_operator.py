@@ -16,7 +16,7 @@ so that ``op.to_dense()`` is the same matrix (:doc:`/migrating`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from curvkit.kfac import (
     KFAC_APPROXIMATIONS,
     FallbackBlock,
     KroneckerBlock,
+    check_coverage,
     compute_kfac_blocks,
     eigenvalue_corrections,
     plan_layers,
@@ -38,6 +39,11 @@ from curvkit.losses import LossFunction
 from curvkit.problem import Params, Problem, fill_argument_docs
 
 __all__ = ["EKFACOperator", "KFACInverseOperator", "KFACOperator"]
+
+#: Multiplies a layer's parts (:func:`_layer_parts`) by its block.
+LayerApply = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+#: Multiplies one parameter's rows ``[D_p, J]`` by its fallback block.
+PieceApply = Callable[[Tensor], Tensor]
 
 #: ``inverse(method=...)`` values that invert through the Kronecker eigendecompositions.
 EIGEN_METHODS = (None, "eigen", "exact")
@@ -191,6 +197,7 @@ class KFACOperator(CurvatureOperator):
                 "and device; pass params of one dtype and device"
             )
         self._plans, engine_params = plan_layers(model, user.params)
+        check_coverage(model, self._plans, fallback=fallback, fisher_type=fisher_type)
         self._problem = Problem(
             model,
             loss_fn,
@@ -308,7 +315,13 @@ class KFACOperator(CurvatureOperator):
         sizes = [shape.numel() for shape in self.param_shapes]
         return list(matrix.split(sizes))
 
-    def _apply_blocks(self, matrix: Tensor, layers: Any, fallback: Any) -> Tensor:
+    def _apply_blocks(
+        self,
+        matrix: Tensor,
+        layers: list[tuple[KroneckerBlock, LayerApply]],
+        fallback: list[tuple[FallbackBlock, PieceApply]],
+    ) -> Tensor:
+        """Multiply ``matrix`` ``[D, J]`` block by block."""
         pieces = self._split(matrix)
         out: list[Tensor | None] = [None] * len(pieces)
         for block, apply in layers:
@@ -317,7 +330,8 @@ class KFACOperator(CurvatureOperator):
             out[block.position] = apply(pieces[block.position])
         return torch.cat(out)  # type: ignore[arg-type]
 
-    def _layer_product(self, block: KroneckerBlock) -> Any:
+    @staticmethod
+    def _layer_product(block: KroneckerBlock) -> LayerApply:
         a = None if block.A is None else _grouped(block.A)
         b = _grouped(block.B)
 
@@ -331,7 +345,7 @@ class KFACOperator(CurvatureOperator):
         return apply
 
     @staticmethod
-    def _fallback_product(block: FallbackBlock) -> Any:
+    def _fallback_product(block: FallbackBlock) -> PieceApply:
         matrix = block.matrix
 
         def apply(piece: Tensor) -> Tensor:

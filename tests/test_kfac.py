@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import curvkit
 from curvkit import EKFACOperator, KFACOperator
+from curvkit.engines import Decline, Factor, RuleCall, register_rule
 
 DTYPE = torch.float64
 
@@ -312,7 +313,7 @@ def test_monte_carlo_output_factor_is_unbiased():
     loss_fn = nn.CrossEntropyLoss()
     exact = KFACOperator(model, loss_fn, data).factors["2"]
     draws = []
-    for seed in range(300):
+    for seed in range(100):
         generator = torch.Generator().manual_seed(seed)
         op = KFACOperator(model, loss_fn, data, fisher_type="mc", generator=generator)
         block = op.factors["2"]
@@ -423,15 +424,34 @@ def _with_layer_norm() -> nn.Module:
 
 
 def test_layers_without_kronecker_factor_are_refused_by_name():
+    """Before any computation for a layer without a rule; once computed for a declined call."""
     model = _with_layer_norm()
-    op = KFACOperator(model, nn.CrossEntropyLoss(), batch("mlp", 4))
     with pytest.raises(ValueError, match=r"'1.weight' of LayerNorm.*fallback='diagonal'"):
-        op.to_dense()
-    forward_only = KFACOperator(
-        model, nn.CrossEntropyLoss(), batch("mlp", 4), fisher_type="forward-only", fallback="block"
-    )
+        KFACOperator(model, nn.CrossEntropyLoss(), batch("mlp", 4))
     with pytest.raises(ValueError, match=r"forward-only.*LayerNorm"):
-        forward_only.to_dense()
+        KFACOperator(
+            model,
+            nn.CrossEntropyLoss(),
+            batch("mlp", 4),
+            fisher_type="forward-only",
+            fallback="block",
+        )
+
+    class DecliningLinear(nn.Linear):
+        pass
+
+    def decline(call: RuleCall) -> dict[str, Factor]:
+        raise Decline("for the test")
+
+    handle = register_rule(DecliningLinear, decline)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), DecliningLinear(4, 3))
+        op = KFACOperator(model, nn.CrossEntropyLoss(), batch("mlp", 4))
+        with pytest.raises(ValueError, match=r"'2.weight' of DecliningLinear has no Kronecker"):
+            op.to_dense()
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("fallback", ["diagonal", "block"])
