@@ -242,9 +242,10 @@ def _outer_sum(z: Tensor) -> Tensor:
     r""":math:`\sum_{m,t} z_{m,t} z_{m,t}^\top` per group, ``[M, T, G, D] -> [G, D, D]``."""
     m, t, g, d = z.shape
     rows = z.permute(0, 2, 3, 1)
-    if t > 1 and rows.is_contiguous():
+    if t >= d and rows.is_contiguous():
         # A convolution's patches and output columns lie as [M, G, D, T]: a batched matmul per
-        # sample reads them in place, where one matmul over (m, t) would first copy them.
+        # sample reads them in place, where one matmul over (m, t) would first copy them. Only
+        # for t >= d: with fewer positions, each product would be bound by writing its D x D.
         out = z.new_zeros(g, d, d)
         for block in rows:
             out.baddbmm_(block, block.transpose(1, 2))
