@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import curvkit
 from curvkit import EKFACOperator, KFACOperator
-from curvkit.engines import Decline, Factor, RuleCall, register_rule
+from curvkit.engines import Decline, Factor, KroneckerFactor, RuleCall, register_rule
 
 DTYPE = torch.float64
 
@@ -576,3 +576,36 @@ def test_per_position_loss_expand_matches_curvlinops(fisher_type):
         "KFACLinearOperator", model, nn.MSELoss(), data, fisher_type=CURVLINOPS_FISHER[fisher_type]
     )
     assert relative(ours, theirs) < 1e-6
+
+
+def test_a_registered_rule_with_a_kronecker_factor_is_covered():
+    """A user's layer whose rule gives a KroneckerFactor gets KFAC like nn.Linear."""
+
+    class MyLinear(nn.Module):
+        def __init__(self, fan_in: int, fan_out: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(fan_out, fan_in))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x @ self.weight.T
+
+    def my_rule(call: RuleCall) -> dict[str, Factor]:
+        x, b = call.single_input(), call.output_grad()
+        k, n = b.shape[0], call.num_samples
+        factor = KroneckerFactor(
+            b.reshape(k, n, 1, 1, -1), x.reshape(n, 1, 1, -1), call.module.weight.shape
+        )
+        return {"weight": factor}
+
+    handle = register_rule(MyLinear, my_rule)
+    try:
+        torch.manual_seed(0)
+        custom = nn.Sequential(MyLinear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        plain = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3))
+        plain.load_state_dict(custom.state_dict())
+        data = batch("mlp", 6)
+        ours = KFACOperator(custom, nn.CrossEntropyLoss(), data).to_dense()
+        expected = KFACOperator(plain, nn.CrossEntropyLoss(), data).to_dense()
+        assert torch.allclose(ours, expected)
+    finally:
+        handle.remove()
