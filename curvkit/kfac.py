@@ -58,7 +58,10 @@ __all__ = [
     "FALLBACKS",
     "FISHER_TYPES",
     "KFAC_APPROXIMATIONS",
+    "Fallback",
     "FallbackBlock",
+    "FisherType",
+    "KFACApprox",
     "KroneckerBlock",
     "LayerPlan",
     "check_coverage",
@@ -67,8 +70,11 @@ __all__ = [
     "plan_layers",
 ]
 
+#: The curvature whose Kronecker factors are computed, see :class:`curvkit.KFACOperator`.
 FisherType = Literal["exact", "mc", "empirical", "forward-only"]
+#: How weight sharing over positions is approximated (Eschenhagen et al., 2023).
 KFACApprox = Literal["expand", "reduce"]
+#: What covers parameters without a Kronecker factor.
 Fallback = Literal["diagonal", "block", "error"]
 
 FISHER_TYPES = ("exact", "mc", "empirical", "forward-only")
