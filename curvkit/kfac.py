@@ -85,6 +85,9 @@ FALLBACKS = ("diagonal", "block", "error")
 #: output factor :math:`B`. A bias of any other module goes to the fallback.
 ADDITIVE_BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+#: Largest exact square root of the loss Hessian (bytes) built without refusal.
+MAX_EXACT_COLUMN_BYTES = 2**31
+
 #: Largest fallback block (bytes) built without refusal; larger ones should use the diagonal.
 MAX_FALLBACK_BLOCK_BYTES = 2**30
 
@@ -219,7 +222,22 @@ def _columns_for(
     if fisher_type == "forward-only":
         # The output factor is the identity: one zero column keeps the backward pass trivial.
         return lambda outputs: outputs.new_zeros(1, *outputs.shape)
-    return None
+    if fisher_type == "mc":
+        return None
+
+    def exact_columns(outputs: Tensor) -> Tensor:
+        # The closed-form square roots have one column per output entry of a sample.
+        columns = outputs[0].numel()
+        needed = columns * outputs.numel() * outputs.element_size()
+        if needed > MAX_EXACT_COLUMN_BYTES:
+            raise ValueError(
+                f"the exact square root of the loss Hessian has {columns} columns per sample, "
+                f"{needed / 2**30:.1f} GiB for this batch before they are pushed back through "
+                "the model; use fisher_type='mc' (mc_samples columns) or smaller batches"
+            )
+        return problem.columns(outputs, targets)
+
+    return exact_columns
 
 
 def _grouped(tensor: Tensor) -> Tensor:

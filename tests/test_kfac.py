@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
+import curvkit.kfac
 from curvkit import EKFACOperator, KFACOperator
 from curvkit.engines import Decline, Factor, KroneckerFactor, RuleCall, register_rule
 
@@ -477,6 +478,13 @@ def test_fallback_is_the_exact_diagonal_or_block(fallback: str):
 
 # ---------------------------------------------------------------------------------------------
 # bad input
+
+
+def test_an_infeasible_exact_square_root_is_refused_before_it_is_built(monkeypatch):
+    monkeypatch.setattr(curvkit.kfac, "MAX_EXACT_COLUMN_BYTES", 1000)
+    op = KFACOperator(mlp(), nn.CrossEntropyLoss(), batch("mlp", 64))
+    with pytest.raises(ValueError, match=r"3 columns per sample.*fisher_type='mc'"):
+        op.to_dense()
 
 
 def test_bad_arguments_raise_clear_errors():
