@@ -156,8 +156,9 @@ class KFACOperator(CurvatureOperator):
     Raises:
         TypeError, ValueError: For an unknown ``fisher_type``, ``kfac_approx`` or ``fallback``,
             ``mc_samples`` other than 1 without ``fisher_type="mc"``, parameters of different
-            dtypes or devices, and the errors of :class:`curvkit.problem.Problem`; on first use,
-            a parameter without a Kronecker factor under ``fallback="error"``.
+            dtypes or devices, and the errors of :class:`curvkit.problem.Problem`; a parameter
+            without a Kronecker factor under ``fallback="error"`` (or ``"forward-only"``): at
+            construction when its module has no rule, on first use when a rule declines.
     """
 
     name = "KFACOperator"
@@ -454,6 +455,7 @@ class KFACOperator(CurvatureOperator):
 
         Raises:
             ValueError: For a negative damping, or heuristic damping of EKFAC.
+            TypeError: For ``options`` with the Kronecker inverse.
         """
         if method not in EIGEN_METHODS:
             return super().inverse(damping, method=method, **options)  # type: ignore[misc]
