@@ -617,3 +617,48 @@ def test_a_registered_rule_with_a_kronecker_factor_is_covered():
         assert torch.allclose(ours, expected)
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+def _distributed_operators(data) -> list[Tensor]:
+    model = pooled_sequence()
+    weight = torch.linspace(0.5, 2.0, 3)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    return [
+        KFACOperator(model, loss_fn, data).to_dense(),
+        KFACOperator(model, loss_fn, data, kfac_approx="reduce").to_dense(),
+        EKFACOperator(model, loss_fn, data, fisher_type="empirical").to_dense(),
+    ]
+
+
+def _distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        torch.set_default_dtype(DTYPE)
+        inputs, targets = batch("sequence", 7)
+        # Unequal halves: rank 0 one batch of 3 samples, rank 1 batches of 1 and 3.
+        data = (
+            (inputs[:3], targets[:3])
+            if rank == 0
+            else [(inputs[3:4], targets[3:4]), (inputs[4:], targets[4:])]
+        )
+        torch.save(_distributed_operators(data), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_process_factors(tmp_path):
+    """Weighted cross-entropy: ranks and batches of unequal size combine exactly."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = _distributed_operators(batch("sequence", 7))
+    for rank in range(2):
+        for actual, wanted in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
+            assert torch.allclose(actual, wanted)
