@@ -662,3 +662,27 @@ def test_two_ranks_give_the_single_process_factors(tmp_path):
     for rank in range(2):
         for actual, wanted in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
             assert torch.allclose(actual, wanted)
+
+
+def test_a_layer_called_twice_counts_its_calls_as_positions():
+    """A shared layer: both calls' inputs in A (as positions), gradients summed before squaring."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            hidden = torch.tanh(self.fc(x))
+            return self.out(torch.tanh(self.fc(hidden)))
+
+    torch.manual_seed(0)
+    model = Twice()
+    inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    data = (inputs, targets)
+    block = KFACOperator(model, nn.CrossEntropyLoss(), data).factors["fc"]
+    with torch.no_grad():
+        calls = torch.cat([inputs, torch.tanh(model.fc(inputs))])
+    assert torch.allclose(block.A, calls.T @ calls / len(calls))
+    ggn = curvkit.ggn_matrix(model, nn.CrossEntropyLoss(), data)
+    assert torch.allclose(EKFACOperator(model, nn.CrossEntropyLoss(), data).trace(), ggn.trace())
