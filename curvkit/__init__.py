@@ -33,6 +33,7 @@ from curvkit.hessian import (
     hessian_matrix,
     hessian_vector_product,
 )
+from curvkit.kfac_operator import EKFACOperator, KFACOperator
 
 __version__ = "0.1.0"
 
@@ -50,10 +51,12 @@ __all__ = [
     "DirectionalDampedNewtonComputation",
     "DirectionalDerivativesComputation",
     "EFOperator",
+    "EKFACOperator",
     "EighComputation",
     "EigvalshComputation",
     "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "batch_gradients",
     "batch_l2_norms",
     "damped_newton_step",

@@ -23,6 +23,7 @@ PAIRS = {
     "backpack-product": ["product"],
     "backpack-batchgrad": ["gradients", "diagonal"],
     "curvlinops-operators": ["product", "ef_product"],
+    "curvlinops-kfac": ["product", "inverse_product"],
     "vivit-eigh": ["evals"],
     "vivit-newton": ["step"],
     "pyro-newton": ["mode", "cov"],
