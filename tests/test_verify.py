@@ -435,7 +435,7 @@ def test_model_without_batched_tensor_output_is_refused(reference):
         return (outputs - targets).square().sum()
 
     x, y = torch.randn(2, 3, dtype=DTYPE), torch.zeros(2, dtype=DTYPE)
-    with pytest.raises(ValueError, match="one tensor with a leading batch dimension"):
+    with pytest.raises(ValueError, match="one tensor whose first axis indexes the samples"):
         reference(model, loss_fn, x, y)
 
 

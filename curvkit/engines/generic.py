@@ -214,4 +214,4 @@ def generic_factors(
                 "dropout, ...). Call `model.eval()` first; curvature per sample needs a model "
                 "whose outputs do not mix samples."
             )
-    return {name: DenseFactor(grads[name], p.shape) for name, p in named_params.items()}
+    return {name: DenseFactor(detach(grads[name]), p.shape) for name, p in named_params.items()}
