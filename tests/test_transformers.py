@@ -351,14 +351,29 @@ def test_shared_tensors_leave_the_model_as_it_was() -> None:
 
 
 def test_in_place_update_of_a_shared_tensor_site_is_refused_with_advice() -> None:
-    class InPlace(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(3))
-
-        def forward(self, x: Tensor) -> Tensor:
-            return x.clone().mul_(self.scale * 2)
-
-    model = nn.Sequential(InPlace(), nn.Linear(3, 2))
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model.register_forward_pre_hook(lambda module, args: (args[0].clone().mul_(model[1].bias[0]),))
     with pytest.raises(ValueError, match="out of place"):
         curvkit.diag_ggn(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+
+
+def test_a_transformed_parameter_used_in_its_own_leaf_module_takes_its_rule() -> None:
+    """``x @ self.weight.T`` stays with the module's call (a registered rule sees it)."""
+
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x @ self.weight.T
+
+    model = nn.Sequential(Transposed(), nn.Tanh(), nn.Linear(2, 2)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    from curvkit.engines.recording import record_forward
+
+    recording = record_forward(model, (x,), list(model.parameters()))
+    assert not recording.sites and type(recording.calls[0].module) is Transposed
+    diag = _flat(curvkit.diag_ggn(model, nn.MSELoss(), (x, y)))
+    expected = verify.reference_ggn(model, nn.MSELoss(), x, y).diagonal()
+    _assert_close(diag, expected, 1e-10, "diag_ggn")

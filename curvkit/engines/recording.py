@@ -207,7 +207,8 @@ class _Recorder(TorchFunctionMode):
         self.shared_params: set[int] = set()
         # id -> weak reference: ids alone could be reused by later tensors.
         self.sample_dependent: dict[int, weakref.ref] = {}
-        self.from_params: dict[int, weakref.ref] = {}
+        # id -> (weak reference, the call it was made in, the parameters it is computed from)
+        self.from_params: dict[int, tuple[weakref.ref, ModuleCall | None, frozenset[int]]] = {}
 
     @staticmethod
     def _member(table: dict[int, weakref.ref], tensor: Tensor) -> bool:
@@ -249,19 +250,59 @@ class _Recorder(TorchFunctionMode):
                     self.uses.append((index, holder))
                 elif index is not None:
                     unheld.add(index)
-            if unheld or any(self._member(self.from_params, t) for t in tensors):
+            shared = set()
+            for tensor in tensors:
+                derived = self._derived(tensor)
+                if derived is None:
+                    continue
+                origin, indices = derived
+                if self._within(origin, indices):
+                    self.uses.extend((index, origin) for index in indices)
+                else:
+                    shared.add(id(tensor))
+                    self.shared_params.update(indices)
+            if unheld or shared:
                 self.shared_params.update(unheld)
-                result = self._site(func, args, kwargs, unheld)
+                result = self._site(func, args, kwargs, unheld, shared)
             else:
                 result = func(*args, **kwargs)
             self._mark(self.sample_dependent, result)
             return result
         result = func(*args, **kwargs)
-        shared_uses = {index for index in uses if index is not None}
-        if shared_uses or any(self._member(self.from_params, t) for t in tensors):
-            self.shared_params.update(shared_uses)
-            self._mark(self.from_params, result)
+        indices = {index for index in uses if index is not None}
+        for tensor in tensors:
+            derived = self._derived(tensor)
+            if derived is not None:
+                indices |= derived[1]
+        if indices:
+            origin = self.stack[-1] if self.stack else None
+            values = result if isinstance(result, (list, tuple)) else (result,)
+            for value in values:
+                if isinstance(value, Tensor):
+                    self.from_params[id(value)] = (weakref.ref(value), origin, frozenset(indices))
         return result
+
+    def _derived(self, tensor: Tensor) -> tuple[ModuleCall | None, frozenset[int]] | None:
+        """For a tensor computed from parameters alone: the call it was made in, the parameters."""
+        entry = self.from_params.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1], entry[2]
+
+    def _within(self, origin: ModuleCall | None, indices: frozenset[int]) -> bool:
+        """Whether a tensor computed from parameters in ``origin`` is used where it was made.
+
+        ``x @ self.weight.T`` in a leaf module holding the weight: the use belongs to that
+        module's call and its rule, as any other use of its parameters. A tensor leaving the
+        call that made it (a positional embedding, a parametrized weight), or made in a module
+        with submodules (whose generic rule would recompute them all per sample), is shared.
+        """
+        if origin is None or not any(call is origin for call in self.stack):
+            return False
+        if next(origin.module.children(), None) is not None:
+            return False
+        held = self.holders.get(id(origin.module), (None, {}))[1]
+        return all(index in held for index in indices)
 
     def _borrowed_linear(self, args: tuple, kwargs: dict) -> bool:
         """Whether ``F.linear`` applies a submodule's parameter in an enclosing module's forward.
@@ -279,7 +320,7 @@ class _Recorder(TorchFunctionMode):
             holder is not None
             and "." in self.holders[id(holder.module)][1][index]
             and isinstance(args[0], Tensor)
-            and not self._member(self.from_params, args[0])
+            and self._derived(args[0]) is None
             and (bias is None or id(bias) in self.param_index)
         )
 
@@ -304,7 +345,14 @@ class _Recorder(TorchFunctionMode):
         self._mark(self.sample_dependent, call.output)
         return call.output
 
-    def _site(self, func: Callable[..., Any], args: tuple, kwargs: dict, unheld: set[int]) -> Any:
+    def _site(
+        self,
+        func: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        unheld: set[int],
+        shared: set[int],
+    ) -> Any:
         """Run ``func`` as a recorded call of a :class:`SharedSite`."""
         # `x += shared` rebinds x to the result: run it out of place, so that the recorded
         # output is not changed by later in-place operations on x.
@@ -321,7 +369,7 @@ class _Recorder(TorchFunctionMode):
             i
             for i, leaf in enumerate(leaves)
             if isinstance(leaf, Tensor)
-            and (self._member(self.from_params, leaf) or self.param_index.get(id(leaf)) in unheld)
+            and (id(leaf) in shared or self.param_index.get(id(leaf)) in unheld)
         ]
         shared = [leaves[i] for i in positions]
         inputs = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
