@@ -1,0 +1,213 @@
+"""A GPT language model as people write it: time as a multiple of a gradient, memory, peers.
+
+The model is nanoGPT-style: token embeddings plus positions of ``arange(T)`` shared by all
+sequences, pre-norm blocks of 4-head causal attention written out in ``torch`` operations and a
+GELU MLP, a final LayerNorm and a head (``--tied``: the token embeddings through ``F.linear``);
+next-token cross-entropy over all positions with the logits flattened to ``[N T, V]``, as
+Hugging Face's loss code and curvlinops' examples do. Default size: vocabulary 8192, width 256,
+4 blocks, 8 sequences of 128 tokens (7.4M parameters), float32, CPU, eval mode.
+
+Each (case, vocabulary) runs in a fresh process: after a warm-up call, the median of three calls
+is divided by the median of three plain gradients (``torch.autograd.grad`` of the loss) on the
+same model and batch; the peak extra memory is the peak resident set size during one more call
+minus the resident size before it (``VmHWM - VmRSS`` after ``/proc/self/clear_refs``, Linux
+only, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set). The
+peer is curvlinops' ``GGNLinearOperator @ v``.
+
+Usage::
+
+    python benchmarks/bench_transformers.py                  # the issue's table
+    python benchmarks/bench_transformers.py --quick          # a smaller model, fewer cases
+    python benchmarks/bench_transformers.py --vocabs 1024 4096 8192 --cases product
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_real_size import _median_seconds, _memory
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with causal multi-head attention and a GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = (
+            z.reshape(n, t, self.heads, -1).transpose(1, 2)
+            for z in self.qkv(self.ln1(x)).split(d, dim=2)
+        )
+        scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(n, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """nanoGPT-style: shared positions, optionally a tied head; logits flattened to [N T, V]."""
+
+    def __init__(self, vocab: int, width: int, depth: int, length: int, tied: bool) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(Block(width, 4) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = None if tied else nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.tokens(tokens) + self.positions(torch.arange(tokens.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        logits = F.linear(x, self.tokens.weight) if self.head is None else self.head(x)
+        return logits.flatten(0, 1)
+
+
+def problem(vocab: int, quick: bool, tied: bool) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    width, depth, length, sequences = (128, 2, 64, 8) if quick else (256, 4, 128, 8)
+    model = GPT(vocab, width, depth, length, tied).eval()
+    tokens = torch.randint(0, vocab, (sequences, length + 1))
+    return model, nn.CrossEntropyLoss(), tokens[:, :-1], tokens[:, 1:].flatten()
+
+
+def cases() -> dict[str, Callable[[nn.Module, nn.Module, Tensor, Tensor], object]]:
+    def product(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
+        import curvkit
+
+        vector = torch.ones(sum(p.numel() for p in model.parameters()))
+        return curvkit.ggn_vector_product(model, loss_fn, (x, y), vector)
+
+    def curvlinops_product(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
+        from curvlinops import GGNLinearOperator
+
+        params = list(model.parameters())
+        operator = GGNLinearOperator(
+            model, loss_fn, params, [(x, y)], progressbar=False, check_deterministic=False
+        )
+        return operator @ torch.ones(operator.shape[1])
+
+    def diag_mc(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
+        import curvkit
+
+        return curvkit.diag_ggn(model, loss_fn, (x, y), mc_samples=1)
+
+    def newton(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
+        import curvkit
+
+        group = {"params": list(model.parameters()), "criterion": curvkit.top_k(10)}
+        return curvkit.damped_newton_step(model, loss_fn, (x, y), [group], mc_samples=2)
+
+    return {
+        "product": product,
+        "curvlinops-product": curvlinops_product,
+        "diag-mc": diag_mc,
+        "newton-top10-mc2": newton,
+    }
+
+
+def worker(case: str, vocab: int, quick: bool, tied: bool) -> dict[str, float]:
+    model, loss_fn, x, y = problem(vocab, quick, tied)
+    params = list(model.parameters())
+    quantity = cases()[case]
+
+    def gradient() -> object:
+        return torch.autograd.grad(loss_fn(model(x), y), params)
+
+    def call() -> object:
+        return quantity(model, loss_fn, x, y)
+
+    gradient()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _memory("VmRSS")
+    gradient()
+    gradient_peak = _memory("VmHWM") - before
+    call()
+    gradient_seconds = _median_seconds(gradient)
+    seconds = _median_seconds(call)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _memory("VmRSS")
+    result = call()
+    peak = _memory("VmHWM") - before
+    del result
+    return {
+        "gradient_ms": 1e3 * gradient_seconds,
+        "ms": 1e3 * seconds,
+        "x_gradient": seconds / gradient_seconds,
+        "gradient_peak_mib": gradient_peak,
+        "peak_mib": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="width 128, 2 blocks, 64 tokens")
+    parser.add_argument("--tied", action="store_true", help="tie the head to the embeddings")
+    parser.add_argument("--vocabs", type=int, nargs="*", default=[8192])
+    parser.add_argument("--cases", nargs="*", default=list(cases()), choices=list(cases()))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        case, vocab = args.worker.rsplit(":", 1)
+        print(json.dumps(worker(case, int(vocab), args.quick, args.tied)))
+        return
+    size = "quick" if args.quick else "full"
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU, float32, {size} size")
+    print(
+        "| case | vocab | tied | gradient [ms] | time [ms] | x gradient | gradient peak MiB "
+        "| peak extra MiB |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for vocab in args.vocabs:
+        for case in args.cases:
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                f"{case}:{vocab}",
+                "--threads",
+                str(args.threads),
+                *(["--quick"] if args.quick else []),
+                *(["--tied"] if args.tied else []),
+            ]
+            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if result.returncode:
+                print(
+                    f"| {case} | {vocab} | {args.tied} | failed: "
+                    f"{result.stderr.strip().splitlines()[-1][:120]} |||||",
+                    flush=True,
+                )
+                continue
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            print(
+                f"| {case} | {vocab} | {args.tied} | {row['gradient_ms']:.0f} | {row['ms']:.0f} "
+                f"| {row['x_gradient']:.2f} | {row['gradient_peak_mib']:.0f} "
+                f"| {row['peak_mib']:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
