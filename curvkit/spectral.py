@@ -278,7 +278,7 @@ def spectral_density(
         points = torch.linspace(low, high, num_points or 1024, dtype=op.dtype, device=op.device)
         out_grid = points.exp() if log_spectrum else points
     else:
-        out_grid = grid.to(op.dtype, device=op.device)
+        out_grid = grid.to(device=op.device, dtype=op.dtype)
         points = out_grid.log() if log_spectrum else out_grid
     bumps = torch.exp(-0.5 * ((points - nodes.unsqueeze(-1)) / sigma).square())
     density = (weights.unsqueeze(-1) * bumps).sum((0, 1)) / (num_repeats * sigma)
