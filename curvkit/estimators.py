@@ -162,7 +162,10 @@ def hutchinson_trace(
         \operatorname{tr}(A) \approx \frac1m \sum_{j=1}^m \omega_j^\top A \omega_j,
 
     unbiased, with variance :math:`\frac2m (\lVert A \rVert_F^2 - \sum_i A_{ii}^2)` for
-    Rademacher probes and :math:`\frac2m \lVert A \rVert_F^2` for normal ones.
+    Rademacher probes and :math:`\frac2m \lVert A \rVert_F^2` for normal ones. A curvkit
+    operator computes the forms :math:`\omega_j^\top A \omega_j` by its
+    :meth:`~curvkit.linear_operator.CurvatureOperator.quadratic_forms` (for the GGN,
+    :math:`\lVert V^\top \omega_j \rVert^2`: half a product).
 
     Args:
         operator: A square operator with ``shape`` and ``@`` on ``[D, J]`` tensors.
@@ -182,10 +185,16 @@ def hutchinson_trace(
     probe = _Probe(
         operator, num_matvecs, distribution, generator, dtype, device, "hutchinson_trace"
     )
+    # curvkit's operators give the forms omega^T A omega for less than a product (the GGN's are
+    # squared norms of V^T omega); any other operator multiplies.
+    forms = getattr(operator, "quadratic_forms", None)
     total = torch.zeros((), dtype=probe.dtype, device=probe.device)
     for num in probe.probe_blocks():
         omega = probe.draw(num)
-        total = total + torch.vdot(omega.flatten(), probe.matmul(omega).flatten())
+        if forms is None:
+            total = total + (omega * probe.matmul(omega)).sum()
+        else:
+            total = total + forms(omega).sum()
     return total / num_matvecs
 
 

@@ -109,6 +109,14 @@ class CurvatureOperator(ABC):
             for part, shape in zip(result.split(sizes), self.param_shapes, strict=True)
         ]
 
+    def quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r"""Return :math:`u_j^\top A u_j` for the columns :math:`u_j` of ``matrix`` ``[D, J]``.
+
+        Hutchinson's trace estimator needs only these; an operator that has them for less than
+        a product (the GGN: :math:`\lVert V^\top u \rVert^2`) overrides this method.
+        """
+        return (matrix * (self @ matrix)).sum(0)
+
     def inverse(
         self, damping: float, *, method: str | None = None, **options: Any
     ) -> CurvatureOperator:

@@ -120,13 +120,55 @@ class GGNOperator(CurvatureOperator):
         generator.set_state(self._random_state)
         self._problem.generator = generator
 
+    def _param_blocks(self, matrix: Tensor) -> list[Tensor]:
+        """Split ``[D, J]`` into one ``[J, *param.shape]`` block per parameter."""
+        params = self._problem.params
+        sizes = [p.numel() for p in params]
+        return [
+            block.T.reshape(-1, *p.shape)
+            for block, p in zip(matrix.split(sizes), params, strict=True)
+        ]
+
+    def quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r"""Return the forms :math:`u_j^\top G u_j = \lVert V^\top u_j \rVert^2` of the columns.
+
+        Half the work of a product: only :math:`V^\top U`, summed over the groups' blocks.
+
+        Args:
+            matrix: ``[D, J]``, of the operator's dtype and device.
+
+        Returns:
+            ``[J]``.
+
+        Raises:
+            ValueError: For an operand of another shape, dtype or device.
+        """
+        if matrix.dim() != 2 or matrix.shape[0] != self.shape[1]:
+            raise ValueError(
+                f"quadratic_forms takes a [{self.shape[1]}, J] matrix, got {tuple(matrix.shape)}"
+            )
+        self._check_operand(matrix)
+        problem = self._problem
+        blocks = self._param_blocks(matrix)
+        self._replay_generator()
+
+        def batch_forms(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+            outputs, factors = problem.factors(inputs, targets, reuse=True)
+            forms = matrix.new_zeros(matrix.shape[1])
+            for group_factors, group_blocks in zip(
+                problem.by_group(factors), problem.by_group(blocks), strict=True
+            ):
+                coefficients = sum(
+                    f.t_mat(b) for f, b in zip(group_factors, group_blocks, strict=True)
+                )
+                forms = forms + coefficients.square().sum((0, 1))
+            return outputs, [forms]
+
+        return problem.reduce(batch_forms, passes=2)[0]
+
     def _matmat(self, matrix: Tensor) -> Tensor:
         problem = self._problem
-        sizes = [p.numel() for p in problem.params]
-        blocks = [
-            block.T.reshape(-1, *p.shape)
-            for block, p in zip(matrix.split(sizes), problem.params, strict=True)
-        ]
+        blocks = self._param_blocks(matrix)
         self._replay_generator()
 
         def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -23,6 +23,7 @@ from dense_operator import DenseOperator, ggn_operator, with_spectrum
 
 import curvkit
 from curvkit import estimators
+from curvkit.zoo import make_case
 
 REPEATS = 300
 Z = 4.5
@@ -250,3 +251,23 @@ def test_a_product_of_the_wrong_shape_is_refused():
 
     with pytest.raises(ValueError, match="must be a tensor of that shape"):
         estimators.hutchinson_trace(Wrong(), 2)
+
+
+@pytest.mark.parametrize("params", ["all", "groups"])
+def test_ggn_quadratic_forms_match_the_dense_matrix(params):
+    """The GGN's forms ||V^T u||^2, which Hutchinson's trace uses, on one batch and on several."""
+    operator = ggn_operator(batch_size=7, params=params)
+    dense = operator.to_dense()
+    vectors = torch.randn(dense.shape[0], 5, generator=torch.Generator().manual_seed(3)).double()
+    expected = (vectors * (dense @ vectors)).sum(0)
+    torch.testing.assert_close(operator.quadratic_forms(vectors), expected)
+    case = make_case("mlp", 7)
+    batches = [(case.inputs[0][:3], case.targets[:3]), (case.inputs[0][3:], case.targets[3:])]
+    parameters = list(case.model.parameters())
+    groups = [{"params": parameters[:2]}, {"params": parameters[2:]}]
+    joined = curvkit.GGNOperator(
+        case.model, case.loss_fn, batches, params=groups if params == "groups" else None
+    )
+    torch.testing.assert_close(joined.quadratic_forms(vectors), expected)
+    with pytest.raises(ValueError, match="takes a"):
+        operator.quadratic_forms(vectors[:-1])
