@@ -195,13 +195,15 @@ def _timed(run: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_round_robin(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
-    """Median wall and CPU times: two warm-up rounds, then ``repeats`` rounds, one call each."""
+def time_round_robin(
+    runs: dict[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, Timing]:
+    """Median wall and CPU times: ``warmup`` rounds, then ``repeats`` rounds, one call each."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for round_ in range(repeats + 2):
+    for round_ in range(repeats + warmup):
         for name, run in runs.items():
             sample = _timed(run)
-            if round_ >= 2:
+            if round_ >= warmup:
                 samples[name].append(sample)
     return {
         name: Timing(
@@ -246,6 +248,7 @@ def main() -> None:
     parser.add_argument("--num-matvecs", type=int, default=30, help="products per trace")
     parser.add_argument("--num-iters", type=int, default=40, help="Lanczos steps per SLQ run")
     parser.add_argument("--slq-repeats", type=int, default=4, help="SLQ runs averaged over")
+    parser.add_argument("--slq-rounds", type=int, default=3, help="timed rounds per SLQ case")
     parser.add_argument("--resnet", action="store_true", help="add ResNet-18 (CIFAR, N 32)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -267,7 +270,10 @@ def main() -> None:
             "curvkit": ours(problem),
             "curvlinops": peer(problem),
         }
-        times = time_round_robin(runs, repeats if problem_name == "mlp" else 1)
+        # An SLQ call or a ResNet call takes seconds: one warm-up round is enough.
+        slow = kind == "density" or problem_name != "mlp"
+        rounds = min(repeats, args.slq_rounds) if slow else repeats
+        times = time_round_robin(runs, rounds, warmup=1 if slow else 2)
         for name in ("curvkit", "curvlinops"):
             cpu_ratio = times["curvkit"].cpu / times[name].cpu
             wall_ratio = times["curvkit"].wall / times[name].wall
