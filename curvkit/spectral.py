@@ -125,8 +125,9 @@ def _lanczos_quadrature(
     r"""Nodes and weights ``[R, K]`` of the Lanczos quadratures of the ``R`` columns of ``start``.
 
     The three-term recurrence runs for all columns at once. A column whose Krylov space is
-    exhausted (:math:`\beta \approx 0`) continues with a zero vector: its tridiagonal gains a
-    decoupled zero block, whose nodes carry zero weight.
+    exhausted (:math:`\beta` at most :math:`\epsilon^{3/4}` times the largest :math:`|\alpha|`
+    or :math:`\beta` so far: dropping such a coupling moves no node by more) continues with a
+    zero vector: its tridiagonal gains a decoupled zero block, whose nodes carry zero weight.
     """
     repeats = start.shape[1]
     alphas = start.new_zeros(num_iters, repeats)
@@ -149,7 +150,7 @@ def _lanczos_quadrature(
             break
         norm = torch.linalg.vector_norm(work, dim=0)
         scale = torch.maximum(scale, torch.maximum(alphas[step].abs(), norm))
-        alive = norm > 100 * eps * op.dim**0.5 * scale
+        alive = norm > eps**0.75 * scale
         betas[step] = torch.where(alive, norm, 0)
         previous, vector = vector, torch.where(alive, work / norm.clamp_min(eps), 0)
         if reorthogonalize:
@@ -379,8 +380,9 @@ def lanczos_top_eigenpairs(
         if steps == max_iters:
             betas[steps - 1] = norm
             break
-        if float(norm) <= 100 * eps * math.sqrt(op.dim) * max(scale, eps):
-            # An invariant subspace: restart orthogonally (beta = 0 decouples T).
+        if float(norm) <= eps**0.75 * max(scale, eps):
+            # An invariant subspace (to eps^(3/4) of the scale): restart orthogonally; beta = 0
+            # decouples T, and the residuals measured at the end include the dropped coupling.
             betas[steps - 1] = 0
             fresh = op.random(1, "normal", generator)[:, 0]
             for _ in range(2):
