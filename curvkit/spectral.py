@@ -54,13 +54,11 @@ class SpectralDensity(NamedTuple):
 class LanczosEigenpairs(NamedTuple):
     r"""Eigenpairs from Lanczos, with their accuracy.
 
-    Attributes:
-        eigenvalues: ``[k]``, in the order of ``which``.
-        eigenvectors: ``[D, k]``, orthonormal columns.
-        residual_norms: ``[k]``, :math:`\lVert A x_i - \theta_i x_i \rVert` measured with one
-            batched product: each :math:`\theta_i` is within this distance of an eigenvalue of
-            :math:`A`.
-        num_matvecs: The products with :math:`A` spent, the measurement included.
+    ``eigenvalues`` ``[k]`` are sorted as ``which`` asks; ``eigenvectors`` ``[D, k]`` have
+    orthonormal columns; ``residual_norms`` ``[k]`` are :math:`\lVert A x_i - \theta_i x_i
+    \rVert`, measured with one batched product (each :math:`\theta_i` lies within this distance
+    of an eigenvalue of :math:`A`); ``num_matvecs`` counts the products with :math:`A`, the
+    measurement included.
     """
 
     eigenvalues: Tensor
