@@ -9,8 +9,10 @@ Each method is one user-level call, operator construction included: curvkit buil
 ``GGNLinearOperator`` and calls its ``hutchinson_trace``, ``xtrace`` or
 ``LanczosApproximateSpectrumCached(...).approximate_spectrum`` (its boundaries by SciPy's
 ``eigsh``, its default). Both sides spend the same number of products with the GGN (Hutchinson,
-XTrace) or the same Lanczos steps and repeats (SLQ; curvlinops adds the ``eigsh`` products for
-the boundaries, which curvkit takes from the Ritz values of its own runs).
+XTrace) or the same Lanczos steps and repeats (SLQ). Without given boundaries, curvlinops adds
+SciPy's ``eigsh`` for the extreme eigenvalues (slow for the smallest one of a singular GGN),
+which curvkit takes from the Ritz values of its own runs; the "boundaries given" case passes
+both the same ``(0, lambda_max)`` and times the Lanczos runs alone.
 
 Timing as in ``bench_ggn.py``: the methods of a case run round-robin after two warm-up rounds,
 medians of the process CPU time and of the wall-clock time; a ratio is curvkit's time divided by
@@ -117,21 +119,39 @@ def curvlinops_trace(name: str, num_matvecs: int) -> Callable[[Problem], Callabl
     return build
 
 
-def curvkit_density(num_iters: int, repeats: int) -> Callable[[Problem], Callable[[], object]]:
+def spectrum_boundaries(problem: Problem) -> tuple[float, float]:
+    """``(0, lambda_max)`` of the GGN (positive semi-definite), computed before the timing."""
+    top = curvkit.lanczos_top_eigenpairs(curvkit_operator(problem), 1)
+    return 0.0, float(top.eigenvalues[0])
+
+
+def curvkit_density(
+    num_iters: int, repeats: int, given: bool
+) -> Callable[[Problem], Callable[[], object]]:
     def build(problem: Problem) -> Callable[[], object]:
+        boundaries = spectrum_boundaries(problem) if given else None
         return lambda: curvkit.spectral_density(
-            curvkit_operator(problem), num_iters=num_iters, num_repeats=repeats
+            curvkit_operator(problem),
+            num_iters=num_iters,
+            num_repeats=repeats,
+            boundaries=boundaries,
         )
 
     return build
 
 
-def curvlinops_density(num_iters: int, repeats: int) -> Callable[[Problem], Callable[[], object]]:
+def curvlinops_density(
+    num_iters: int, repeats: int, given: bool
+) -> Callable[[Problem], Callable[[], object]]:
     def build(problem: Problem) -> Callable[[], object]:
         from curvlinops import LanczosApproximateSpectrumCached
 
+        boundaries = spectrum_boundaries(problem) if given else None
+
         def run() -> object:
-            cached = LanczosApproximateSpectrumCached(curvlinops_operator(problem), num_iters)
+            cached = LanczosApproximateSpectrumCached(
+                curvlinops_operator(problem), num_iters, boundaries=boundaries
+            )
             return cached.approximate_spectrum(num_repeats=repeats)
 
         return run
@@ -169,10 +189,17 @@ def cases(num_matvecs: int, num_iters: int, repeats: int, problems: list[str]) -
                 "trace",
             ),
             (
+                f"SLQ density, {num_iters} steps x {repeats} repeats, boundaries given, {name}",
+                name,
+                curvkit_density(num_iters, repeats, given=True),
+                curvlinops_density(num_iters, repeats, given=True),
+                "density",
+            ),
+            (
                 f"SLQ density, {num_iters} steps x {repeats} repeats, {name}",
                 name,
-                curvkit_density(num_iters, repeats),
-                curvlinops_density(num_iters, repeats),
+                curvkit_density(num_iters, repeats, given=False),
+                curvlinops_density(num_iters, repeats, given=False),
                 "density",
             ),
         ]
@@ -249,6 +276,7 @@ def main() -> None:
     parser.add_argument("--num-iters", type=int, default=40, help="Lanczos steps per SLQ run")
     parser.add_argument("--slq-repeats", type=int, default=4, help="SLQ runs averaged over")
     parser.add_argument("--slq-rounds", type=int, default=3, help="timed rounds per SLQ case")
+    parser.add_argument("--cases", nargs="*", type=int, help="indices of the cases to run")
     parser.add_argument("--resnet", action="store_true", help="add ResNet-18 (CIFAR, N 32)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -263,6 +291,8 @@ def main() -> None:
     )
     print("|" + "---|" * 9)
     selected = cases(args.num_matvecs, args.num_iters, args.slq_repeats, problems)
+    if args.cases:
+        selected = [selected[i] for i in args.cases]
     for title, problem_name, ours, peer, kind in selected:
         problem = make_problem(problem_name)
         runs = {
