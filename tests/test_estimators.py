@@ -271,3 +271,22 @@ def test_ggn_quadratic_forms_match_the_dense_matrix(params):
     torch.testing.assert_close(joined.quadratic_forms(vectors), expected)
     with pytest.raises(ValueError, match="takes a"):
         operator.quadratic_forms(vectors[:-1])
+
+
+@pytest.mark.parametrize("name", ["HessianOperator", "EFOperator"])
+def test_estimators_and_inverses_work_on_every_curvkit_operator(name):
+    case = make_case("mlp", 3)
+    operator = getattr(curvkit, name)(case.model, case.loss_fn, (case.inputs[0], case.targets))
+    dense = operator.to_dense()
+    generator = torch.Generator().manual_seed(4)
+    exact = estimators.xtrace(operator, operator.shape[0], generator=generator)
+    torch.testing.assert_close(exact, dense.trace(), rtol=1e-10, atol=1e-12)
+    forms = operator.quadratic_forms(torch.eye(operator.shape[0], dtype=torch.float64)[:, :4])
+    torch.testing.assert_close(forms, dense.diagonal()[:4])
+    # A damping above the most negative eigenvalue makes A + d I positive definite for cg.
+    damping = 1.0 - min(0.0, float(torch.linalg.eigvalsh(dense)[0]))
+    inverse = operator.inverse(damping, method="cg", tol=1e-13)
+    vector = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(
+        inverse @ (dense @ vector + damping * vector), vector, rtol=0, atol=1e-10
+    )
