@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from curvkit import estimators
 from curvkit.directional import (
     damped_newton_step,
     default_criterion,
@@ -34,6 +35,7 @@ from curvkit.hessian import (
     hessian_vector_product,
 )
 from curvkit.kfac_operator import EKFACOperator, KFACOperator
+from curvkit.spectral import lanczos_top_eigenpairs, spectral_density
 
 __version__ = "0.1.0"
 
@@ -65,6 +67,7 @@ __all__ = [
     "diag_ggn",
     "diag_hessian",
     "directional_derivatives",
+    "estimators",
     "gauss_newton_diagonal",
     "ggn_columns",
     "ggn_eigh",
@@ -73,6 +76,8 @@ __all__ = [
     "gradient_variance",
     "hessian_matrix",
     "hessian_vector_product",
+    "lanczos_top_eigenpairs",
+    "spectral_density",
     "top_k",
 ]
 

@@ -109,6 +109,43 @@ class CurvatureOperator(ABC):
             for part, shape in zip(result.split(sizes), self.param_shapes, strict=True)
         ]
 
+    def quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r"""Return :math:`u_j^\top A u_j` for the columns :math:`u_j` of ``matrix`` ``[D, J]``.
+
+        Hutchinson's trace estimator needs only these; an operator that has them for less than
+        a product (the GGN: :math:`\lVert V^\top u \rVert^2`) overrides this method.
+        """
+        return (matrix * (self @ matrix)).sum(0)
+
+    def inverse(
+        self, damping: float, *, method: str | None = None, **options: Any
+    ) -> CurvatureOperator:
+        r"""Return the damped inverse :math:`(A + \delta I)^{-1}` as an operator.
+
+        The result is a :class:`CurvatureOperator` on the same domain (``inv @ v``, ``inv @ M``,
+        ``inv @ [...]``); after each product its ``info`` holds the iterations and residuals
+        (:class:`curvkit.inverse.SolveInfo`). Nothing is computed before the first product, except
+        what the method needs once (Neumann's scale, a Woodbury factorisation).
+
+        Args:
+            damping: :math:`\delta`, added to the diagonal.
+            method: ``"cg"`` (conjugate gradients, the default here), ``"neumann"`` (a Neumann
+                series), or one an operator adds (the GGN's exact ``"woodbury"``); see
+                :mod:`curvkit.inverse`.
+            **options: The method's options: ``tol``, ``atol``, ``max_iters`` for ``"cg"``;
+                ``scale``, ``max_iters``, ``tol`` for ``"neumann"``.
+
+        Returns:
+            The inverse operator.
+
+        Raises:
+            TypeError, ValueError: For an unknown method or option, or a damping out of range.
+        """
+        # Imported here: curvkit.inverse defines subclasses of this class.
+        from curvkit.inverse import inverse
+
+        return inverse(self, damping, method=method or "cg", **options)
+
     def to_dense(self) -> Tensor:
         """Return the ``[D, D]`` matrix, multiplying by identity columns a chunk at a time."""
         dim = self.shape[1]
