@@ -1,11 +1,11 @@
 """A GPT language model as people write it: time as a multiple of a gradient, memory, peers.
 
 The model is nanoGPT-style: token embeddings plus positions of ``arange(T)`` shared by all
-sequences, pre-norm blocks of 4-head causal attention written out in ``torch`` operations and a
-GELU MLP, a final LayerNorm and a head (``--tied``: the token embeddings through ``F.linear``);
-next-token cross-entropy over all positions with the logits flattened to ``[N T, V]``, as
-Hugging Face's loss code and curvlinops' examples do. Default size: vocabulary 8192, width 256,
-4 blocks, 8 sequences of 128 tokens (7.4M parameters), float32, CPU, eval mode.
+sequences, the pre-norm blocks of ``bench_real_size.py`` (4-head causal attention written out in
+``torch`` operations, a GELU MLP), a final LayerNorm and a head (``--tied``: the token embeddings
+through ``F.linear``); next-token cross-entropy over all positions with the logits flattened to ``[N
+T, V]``, as Hugging Face's loss code and curvlinops' examples do. Default size: vocabulary 8192,
+width 256, 4 blocks, 8 sequences of 128 tokens (7.4M parameters), float32, CPU, eval mode.
 
 Each (case, vocabulary) runs in a fresh process: after a warm-up call, the median of three calls
 is divided by the median of three plain gradients (``torch.autograd.grad`` of the loss) on the
@@ -35,30 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_real_size import _median_seconds, _memory
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block with causal multi-head attention and a GELU MLP."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-        self.heads = heads
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        q, k, v = (
-            z.reshape(n, t, self.heads, -1).transpose(1, 2)
-            for z in self.qkv(self.ln1(x)).split(d, dim=2)
-        )
-        scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        x = x + self.proj((attention @ v).transpose(1, 2).reshape(n, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+from bench_real_size import Block, _median_seconds, _memory
 
 
 class GPT(nn.Module):

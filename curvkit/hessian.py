@@ -204,17 +204,7 @@ class HessianOperator(CurvatureOperator):
         progress: bool | None = None,
     ) -> None:
         self._problem = Problem(model, loss_fn, data, params, progress=progress, name="Hessian")
-        first = self._problem.params[0]
-        if any(p.dtype != first.dtype or p.device != first.device for p in self._problem.params):
-            raise ValueError(
-                "HessianOperator acts on one flat vector, so its parameters must share one dtype "
-                "and device; pass params of one dtype and device"
-            )
-        dim = sum(p.numel() for p in self._problem.params)
-        self.shape = (dim, dim)
-        self.dtype = first.dtype
-        self.device = first.device
-        self.param_shapes = [p.shape for p in self._problem.params]
+        self._set_domain(self._problem.params)
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         params = self._problem.params

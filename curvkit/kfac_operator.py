@@ -194,12 +194,7 @@ class KFACOperator(CurvatureOperator):
                 f"fisher_type={fisher_type!r} leave it at 1"
             )
         user = Problem(model, loss_fn, data, params, progress=progress, name=self.name)
-        first = user.params[0]
-        if any(p.dtype != first.dtype or p.device != first.device for p in user.params):
-            raise ValueError(
-                f"{self.name} acts on one flat vector, so its parameters must share one dtype "
-                "and device; pass params of one dtype and device"
-            )
+        self._set_domain(user.params)
         self._plans, engine_params = plan_layers(model, user.params)
         check_coverage(model, self._plans, fallback=fallback, fisher_type=fisher_type)
         self._problem = Problem(
@@ -212,23 +207,13 @@ class KFACOperator(CurvatureOperator):
             progress=progress,
             name=self.name,
         )
-        self._random_state: Tensor | None = None
         if fisher_type == "mc":
-            if generator is None:
-                generator = torch.Generator(device=first.device)
-                generator.manual_seed(int(torch.randint(2**62, ()).item()))
-            self._random_state = generator.get_state()
-            self._generator_device = generator.device
+            self._fix_random_state(generator)
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = separate_weight_and_bias
         self.fallback = fallback
-        self.param_shapes = [p.shape for p in user.params]
-        dim = sum(p.numel() for p in user.params)
-        self.shape = (dim, dim)
-        self.dtype = first.dtype
-        self.device = first.device
         self._blocks: list[KroneckerBlock] | None = None
         self._fallback_blocks: list[FallbackBlock] = []
         self._spectra: list[_Spectrum] | None = None
@@ -243,11 +228,9 @@ class KFACOperator(CurvatureOperator):
 
     def _replay_generator(self) -> None:
         """Give the problem a generator in the state taken at construction (same samples)."""
-        if self._random_state is None:
-            return
-        generator = torch.Generator(device=self._generator_device)
-        generator.set_state(self._random_state)
-        self._problem.generator = generator
+        generator = self._replayed_generator()
+        if generator is not None:
+            self._problem.generator = generator
 
     def _compute(self) -> None:
         self._replay_generator()

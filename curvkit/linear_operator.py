@@ -42,6 +42,46 @@ class CurvatureOperator(ABC):
     device: torch.device
     param_shapes: list[torch.Size]
 
+    def _set_domain(self, params: Sequence[Tensor]) -> None:
+        """Act on the flat concatenation of ``params``: set the shape, dtype, device and shapes.
+
+        Raises:
+            ValueError: If ``params`` do not share one dtype and device.
+        """
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ValueError(
+                f"{type(self).__name__} acts on one flat vector, so its parameters must share "
+                "one dtype and device; pass params of one dtype and device"
+            )
+        dim = sum(p.numel() for p in params)
+        self.shape = (dim, dim)
+        self.dtype = first.dtype
+        self.device = first.device
+        self.param_shapes = [p.shape for p in params]
+
+    def _fix_random_state(self, generator: torch.Generator | None) -> None:
+        """Take the random state now, so that every pass draws the same Monte-Carlo samples.
+
+        Args:
+            generator: The user's generator (its current state is taken), or ``None`` for a
+                seed drawn from the global generator.
+        """
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(torch.randint(2**62, ()).item()))
+        self._random_state: Tensor | None = generator.get_state()
+        self._generator_device = generator.device
+
+    def _replayed_generator(self) -> torch.Generator | None:
+        """A generator in the state :meth:`_fix_random_state` took (``None`` if it was not)."""
+        state = getattr(self, "_random_state", None)
+        if state is None:
+            return None
+        generator = torch.Generator(device=self._generator_device)
+        generator.set_state(state)
+        return generator
+
     @abstractmethod
     def _matmat(self, matrix: Tensor) -> Tensor:
         """Return the product with ``matrix`` ``[D, J]`` (dtype and device checked), ``[D, J]``."""

@@ -88,24 +88,9 @@ class GGNOperator(CurvatureOperator):
             progress=progress,
             name="GGNOperator",
         )
-        first = self._problem.params[0]
-        if any(p.dtype != first.dtype or p.device != first.device for p in self._problem.params):
-            raise ValueError(
-                "GGNOperator acts on one flat vector, so its parameters must share one dtype and "
-                "device; pass params of one dtype and device"
-            )
-        self._random_state: Tensor | None = None
+        self._set_domain(self._problem.params)
         if mc_samples > 0:
-            if generator is None:
-                generator = torch.Generator(device=first.device)
-                generator.manual_seed(int(torch.randint(2**62, ()).item()))
-            self._random_state = generator.get_state()
-            self._generator_device = generator.device
-        dim = sum(p.numel() for p in self._problem.params)
-        self.shape = (dim, dim)
-        self.dtype = first.dtype
-        self.device = first.device
-        self.param_shapes = [p.shape for p in self._problem.params]
+            self._fix_random_state(generator)
 
     def __repr__(self) -> str:
         mc_samples = self._problem.mc_samples
@@ -114,11 +99,9 @@ class GGNOperator(CurvatureOperator):
 
     def _replay_generator(self) -> None:
         """Give the problem a generator in the state taken at construction."""
-        if self._random_state is None:
-            return
-        generator = torch.Generator(device=self._generator_device)
-        generator.set_state(self._random_state)
-        self._problem.generator = generator
+        generator = self._replayed_generator()
+        if generator is not None:
+            self._problem.generator = generator
 
     def _param_blocks(self, matrix: Tensor) -> list[Tensor]:
         """Split ``[D, J]`` into one ``[J, *param.shape]`` block per parameter."""
