@@ -60,6 +60,7 @@ former keyword ``param_groups=`` still works, with a :class:`DeprecationWarning`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -363,6 +364,7 @@ class _GramProblem:
         self.gradient = gradient
         self.num_sqrt_columns = 0
         self.loss = torch.zeros(())
+        self.warned_rank = False
 
         def columns(outputs: Tensor) -> Tensor:
             sqrt = problem.columns(outputs, targets)
@@ -424,7 +426,37 @@ class _GramProblem:
             samples = self.subsampling_ggn.to(gram.device)
             gram_vv = gram_vv.index_select(1, samples).index_select(3, samples)
         criterion = default_criterion if group["criterion"] is None else group["criterion"]
+        if isinstance(criterion, TopK):
+            self.warn_rank(criterion.k, gram_vv.shape[0], gram_vv.shape[1])
         return gram_directions(gram_vv, self.batch_size, criterion)
+
+    def warn_rank(self, k: int, num_columns: int, num_samples: int) -> None:
+        r"""Warn (once per call) when ``top_k(k)`` asks for more directions than the GGN's rank.
+
+        The GGN estimate is :math:`V V^\top` with :math:`C'` columns per sample, so its rank is
+        at most :math:`C' S` for :math:`S` samples: the criterion can keep no more.
+        """
+        rank = num_columns * num_samples
+        if k <= rank or self.warned_rank:
+            return
+        self.warned_rank = True
+        if self.problem.mc_samples > 0:
+            source = f"{num_samples} samples x {self.problem.mc_samples} Monte-Carlo columns"
+            remedy = (
+                f"raise mc_samples (each one adds {num_samples} to the rank), use the exact GGN "
+                f"(mc_samples=0), or pass more data"
+            )
+        else:
+            source = f"{num_samples} samples x {num_columns} columns of the exact loss Hessian"
+            remedy = "pass more data"
+        if self.subsampling_ggn is not None:
+            remedy += ", or keep more of the samples in subsampling_ggn"
+        warnings.warn(
+            f"top_k({k}) asks for {k} directions, but the GGN from {source} has rank at most "
+            f"{rank}, so at most {rank} directions come back. To get more, {remedy}.",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def grad_gram(self, gram: Tensor) -> Tensor:
         """The products of per-sample gradients and square-root columns, ``[N_grad, C', N_ggn]``."""
