@@ -147,6 +147,7 @@ def ggn_eigh(
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     param_groups: Params = None,
+    max_memory: int | None = None,
 ) -> list[tuple[Tensor, list[Tensor]]]:
     r"""Selected eigenpairs of each group's GGN block.
 
@@ -160,6 +161,7 @@ def ggn_eigh(
         subsampling_ggn: {subsampling_ggn}
         generator: {generator}
         param_groups: {param_groups}
+        max_memory: {max_memory}
 
     Returns:
         Per group ``(evals, evecs)``: the selected eigenvalues ``[K]`` (ascending for the
@@ -180,6 +182,7 @@ def ggn_eigh(
             mc_samples=mc_samples,
             generator=generator,
             param_groups=param_groups,
+            max_memory=max_memory,
         ),
         subsampling_grad,
         subsampling_ggn,
@@ -200,6 +203,7 @@ def directional_derivatives(
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     param_groups: Params = None,
+    max_memory: int | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     r"""Per-sample first- and second-order derivatives along each group's GGN eigenvectors.
 
@@ -213,6 +217,7 @@ def directional_derivatives(
         subsampling_ggn: {subsampling_ggn}
         generator: {generator}
         param_groups: {param_groups}
+        max_memory: {max_memory}
 
     Returns:
         Per group ``(gammas, lambdas)``: :math:`\gamma_{n,k} = N \nabla L_n^\top e_k`, shape
@@ -233,6 +238,7 @@ def directional_derivatives(
             mc_samples=mc_samples,
             generator=generator,
             param_groups=param_groups,
+            max_memory=max_memory,
         ),
         subsampling_grad,
         subsampling_ggn,
@@ -253,6 +259,7 @@ def damped_newton_step(
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     param_groups: Params = None,
+    max_memory: int | None = None,
 ) -> list[list[Tensor]]:
     r"""Directionally damped Newton step of each group, in the group's parameter shapes.
 
@@ -266,6 +273,7 @@ def damped_newton_step(
         subsampling_ggn: {subsampling_ggn}
         generator: {generator}
         param_groups: {param_groups}
+        max_memory: {max_memory}
 
     Returns:
         Per group, the step :math:`s` (to be added to the parameters), one tensor per parameter.
@@ -283,6 +291,7 @@ def damped_newton_step(
         mc_samples=mc_samples,
         generator=generator,
         param_groups=param_groups,
+        max_memory=max_memory,
     )
     return _damped_newton(problem, subsampling_grad, subsampling_ggn)[1]
 

@@ -77,6 +77,7 @@ def diag_ggn(
     progress: bool | None = None,
     sample_chunk_size: int | None = None,
     column_chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> list[Tensor] | list[list[Tensor]]:
     r"""The diagonal of the GGN, exact or Monte-Carlo.
 
@@ -98,6 +99,7 @@ def diag_ggn(
         progress: {progress}
         sample_chunk_size: {sample_chunk_size}
         column_chunk_size: {column_chunk_size}
+        max_memory: {max_memory}
 
     Returns:
         The diagonal, one tensor per parameter shaped like it, in the order of ``params`` (one
@@ -118,6 +120,7 @@ def diag_ggn(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
         column_chunk_size=column_chunk_size,
+        max_memory=max_memory,
         name="diag_ggn",
     )
     diagonal = problem.reduce(problem.summed_over_chunks(lambda fs: [f.diag() for f in fs]))
@@ -287,6 +290,7 @@ def ggn_matrix(
     progress: bool | None = None,
     sample_chunk_size: int | None = None,
     column_chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> Tensor | list[Tensor]:
     r"""The dense GGN :math:`G = V V^\top`, a :math:`D \times D` matrix.
 
@@ -303,6 +307,7 @@ def ggn_matrix(
         progress: {progress}
         sample_chunk_size: {sample_chunk_size}
         column_chunk_size: {column_chunk_size}
+        max_memory: {max_memory}
 
     Returns:
         :math:`G` with shape ``[D, D]``, the parameters' dtype and device; with param groups,
@@ -319,6 +324,7 @@ def ggn_matrix(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
         column_chunk_size=column_chunk_size,
+        max_memory=max_memory,
         name="ggn_matrix",
     )
     blocks = problem.reduce(
