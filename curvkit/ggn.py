@@ -31,7 +31,8 @@ per-sample intermediates are bounded by :data:`curvkit.engines.DEFAULT_CHUNK_BYT
 over the columns of :math:`V` (:func:`diag_ggn`, :func:`ggn_matrix`), ``sample_chunk_size`` and
 ``column_chunk_size`` split a batch into chunks that run one after the other
 (:func:`curvkit.engines.iter_factors`), with the same result; smaller batches in ``data`` do
-the same across batches.
+the same across batches. Without them, the columns come in chunks that fit ``max_memory``, and
+work that cannot fit is refused before it starts (:mod:`curvkit.memory`).
 
 ``data`` is one batch ``(inputs, targets)`` or an iterable of batches; for an iterable, every
 quantity is that of the whole dataset's loss, batches weighted as :mod:`curvkit.data` explains,

@@ -714,7 +714,12 @@ def _generic_product(
         except RuntimeError:
             # an operation without a batching rule: one backward pass per vector instead
             products = torch.stack(
-                [torch.autograd.grad(grad, leaf, vector, retain_graph=True)[0] for vector in flat]
+                [
+                    torch.autograd.grad(
+                        grad, leaf, vector, retain_graph=True, materialize_grads=True
+                    )[0]
+                    for vector in flat
+                ]
             )
     return products.detach().reshape(vectors.shape)
 
