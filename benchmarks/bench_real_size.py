@@ -116,9 +116,14 @@ def problem(case: str) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
 def cases() -> dict[str, Callable[[nn.Module, nn.Module, Tensor, Tensor], object]]:
     import curvkit
 
-    def newton(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
-        group = {"params": list(model.parameters()), "criterion": curvkit.top_k(10)}
-        return curvkit.damped_newton_step(model, loss_fn, (x, y), [group], mc_samples=1)
+    def newton(mc_samples: int) -> Callable[[nn.Module, nn.Module, Tensor, Tensor], object]:
+        def step(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
+            group = {"params": list(model.parameters()), "criterion": curvkit.top_k(10)}
+            return curvkit.damped_newton_step(
+                model, loss_fn, (x, y), [group], mc_samples=mc_samples
+            )
+
+        return step
 
     def product(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> object:
         vector = torch.ones(sum(p.numel() for p in model.parameters()))
@@ -126,11 +131,13 @@ def cases() -> dict[str, Callable[[nn.Module, nn.Module, Tensor, Tensor], object
 
     return {
         "lm-diag-mc": lambda m, loss, x, y: curvkit.diag_ggn(m, loss, (x, y), mc_samples=1),
-        "lm-newton-mc": newton,
+        "lm-newton-mc": newton(1),
+        "lm-newton-mc2": newton(2),
         "resnet18-diag-mc": lambda m, loss, x, y: curvkit.diag_ggn(m, loss, (x, y), mc_samples=1),
         "resnet18-ggn-vector-product": product,
-        "resnet18-newton-mc": newton,
+        "resnet18-newton-mc": newton(1),
         "resnet18-diag-exact": lambda m, loss, x, y: curvkit.diag_ggn(m, loss, (x, y)),
+        "resnet18-newton-exact": newton(0),
     }
 
 
@@ -186,6 +193,7 @@ def worker(case: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--cases", nargs="*", help="run these cases only (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument(
         "--checkouts",
@@ -204,7 +212,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, CPU, float32")
     print("| case | curvkit | gradient [ms] | time [ms] | x gradient | peak extra MiB |")
     print("|---|---|---:|---:|---:|---:|")
-    for case in QUICK if args.quick else cases():
+    for case in args.cases or (QUICK if args.quick else cases()):
         for label, path in checkouts:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             if path:

@@ -1,9 +1,10 @@
 r"""GGN-vector products by plain automatic differentiation, without the engine's factors.
 
 :math:`G u = \sum_n J_n^\top H_n J_n u` for a whole batch costs one forward pass that also
-carries :math:`J u` (forward-mode AD), one product with the loss Hessian in output space
-(through its square root, :func:`curvkit.losses.hessian_sqrt`) and one vector-Jacobian product
-back: about twice a gradient, with no per-sample work. For operations without a forward-mode
+carries :math:`J u` (forward-mode AD), one product with the loss Hessian in output space (in
+closed form, :func:`curvkit.losses.hessian_product`: memory linear in the number of classes,
+never a :math:`C \times C` matrix or a square root) and one vector-Jacobian product back: about
+twice a gradient, with no per-sample work. For operations without a forward-mode
 rule, the double-vjp trick computes :math:`J u` instead.
 """
 
@@ -37,7 +38,7 @@ def ggn_product(
     params: list[Tensor],
     vector: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
-    r"""Return the outputs and :math:`J^\top S S^\top J u` for one batch, by plain autodiff.
+    r"""Return the outputs and :math:`J^\top H J u` for one batch, by plain autodiff.
 
     :math:`J u` comes from forward-mode AD in the same forward pass that records the graph for
     the final vector-Jacobian product. Where an operation has no forward-mode rule, the
@@ -57,9 +58,7 @@ def ggn_product(
                     outputs, jacobian_vector = _forward_mode_jvp(model, inputs, params, vector)
             except (RuntimeError, NotImplementedError):
                 outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
-        columns = losses.hessian_sqrt(loss_fn, outputs.detach(), targets)
-        coefficients = (columns * jacobian_vector).flatten(start_dim=2).sum(dim=2)
-        output_product = torch.einsum("kn,kn...->n...", coefficients, columns)
+        output_product = losses.hessian_product(loss_fn, outputs.detach(), targets, jacobian_vector)
         product = torch.autograd.grad(
             outputs, params, output_product, allow_unused=True, materialize_grads=True
         )

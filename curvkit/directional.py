@@ -60,6 +60,7 @@ former keyword ``param_groups=`` still works, with a :class:`DeprecationWarning`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -148,6 +149,7 @@ def ggn_eigh(
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     param_groups: Params = None,
+    max_memory: int | None = None,
 ) -> list[tuple[Tensor, list[Tensor]]]:
     r"""Selected eigenpairs of each group's GGN block.
 
@@ -161,6 +163,7 @@ def ggn_eigh(
         subsampling_ggn: {subsampling_ggn}
         generator: {generator}
         param_groups: {param_groups}
+        max_memory: {max_memory}
 
     Returns:
         Per group ``(evals, evecs)``: the selected eigenvalues ``[K]`` (ascending for the
@@ -181,6 +184,7 @@ def ggn_eigh(
             mc_samples=mc_samples,
             generator=generator,
             param_groups=param_groups,
+            max_memory=max_memory,
         ),
         subsampling_grad,
         subsampling_ggn,
@@ -201,6 +205,7 @@ def directional_derivatives(
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     param_groups: Params = None,
+    max_memory: int | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     r"""Per-sample first- and second-order derivatives along each group's GGN eigenvectors.
 
@@ -214,6 +219,7 @@ def directional_derivatives(
         subsampling_ggn: {subsampling_ggn}
         generator: {generator}
         param_groups: {param_groups}
+        max_memory: {max_memory}
 
     Returns:
         Per group ``(gammas, lambdas)``: :math:`\gamma_{n,k} = N \nabla L_n^\top e_k`, shape
@@ -234,6 +240,7 @@ def directional_derivatives(
             mc_samples=mc_samples,
             generator=generator,
             param_groups=param_groups,
+            max_memory=max_memory,
         ),
         subsampling_grad,
         subsampling_ggn,
@@ -254,6 +261,7 @@ def damped_newton_step(
     subsampling_ggn: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     param_groups: Params = None,
+    max_memory: int | None = None,
 ) -> list[list[Tensor]]:
     r"""Directionally damped Newton step of each group, in the group's parameter shapes.
 
@@ -267,6 +275,7 @@ def damped_newton_step(
         subsampling_ggn: {subsampling_ggn}
         generator: {generator}
         param_groups: {param_groups}
+        max_memory: {max_memory}
 
     Returns:
         Per group, the step :math:`s` (to be added to the parameters), one tensor per parameter.
@@ -284,6 +293,7 @@ def damped_newton_step(
         mc_samples=mc_samples,
         generator=generator,
         param_groups=param_groups,
+        max_memory=max_memory,
     )
     return _damped_newton(problem, subsampling_grad, subsampling_ggn)[1]
 
@@ -359,6 +369,7 @@ class _GramProblem:
         self.num_sqrt_columns = 0
         self.batch_size = 0
         self.loss = torch.zeros(())
+        self.warned_rank = False
 
         def columns(outputs: Tensor) -> Tensor:
             self.batch_size = sample_layout(inputs, outputs)[0]
@@ -429,7 +440,37 @@ class _GramProblem:
             samples = self.subsampling_ggn.to(gram.device)
             gram_vv = gram_vv.index_select(1, samples).index_select(3, samples)
         criterion = default_criterion if group["criterion"] is None else group["criterion"]
+        if isinstance(criterion, TopK):
+            self.warn_rank(criterion.k, gram_vv.shape[0], gram_vv.shape[1])
         return gram_directions(gram_vv, self.batch_size, criterion)
+
+    def warn_rank(self, k: int, num_columns: int, num_samples: int) -> None:
+        r"""Warn (once per call) when ``top_k(k)`` asks for more directions than the GGN's rank.
+
+        The GGN estimate is :math:`V V^\top` with :math:`C'` columns per sample, so its rank is
+        at most :math:`C' S` for :math:`S` samples: the criterion can keep no more.
+        """
+        rank = num_columns * num_samples
+        if k <= rank or self.warned_rank:
+            return
+        self.warned_rank = True
+        if self.problem.mc_samples > 0:
+            source = f"{num_samples} samples x {self.problem.mc_samples} Monte-Carlo columns"
+            remedy = (
+                f"raise mc_samples (each one adds {num_samples} to the rank), use the exact GGN "
+                f"(mc_samples=0), or pass more data"
+            )
+        else:
+            source = f"{num_samples} samples x {num_columns} columns of the exact loss Hessian"
+            remedy = "pass more data"
+        if self.subsampling_ggn is not None:
+            remedy += ", or keep more of the samples in subsampling_ggn"
+        warnings.warn(
+            f"top_k({k}) asks for {k} directions, but the GGN from {source} has rank at most "
+            f"{rank}, so at most {rank} directions come back. To get more, {remedy}.",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def grad_gram(self, gram: Tensor) -> Tensor:
         """The products of per-sample gradients and square-root columns, ``[N_grad, C', N_ggn]``."""

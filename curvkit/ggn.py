@@ -31,7 +31,8 @@ per-sample intermediates are bounded by :data:`curvkit.engines.DEFAULT_CHUNK_BYT
 over the columns of :math:`V` (:func:`diag_ggn`, :func:`ggn_matrix`), ``sample_chunk_size`` and
 ``column_chunk_size`` split a batch into chunks that run one after the other
 (:func:`curvkit.engines.iter_factors`), with the same result; smaller batches in ``data`` do
-the same across batches.
+the same across batches. Without them, the columns come in chunks that fit ``max_memory``, and
+work that cannot fit is refused before it starts (:mod:`curvkit.memory`).
 
 ``data`` is one batch ``(inputs, targets)`` or an iterable of batches; for an iterable, every
 quantity is that of the whole dataset's loss, batches weighted as :mod:`curvkit.data` explains,
@@ -77,6 +78,7 @@ def diag_ggn(
     progress: bool | None = None,
     sample_chunk_size: int | None = None,
     column_chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> list[Tensor] | list[list[Tensor]]:
     r"""The diagonal of the GGN, exact or Monte-Carlo.
 
@@ -98,6 +100,7 @@ def diag_ggn(
         progress: {progress}
         sample_chunk_size: {sample_chunk_size}
         column_chunk_size: {column_chunk_size}
+        max_memory: {max_memory}
 
     Returns:
         The diagonal, one tensor per parameter shaped like it, in the order of ``params`` (one
@@ -118,6 +121,7 @@ def diag_ggn(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
         column_chunk_size=column_chunk_size,
+        max_memory=max_memory,
         name="diag_ggn",
     )
     diagonal = problem.reduce(problem.summed_over_chunks(lambda fs: [f.diag() for f in fs]))
@@ -287,6 +291,7 @@ def ggn_matrix(
     progress: bool | None = None,
     sample_chunk_size: int | None = None,
     column_chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> Tensor | list[Tensor]:
     r"""The dense GGN :math:`G = V V^\top`, a :math:`D \times D` matrix.
 
@@ -303,6 +308,7 @@ def ggn_matrix(
         progress: {progress}
         sample_chunk_size: {sample_chunk_size}
         column_chunk_size: {column_chunk_size}
+        max_memory: {max_memory}
 
     Returns:
         :math:`G` with shape ``[D, D]``, the parameters' dtype and device; with param groups,
@@ -319,6 +325,7 @@ def ggn_matrix(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
         column_chunk_size=column_chunk_size,
+        max_memory=max_memory,
         name="ggn_matrix",
     )
     blocks = problem.reduce(

@@ -12,7 +12,10 @@ block diagonal over samples, with blocks
 and :func:`hessian_sqrt` returns the square roots :math:`S_n` stacked as one tensor ``S`` of shape
 ``[K, *outputs.shape]``: ``S[k, n]`` is the :math:`k`-th column of :math:`S_n`, shaped like one
 sample's output. The engines push these :math:`K` columns back through the network to form the
-square-root factor of the generalised Gauss-Newton matrix.
+square-root factor of the generalised Gauss-Newton matrix, a slice of columns at a time
+(``hessian_sqrt(..., columns=slice(a, b))``, :func:`num_sqrt_columns`). Products
+:math:`H u` never form a square root: :func:`hessian_product` applies :math:`H` in closed form
+(or as a Hessian-vector product), in memory linear in the number of classes.
 
 Supported losses:
 
@@ -46,8 +49,10 @@ __all__ = [
     "LossFunction",
     "NextTokenCrossEntropyLoss",
     "check_mc_samples",
+    "hessian_product",
     "hessian_sqrt",
     "normalization",
+    "num_sqrt_columns",
     "sample_reduction",
 ]
 
@@ -119,6 +124,7 @@ def hessian_sqrt(
     *,
     mc_samples: int = 0,
     generator: torch.Generator | None = None,
+    columns: slice | None = None,
 ) -> Tensor:
     r"""Square root of the per-sample output Hessians of a batch loss, reduction folded in.
 
@@ -180,9 +186,16 @@ def hessian_sqrt(
         mc_samples: Number of Monte-Carlo columns; ``0`` (default) for the exact square root.
         generator: Random number generator for the Monte-Carlo samples (on the outputs' device);
             the global one if ``None``. Unused when ``mc_samples == 0``.
+        columns: Only the exact columns ``S[columns]`` (a slice with step 1 of
+            ``range(num_sqrt_columns(...))``), built without the others: the closed forms
+            produce a slice in memory proportional to its length, so that callers can walk
+            through the :math:`C \prod_i d_i` exact cross-entropy columns of a large output
+            chunk by chunk. ``None`` (default) for all. Not with ``mc_samples``, whose columns
+            are drawn together.
 
     Returns:
-        ``S`` with shape ``[K, *outputs.shape]``, dtype and device of ``outputs``.
+        ``S`` with shape ``[K, *outputs.shape]`` (``K`` the slice's length with ``columns``),
+        dtype and device of ``outputs``.
 
     Raises:
         TypeError: If ``outputs`` is not a floating tensor, ``mc_samples`` not an integer or
@@ -190,7 +203,8 @@ def hessian_sqrt(
         ValueError: For ``reduction="none"``, ``NLLLoss``/``KLDivLoss``, outputs without a batch
             dimension, targets whose shape or values do not fit the outputs, negative weights or
             probabilities (a Hessian that is not positive semi-definite), ``mc_samples < 0``, or a
-            generic loss that does not return a scalar or couples samples.
+            generic loss that does not return a scalar or couples samples; ``columns`` that is not
+            a slice of the exact columns.
     """
     _check_loss(loss_fn)
     _check_outputs(outputs)
@@ -198,19 +212,118 @@ def hessian_sqrt(
     outputs = outputs.detach()
     if isinstance(loss_fn, NextTokenCrossEntropyLoss):
         loss_fn, moved, targets = loss_fn.cross_entropy_view(outputs, targets)
-        sqrt = hessian_sqrt(loss_fn, moved, targets, mc_samples=mc_samples, generator=generator)
+        sqrt = hessian_sqrt(
+            loss_fn, moved, targets, mc_samples=mc_samples, generator=generator, columns=columns
+        )
         return sqrt.movedim(2, -1)
+    if columns is not None:
+        if mc_samples > 0:
+            raise ValueError("columns= selects exact columns; Monte-Carlo columns come together")
+        columns = _check_column_slice(columns, num_sqrt_columns(outputs))
 
     if _is_exactly(loss_fn, nn.MSELoss):
         _check_same_shape(loss_fn, outputs, targets)
-        return _mse_sqrt(loss_fn, outputs, mc_samples, generator)
+        if mc_samples > 0:
+            return _mse_mc_sqrt(loss_fn, outputs, mc_samples, generator)
+        return _diagonal_columns(_mse_diagonal(loss_fn, outputs).sqrt(), outputs, columns)
     if _is_exactly(loss_fn, nn.BCEWithLogitsLoss):
         _check_same_shape(loss_fn, outputs, targets)
-        return _bce_sqrt(loss_fn, outputs, targets.detach(), mc_samples, generator)
+        factor = _bce_factor(loss_fn, outputs, targets.detach())
+        if mc_samples > 0:
+            return _bce_mc_sqrt(outputs, factor, mc_samples, generator)
+        prob = torch.sigmoid(outputs)
+        return _diagonal_columns((factor * prob * (1 - prob)).sqrt(), outputs, columns)
     if _is_exactly(loss_fn, nn.CrossEntropyLoss):
         scale = _cross_entropy_scale(loss_fn, outputs, targets)
-        return _cross_entropy_sqrt(outputs, scale, mc_samples, generator)
-    return _generic_sqrt(loss_fn, outputs, targets, mc_samples, generator)
+        if mc_samples > 0:
+            return _cross_entropy_mc_sqrt(outputs, scale, mc_samples, generator)
+        return _cross_entropy_sqrt(outputs, scale, columns)
+    sqrt = _generic_sqrt(loss_fn, outputs, targets, mc_samples, generator)
+    return sqrt if columns is None else sqrt[columns]
+
+
+def num_sqrt_columns(outputs: Tensor, mc_samples: int = 0) -> int:
+    r"""The number :math:`K` of columns :func:`hessian_sqrt` returns, without computing them.
+
+    ``mc_samples`` if positive; else the number of entries of one sample's output, for every
+    loss (:math:`C \prod_i d_i` for ``CrossEntropyLoss`` on outputs ``[N, C, d_1, ...]``: one
+    set of :math:`C` columns per position).
+
+    Args:
+        outputs: Model outputs, batch dimension first (only the shape is read).
+        mc_samples: As for :func:`hessian_sqrt`.
+
+    Returns:
+        :math:`K`.
+    """
+    if mc_samples > 0:
+        return mc_samples
+    return math.prod(outputs.shape[1:])
+
+
+def hessian_product(
+    loss_fn: LossFunction, outputs: Tensor, targets: Any, vectors: Tensor
+) -> Tensor:
+    r"""The output Hessian of a batch loss times vectors, :math:`H u`, without a square root.
+
+    For ``vectors`` :math:`u` of shape ``[..., *outputs.shape]`` (any leading axes: several
+    vectors), returns :math:`H u` per sample, :math:`(H u)_n = H_n u_n`
+    (:math:`H_n = \partial^2 L / \partial f_n^2`, the reduction folded in as for
+    :func:`hessian_sqrt`), in memory linear in the outputs' size:
+
+    - ``CrossEntropyLoss``, per position :math:`j` with :math:`p = \mathrm{softmax}(f_{n,:,j})`
+      and the scale :math:`a r` of :func:`hessian_sqrt`:
+      :math:`a r\, (p \odot u - p\, (p^\top u))`, never the :math:`C \times C` matrix;
+    - ``MSELoss``: :math:`2 r u`;
+    - ``BCEWithLogitsLoss``: :math:`h \odot u` with the diagonal :math:`h` of
+      :func:`hessian_sqrt`;
+    - any other loss: a Hessian-vector product by differentiating the gradient
+      :math:`\partial L / \partial f` once more (double backward), which is :math:`H_n u_n` per
+      sample when the per-sample terms are independent. Unlike :func:`hessian_sqrt`, which
+      clamps the negative eigenvalues of a non-convex loss, this is the Hessian itself.
+
+    Args:
+        loss_fn: The loss, as for :func:`hessian_sqrt`.
+        outputs: Model outputs, batch dimension first; detached.
+        targets: The targets as ``loss_fn`` takes them.
+        vectors: :math:`u`, shape ``[..., *outputs.shape]``, with the outputs' dtype and device.
+
+    Returns:
+        :math:`H u`, shaped like ``vectors``.
+
+    Raises:
+        TypeError: As :func:`hessian_sqrt`, or if ``vectors`` is not a tensor.
+        ValueError: As :func:`hessian_sqrt`, or if ``vectors`` does not end with the outputs'
+            shape.
+    """
+    _check_loss(loss_fn)
+    _check_outputs(outputs)
+    if not isinstance(vectors, Tensor):
+        raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+    if vectors.shape[vectors.dim() - outputs.dim() :] != outputs.shape:
+        raise ValueError(
+            f"vectors must have shape [..., *{tuple(outputs.shape)}] (the outputs' shape last), "
+            f"got {tuple(vectors.shape)}"
+        )
+    outputs = outputs.detach()
+    if isinstance(loss_fn, NextTokenCrossEntropyLoss):
+        loss_fn, moved, targets = loss_fn.cross_entropy_view(outputs, targets)
+        product = hessian_product(loss_fn, moved, targets, vectors.movedim(-1, -2))
+        return product.movedim(-2, -1)
+    if _is_exactly(loss_fn, nn.MSELoss):
+        _check_same_shape(loss_fn, outputs, targets)
+        return _mse_diagonal(loss_fn, outputs) * vectors
+    if _is_exactly(loss_fn, nn.BCEWithLogitsLoss):
+        _check_same_shape(loss_fn, outputs, targets)
+        prob = torch.sigmoid(outputs)
+        return _bce_factor(loss_fn, outputs, targets.detach()) * prob * (1 - prob) * vectors
+    if _is_exactly(loss_fn, nn.CrossEntropyLoss):
+        scale = _cross_entropy_scale(loss_fn, outputs, targets).unsqueeze(1)
+        prob = torch.softmax(outputs, dim=1)
+        weighted = prob * vectors
+        class_axis = vectors.dim() - outputs.dim() + 1
+        return scale * (weighted - prob * weighted.sum(dim=class_axis, keepdim=True))
+    return _generic_product(loss_fn, outputs, targets, vectors)
 
 
 def check_mc_samples(mc_samples: int, generator: torch.Generator | None = None) -> None:
@@ -401,36 +514,48 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 # MSE
 
 
-def _mse_sqrt(
+def _mse_diagonal(loss_fn: nn.MSELoss, outputs: Tensor) -> Tensor:
+    """The diagonal ``2 r`` of the (diagonal) Hessian, broadcastable to the outputs."""
+    scale = 2.0 / outputs.numel() if loss_fn.reduction == "mean" else 2.0
+    return torch.full((), scale, dtype=outputs.dtype, device=outputs.device)
+
+
+def _mse_mc_sqrt(
     loss_fn: nn.MSELoss, outputs: Tensor, mc_samples: int, generator: torch.Generator | None
 ) -> Tensor:
-    scale = 2.0 / outputs.numel() if loss_fn.reduction == "mean" else 2.0
+    noise = torch.randn(
+        mc_samples, *outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
+    )
+    return noise.mul_((_mse_diagonal(loss_fn, outputs) / mc_samples).sqrt())
+
+
+def _diagonal_columns(root: Tensor, outputs: Tensor, columns: slice | None) -> Tensor:
+    """The square root of a diagonal Hessian whose entries' roots are ``root``.
+
+    Column ``k`` is ``root[n, k] e_k`` in every sample ``n`` (``root`` broadcast to the
+    outputs' shape, read flat per sample); only the columns in ``columns`` are built.
+    """
     num_samples, sample_shape = outputs.shape[0], outputs.shape[1:]
     dim = math.prod(sample_shape)
-    if mc_samples > 0:
-        noise = torch.randn(
-            mc_samples,
-            *outputs.shape,
-            generator=generator,
-            dtype=outputs.dtype,
-            device=outputs.device,
-        )
-        return noise.mul_(math.sqrt(scale / mc_samples))
-    eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device).mul_(math.sqrt(scale))
-    return eye.unsqueeze(1).expand(dim, num_samples, dim).reshape(dim, *outputs.shape)
+    chosen = torch.arange(dim, device=outputs.device)[columns or slice(None)]
+    diagonal = root.expand(outputs.shape).reshape(num_samples, dim)
+    sqrt = outputs.new_zeros(len(chosen), num_samples, dim)
+    sqrt[torch.arange(len(chosen), device=outputs.device), :, chosen] = diagonal[:, chosen].t()
+    return sqrt.reshape(len(chosen), *outputs.shape)
+
+
+def _check_column_slice(columns: Any, total: int) -> slice:
+    if not isinstance(columns, slice) or columns.step not in (None, 1):
+        raise ValueError(f"columns must be a slice with step 1, got {columns!r}")
+    return slice(*columns.indices(total)[:2])
 
 
 # ---------------------------------------------------------------------------------------------
 # BCE with logits
 
 
-def _bce_sqrt(
-    loss_fn: nn.BCEWithLogitsLoss,
-    outputs: Tensor,
-    targets: Tensor,
-    mc_samples: int,
-    generator: torch.Generator | None,
-) -> Tensor:
+def _bce_factor(loss_fn: nn.BCEWithLogitsLoss, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``r w (w+ y + 1 - y)``: the Hessian's diagonal over ``sigmoid'(f)``, outputs' shape."""
     targets = targets.to(outputs.dtype)
     # d^2/df^2 of -w [w+ y log s + (1 - y) log(1 - s)] = w (w+ y + 1 - y) s (1 - s)
     factor = torch.ones_like(outputs)
@@ -452,15 +577,15 @@ def _bce_sqrt(
         )
     if loss_fn.reduction == "mean":
         factor = factor / outputs.numel()
+    return factor
+
+
+def _bce_mc_sqrt(
+    outputs: Tensor, factor: Tensor, mc_samples: int, generator: torch.Generator | None
+) -> Tensor:
     prob = torch.sigmoid(outputs)
-    num_samples, sample_shape = outputs.shape[0], outputs.shape[1:]
-    if mc_samples > 0:
-        sampled = torch.bernoulli(prob.expand(mc_samples, *outputs.shape), generator=generator)
-        return (sampled - prob).mul_((factor / mc_samples).sqrt())
-    diagonal = (factor * prob * (1 - prob)).sqrt().reshape(num_samples, -1)
-    dim = diagonal.shape[1]
-    sqrt = torch.diag_embed(diagonal).permute(2, 0, 1)  # [D, N, D]: column k is diagonal[:, k] e_k
-    return sqrt.reshape(dim, num_samples, *sample_shape)
+    sampled = torch.bernoulli(prob.expand(mc_samples, *outputs.shape), generator=generator)
+    return (sampled - prob).mul_((factor / mc_samples).sqrt())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,33 +673,48 @@ def _cross_entropy_scale(loss_fn: nn.CrossEntropyLoss, outputs: Tensor, targets:
     return factor / total if total > 0 else torch.zeros_like(factor)
 
 
-def _cross_entropy_sqrt(
+def _class_last(outputs: Tensor) -> Tensor:
+    """Softmax probabilities with the class axis last and positions flattened: ``[N, P, C]``."""
+    prob = torch.softmax(outputs, dim=1).movedim(1, -1)
+    return prob.reshape(outputs.shape[0], -1, outputs.shape[1])
+
+
+def _cross_entropy_mc_sqrt(
     outputs: Tensor, scale: Tensor, mc_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     num_samples, num_classes = outputs.shape[:2]
-    spatial_shape = outputs.shape[2:]
-    num_positions = math.prod(spatial_shape)
-    # class dimension last, positions flattened: [N, P, C]
-    prob = torch.softmax(outputs, dim=1).movedim(1, -1).reshape(num_samples, num_positions, -1)
+    prob = _class_last(outputs)
+    num_positions = prob.shape[1]
     scale = scale.reshape(num_samples, num_positions, 1)
+    sampled = torch.multinomial(
+        prob.reshape(-1, num_classes), mc_samples, replacement=True, generator=generator
+    )  # [N * P, M]
+    onehot = nn.functional.one_hot(sampled.t(), num_classes).to(outputs.dtype)
+    columns = prob - onehot.reshape(mc_samples, num_samples, num_positions, num_classes)
+    columns = columns * (scale / mc_samples).sqrt()  # [M, N, P, C]
+    return columns.movedim(-1, 2).reshape(mc_samples, *outputs.shape)
 
-    if mc_samples > 0:
-        sampled = torch.multinomial(
-            prob.reshape(-1, num_classes), mc_samples, replacement=True, generator=generator
-        )  # [N * P, M]
-        onehot = nn.functional.one_hot(sampled.t(), num_classes).to(outputs.dtype)
-        columns = prob - onehot.reshape(mc_samples, num_samples, num_positions, num_classes)
-        columns = columns * (scale / mc_samples).sqrt()  # [M, N, P, C]
-        return columns.movedim(-1, 2).reshape(mc_samples, *outputs.shape)
 
-    # column c at position j: sqrt(a r p_c) (e_c - p), nonzero at position j only
-    eye = torch.eye(num_classes, dtype=outputs.dtype, device=outputs.device)
-    local = (eye.reshape(num_classes, 1, 1, num_classes) - prob) * (scale * prob).sqrt().movedim(
-        -1, 0
-    ).unsqueeze(-1)  # [C(k), N, P, C]
-    sqrt = outputs.new_zeros(num_classes, num_positions, num_samples, num_classes, num_positions)
-    sqrt.diagonal(dim1=1, dim2=4).copy_(local.permute(0, 1, 3, 2))
-    return sqrt.reshape(num_classes * num_positions, *outputs.shape)
+def _cross_entropy_sqrt(outputs: Tensor, scale: Tensor, columns: slice | None) -> Tensor:
+    r"""Exact columns ``k = c P + j``: :math:`\sqrt{a r p_c} (e_c - p)` at position ``j`` only.
+
+    Only the selected columns are built: memory ``len(columns) * outputs.numel()``.
+    """
+    num_samples, num_classes = outputs.shape[:2]
+    prob = _class_last(outputs)  # [N, P, C]
+    num_positions = prob.shape[1]
+    scale = scale.reshape(num_samples, num_positions)
+    chosen = torch.arange(num_classes * num_positions, device=outputs.device)
+    chosen = chosen[columns or slice(None)]
+    classes, positions = chosen // num_positions, chosen % num_positions
+    local = prob[:, positions].transpose(0, 1)  # [K, N, C]: p at each column's position
+    picked = local.gather(2, classes.reshape(-1, 1, 1).expand(-1, num_samples, 1))  # p_c
+    root = (scale[:, positions].t().unsqueeze(-1) * picked).sqrt()  # [K, N, 1]
+    local = -local * root
+    local.scatter_add_(2, classes.reshape(-1, 1, 1).expand(-1, num_samples, 1), root)
+    sqrt = outputs.new_zeros(len(chosen), num_samples, num_positions, num_classes)
+    sqrt[torch.arange(len(chosen), device=outputs.device), :, positions] = local
+    return sqrt.movedim(-1, 2).reshape(len(chosen), *outputs.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +775,36 @@ def _per_sample_hessians(loss_fn: LossFunction, outputs: Tensor, targets: Any) -
             )
     hessians = products.detach().reshape(dim, num_samples, dim).transpose(0, 1)
     return (hessians + hessians.transpose(1, 2)) / 2
+
+
+def _generic_product(
+    loss_fn: LossFunction, outputs: Tensor, targets: Any, vectors: Tensor
+) -> Tensor:
+    """``H u`` by differentiating the gradient along ``u`` (all leading axes batched)."""
+    with torch.enable_grad():
+        leaf = outputs.detach().requires_grad_(True)
+        loss = _evaluate(loss_fn, leaf, targets)
+        if loss.grad_fn is None:
+            return torch.zeros_like(vectors)
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        if grad.grad_fn is None:  # the loss is piecewise linear in the outputs
+            return torch.zeros_like(vectors)
+        flat = vectors.reshape(-1, *outputs.shape)
+        try:
+            (products,) = torch.autograd.grad(
+                grad, leaf, flat, is_grads_batched=True, materialize_grads=True
+            )
+        except RuntimeError:
+            # an operation without a batching rule: one backward pass per vector instead
+            products = torch.stack(
+                [
+                    torch.autograd.grad(
+                        grad, leaf, vector, retain_graph=True, materialize_grads=True
+                    )[0]
+                    for vector in flat
+                ]
+            )
+    return products.detach().reshape(vectors.shape)
 
 
 def _generic_sqrt(

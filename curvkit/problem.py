@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from curvkit import data as data_utils
 from curvkit import losses
+from curvkit import memory as memory_plan
 from curvkit.data import Batch, BatchQuantity, Data, Inputs
-from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, compute_factors, iter_factors
+from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, iter_factors
 from curvkit.groups import normalize_param_groups
 from curvkit.losses import LossFunction
 from curvkit.model_io import sample_layout
@@ -77,6 +78,13 @@ ARGUMENT_DOCS: dict[str, str] = {
     "column_chunk_size": (
         "Bound the memory by backpropagating at most this many columns of the loss Hessian's "
         "square root at once (``None``: all)."
+    ),
+    "max_memory": (
+        "Memory budget in bytes for the engine's columns; ``None`` for half the memory "
+        "available on the device. Sums over columns (diagonal, dense GGN) run in chunks that "
+        "fit; work that cannot fit, or exact work of more than "
+        ":data:`curvkit.memory.MAX_GRADIENTS` columns per sample, is refused before it is "
+        "allocated (:mod:`curvkit.memory`)."
     ),
     "param_groups": "Deprecated spelling of ``params``.",
     "directional_params": (
@@ -169,6 +177,7 @@ class Problem:
         create_graph: Keep the factors differentiable with respect to the parameters.
         name: The quantity's name, for progress bars.
         param_groups: The deprecated spelling of ``params``.
+        max_memory: Memory budget in bytes (:class:`curvkit.memory.MemoryPlan`).
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -192,6 +201,7 @@ class Problem:
         create_graph: bool = False,
         name: str = "batches",
         param_groups: Params = None,
+        max_memory: int | None = None,
     ) -> None:
         _check_type(model, "model", "a torch.nn.Module", lambda m: isinstance(m, nn.Module))
         if not callable(loss_fn):
@@ -230,6 +240,7 @@ class Problem:
         self.create_graph = create_graph
         self.name = name
         self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
+        self.memory = memory_plan.MemoryPlan(max_memory, mc_samples)
         self._cached_factors: tuple[Tensor, list[Factor]] | None = None
         self._first_pass: list[Tensor] | None = None
 
@@ -243,17 +254,60 @@ class Problem:
         rows as one column of that sample. Monte-Carlo columns are independent across rows, so
         one column covers all positions of a sequence at once. Exact columns are not: each row's
         columns are kept apart (:math:`K T` columns, each nonzero at one position per sample).
+
+        Raises:
+            curvkit.memory.MemoryPlanError: Before building columns beyond the memory plan.
         """
-        sqrt = losses.hessian_sqrt(
-            self.loss_fn, outputs, targets, mc_samples=self.mc_samples, generator=self.generator
-        )
         rows = outputs.shape[0] // num_samples if num_samples else 1
-        if self.mc_samples > 0 or rows == 1:
-            return sqrt
-        per_position = sqrt.reshape(sqrt.shape[0], num_samples, rows, *outputs.shape[1:])
+        self.memory.check_columns(outputs, self._num_columns(outputs, rows), whole=True)
+        return self._build_columns(outputs, targets, rows, None)
+
+    def _num_columns(self, outputs: Tensor, rows: int) -> int:
+        count = losses.num_sqrt_columns(outputs, self.mc_samples)
+        return count if self.mc_samples > 0 else count * rows
+
+    def _build_columns(
+        self, outputs: Tensor, targets: Tensor, rows: int, columns: slice | None
+    ) -> Tensor:
+        """The columns ``columns`` (all for ``None``) of :meth:`columns`."""
+        if self.mc_samples > 0:
+            return losses.hessian_sqrt(
+                self.loss_fn, outputs, targets, mc_samples=self.mc_samples, generator=self.generator
+            )
+        if rows == 1:
+            return losses.hessian_sqrt(self.loss_fn, outputs, targets, columns=columns)
+        total = self._num_columns(outputs, rows)
+        start, stop, _ = (columns or slice(None)).indices(total)
+        first, last = start // rows, (stop - 1) // rows + 1
+        sqrt = losses.hessian_sqrt(self.loss_fn, outputs, targets, columns=slice(first, last))
+        per_position = sqrt.reshape(sqrt.shape[0], -1, rows, *outputs.shape[1:])
         separate = sqrt.new_zeros(sqrt.shape[0], rows, *per_position.shape[1:])
         separate.diagonal(dim1=1, dim2=3).copy_(per_position.movedim(2, -1))
-        return separate.reshape(-1, *outputs.shape)
+        offset = first * rows
+        return separate.reshape(-1, *outputs.shape)[start - offset : stop - offset]
+
+    def _column_slices(
+        self, outputs: Tensor, targets: Tensor, num_samples: int
+    ) -> Tensor | memory_plan.ColumnSlices:
+        """The square root for sums over chunks: exact columns are built a chunk at a time."""
+        if self.mc_samples > 0:
+            return self.columns(outputs, targets, num_samples)
+        rows = outputs.shape[0] // num_samples
+        num_columns = self._num_columns(outputs, rows)
+        self.memory.check_columns(outputs, num_columns, whole=False)
+
+        def build(columns: slice) -> Tensor:
+            return self._build_columns(outputs, targets, rows, columns)
+
+        return memory_plan.ColumnSlices(build, num_columns, outputs)
+
+    def _plan(self, device: torch.device, *, whole: bool) -> Callable[[int, int], int]:
+        """The column chunks of :func:`~curvkit.engines.iter_factors` under the memory plan."""
+
+        def plan(num_columns: int, bytes_per_column: int) -> int:
+            return self.memory.column_chunk_size(num_columns, bytes_per_column, device, whole=whole)
+
+        return plan
 
     def factors(
         self,
@@ -282,14 +336,16 @@ class Problem:
         def default_columns(outputs: Tensor) -> Tensor:
             return self.columns(outputs, targets, sample_layout(inputs, outputs)[0])
 
-        result = compute_factors(
+        (chunk,) = iter_factors(
             self.model,
             inputs,
             self.params,
             columns or default_columns,
+            column_chunk_size=self._plan(self.params[0].device, whole=True),
             create_graph=self.create_graph,
             max_chunk_bytes=self.max_chunk_bytes,
         )
+        result = chunk.outputs, chunk.factors
         if reusable:
             self._cached_factors = result
         return result
@@ -302,21 +358,22 @@ class Problem:
         """
 
         def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-            if self.sample_chunk_size is None and self.column_chunk_size is None:
-                outputs, factors = self.factors(inputs, targets)
-                return outputs, quantity(factors)
             outputs_parts: list[Tensor] = []
             total: list[Tensor] = []
-            for chunk in iter_factors(
+            chunks = iter_factors(
                 self.model,
                 inputs,
                 self.params,
-                lambda outputs: self.columns(outputs, targets, sample_layout(inputs, outputs)[0]),
+                lambda outputs: self._column_slices(
+                    outputs, targets, sample_layout(inputs, outputs)[0]
+                ),
                 sample_chunk_size=self.sample_chunk_size,
-                column_chunk_size=self.column_chunk_size,
+                column_chunk_size=self.column_chunk_size
+                or self._plan(self.params[0].device, whole=False),
                 create_graph=self.create_graph,
                 max_chunk_bytes=self.max_chunk_bytes,
-            ):
+            )
+            for chunk in memory_plan.progress_bar(chunks, self.progress, self.name):
                 if chunk.columns.start == 0:
                     outputs_parts.append(chunk.outputs)
                 part = quantity(chunk.factors)

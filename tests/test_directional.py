@@ -409,3 +409,32 @@ def test_null_columns_of_the_square_root_are_dropped_exactly(reduction):
     assert_close(torch.einsum("knc,knd->ncd", reduced, reduced), hessians, 1e-13, "Hessians")
     mse = losses.hessian_sqrt(nn.MSELoss(), outputs, torch.randn(5, 4, dtype=torch.float64))
     assert drop_null_columns(mse) is mse
+
+
+@pytest.mark.parametrize("mc_samples", [0, 2])
+def test_top_k_beyond_the_rank_warns_once_with_the_rank_and_remedies(mc_samples: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 2]))
+    groups = [
+        {"params": list(model[0].parameters()), "criterion": curvkit.top_k(20)},
+        {"params": list(model[2].parameters()), "criterion": curvkit.top_k(20)},
+    ]
+    # exact cross-entropy: C - 1 = 2 columns per sample after dropping the null direction
+    columns = mc_samples or 2
+    with pytest.warns(UserWarning, match=rf"top_k\(20\).*rank at most {2 * columns}") as caught:
+        steps = curvkit.damped_newton_step(
+            model, nn.CrossEntropyLoss(), batch, groups, mc_samples=mc_samples
+        )
+    rank_warnings = [w for w in caught if "top_k(20)" in str(w.message)]
+    assert len(rank_warnings) == 1  # once per call, not per group
+    message = str(rank_warnings[0].message)
+    assert ("mc_samples" in message) == (mc_samples > 0)
+    assert "more data" in message
+    assert len(steps) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = [{"params": list(model.parameters()), "criterion": curvkit.top_k(1)}]
+        curvkit.damped_newton_step(
+            model, nn.CrossEntropyLoss(), batch, groups, mc_samples=mc_samples
+        )

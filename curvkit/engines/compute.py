@@ -51,6 +51,10 @@ __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
 BackpropColumns = Callable[[Tensor], Tensor]
 
+#: Maps the number of columns and the bytes the engine holds per column (twice the recorded
+#: outputs' bytes) to the columns per backward pass (:mod:`curvkit.memory`).
+ColumnPlan = Callable[[int, int], int]
+
 
 @dataclass
 class FactorChunk:
@@ -240,6 +244,22 @@ def compute_factors(
     return chunk.outputs, chunk.factors
 
 
+def _checked(columns: Any, outputs: Tensor) -> Any:
+    """Tensor columns checked against the outputs; columns built by slice pass as they are."""
+    return check_columns(columns, outputs) if isinstance(columns, Tensor) else columns
+
+
+def _recorded_bytes(recording: Recording) -> int:
+    """Bytes of the recorded outputs the columns are pushed back to (one column's worth)."""
+    targets = {
+        id(t): t
+        for call in recording.calls
+        for t in _output_tensors(call.output)
+        if t.requires_grad
+    }
+    return sum(t.numel() * t.element_size() for t in targets.values())
+
+
 def _slices(total: int, size: int | None) -> list[slice]:
     if size is None:
         return [slice(0, total)]
@@ -255,7 +275,7 @@ def iter_factors(
     backprop_columns: BackpropColumns,
     *,
     sample_chunk_size: int | None = None,
-    column_chunk_size: int | None = None,
+    column_chunk_size: int | ColumnPlan | None = None,
     create_graph: bool = False,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[FactorChunk]:
@@ -276,9 +296,13 @@ def iter_factors(
         model: As in :func:`compute_factors`.
         inputs: As in :func:`compute_factors`.
         params: As in :func:`compute_factors`.
-        backprop_columns: As in :func:`compute_factors`; called once, on the whole batch.
+        backprop_columns: As in :func:`compute_factors`; called once, on the whole batch. It may
+            also return an object with ``shape`` (``[K, *outputs.shape]``) whose
+            ``[columns, samples]`` (two slices) builds that chunk of columns only.
         sample_chunk_size: Samples per chunk (``None``: all at once).
-        column_chunk_size: Columns per chunk (``None``: all at once).
+        column_chunk_size: Columns per chunk (``None``: all at once), or a plan
+            ``plan(K, bytes_per_column)`` asked once per chunk of samples, after its forward
+            pass and before its backward passes, with the bytes the engine holds per column.
         create_graph: As in :func:`compute_factors`.
         max_chunk_bytes: As in :func:`compute_factors`.
 
@@ -301,7 +325,7 @@ def iter_factors(
             outputs = output_tensor(call_model(model, inputs))
     num_samples, rows = sample_layout(inputs, outputs)
     probes = probe_first_sample(model, inputs, params, outputs, num_samples)
-    columns = check_columns(backprop_columns(outputs.detach()), outputs)
+    columns = _checked(backprop_columns(outputs.detach()), outputs)
     if sample_chunk_size is None:
         sample_slices = [slice(0, num_samples)]
     else:
@@ -312,12 +336,15 @@ def iter_factors(
                 "to the model another way"
             )
         sample_slices = _slices(num_samples, sample_chunk_size)
-    column_slices = _slices(columns.shape[0], column_chunk_size)
     for samples in sample_slices:
         if sample_chunk_size is not None:
             chunk_inputs = select_samples(inputs, samples, num_samples)
             recording = record_forward(model, chunk_inputs, params)
         attach_probes(recording, probes)
+        chunk_size = column_chunk_size
+        if callable(chunk_size):
+            chunk_size = chunk_size(columns.shape[0], 2 * _recorded_bytes(recording))
+        column_slices = _slices(columns.shape[0], chunk_size)
         chunk_outputs = output_tensor(recording.outputs)
         output_rows = slice(samples.start * rows, samples.stop * rows)
         for j, cols in enumerate(column_slices):

@@ -14,9 +14,12 @@ A grouped convolution is one such layer per group :math:`g`. :class:`KroneckerFa
 
 - ``T == 1``: :math:`\operatorname{diag} = \sum_n (\sum_k b_{k,n}^2) \otimes x_n^2`, one
   matmul of inner size :math:`N`; Gram :math:`= (B B^\top) \odot (X X^\top)`;
-- ``T > 1``: per method, the cheaper (in multiply-adds) of the structured contraction over pairs
-  of positions :math:`(t, s)` and of materialising :math:`v` in chunks of samples whose size
-  is bounded by ``max_chunk_bytes``;
+- ``T > 1``: per method, the cheaper (in multiply-adds, with the memory traffic of writing a
+  per-sample gradient counted as :data:`MEMORY_COST`) of the structured contraction over pairs
+  of positions :math:`(t, s)` (one matmul per chunk: the diagonal as
+  :math:`\sum_{n,t,s} (\sum_k b_{k,n,t} \odot b_{k,n,s}) (x_{n,t} \odot x_{n,s})^\top`, the
+  Gram matrix from :math:`b^\top b` and :math:`x^\top x` over blocks of positions) and of
+  materialising :math:`v` in chunks of samples whose size is bounded by ``max_chunk_bytes``;
 - :meth:`~KroneckerFactor.t_mat` and :meth:`~KroneckerFactor.mat` are single contractions
   (:func:`torch.einsum` picks the order).
 """
@@ -40,6 +43,22 @@ STALE_INPUT_MESSAGE = (
 
 #: Default bound on the bytes of an intermediate tensor a factor method materialises at once.
 DEFAULT_CHUNK_BYTES = 2**28
+
+#: Multiply-adds that writing and reading back one entry of a per-sample gradient costs on top of
+#: its :math:`T` multiply-adds (measured on CPU, ResNet-18 layers): memory traffic, which makes
+#: materialising slow for few positions.
+MEMORY_COST = 32
+
+
+def square_pairs(b: Tensor) -> Tensor:
+    r""":math:`\sum_k b_{k,n,t} \odot b_{k,n,s}` for ``b`` ``[K, n, T, G, O]``: ``[n, T, T, G, O]``.
+
+    Elementwise per column (the contraction over :math:`K` is too short for a matmul).
+    """
+    out = b[0].unsqueeze(2) * b[0].unsqueeze(1)
+    for column in b[1:]:
+        out.addcmul_(column.unsqueeze(2), column.unsqueeze(1))
+    return out
 
 
 class KroneckerFactor(Factor):
@@ -127,49 +146,94 @@ class KroneckerFactor(Factor):
     def _per_sample(self, x: Tensor, column: int, samples: slice) -> Tensor:
         """:math:`v_{k,n}` for one column :math:`k` and the given samples, ``[n, G, O, I]``.
 
-        One column at a time: the engine's :math:`b` is laid out ``[K, N, G, O, T]`` in memory,
-        so a single column is a batch of ``[O, T]`` matrices that a batched matmul reads in
-        place, where all columns at once would need a transposed copy of :math:`b`.
+        One column at a time: the engine's :math:`b` is laid out ``[K, N, G, O, T]`` in memory
+        and a convolution's patches ``[N, G, I, T]``, so that one column is a batch of
+        ``[O, T] @ [T, I]`` products a batched matmul reads in place (an einsum over all
+        columns, or over the ``[N, T, G, *]`` views, copies its operands first).
         """
-        return torch.einsum("ntgo,ntgi->ngoi", self.output_grads[column, samples], x[samples])
+        b = self.output_grads[column, samples].permute(0, 2, 3, 1)  # [n, G, O, T]
+        return torch.matmul(b, x[samples].permute(0, 2, 1, 3))  # [n, G, T, I]
+
+    def _diag_costs(self) -> tuple[int, int]:
+        """Per-sample costs (multiply-adds) of the pairwise and the materialising diagonal."""
+        k, _, t, g, o, i = self._sizes
+        pairwise = t * t * g * (k * o + o * i)
+        materialise = k * g * o * i * (t + MEMORY_COST)
+        return pairwise, materialise
 
     def diag(self) -> Tensor:  # noqa: D102
-        k, _, t, g, o, i = self._sizes
+        t = self.output_grads.shape[2]
         b, x = self.output_grads, self.inputs
         if t == 1:
             out = torch.einsum("ngo,ngi->goi", square_sum(b[:, :, 0]), x[:, 0].square())
             return out.reshape(self.param_shape)
-        itemsize = b.element_size()
-        materialise_cost = k * t * g * o * i
-        pairwise_cost = t * t * g * (k * o + o * i)
+        pairwise, materialise = self._diag_costs()
+        if pairwise < materialise:
+            return self._diag_pairwise(x)
+        return self._diag_materialised(x)
+
+    def _diag_pairwise(self, x: Tensor) -> Tensor:
+        r"""The diagonal as one matmul over pairs of positions.
+
+        :math:`\sum_{k,n} (\sum_t b_{k,n,t} x_{n,t}^\top)^{\odot 2}
+        = \sum_{n,t,s} (\sum_k b_{k,n,t} \odot b_{k,n,s}) (x_{n,t} \odot x_{n,s})^\top`:
+        a ``[O, N T^2] @ [N T^2, I]`` product per group, cheaper than materialising when
+        :math:`T` is small next to :math:`K` plus the cost of writing a per-sample gradient.
+        """
+        _, _, t, g, o, i = self._sizes
+        b = self.output_grads
         out = b.new_zeros(g, o, i)
-        if pairwise_cost < materialise_cost:
-            for s in self._sample_chunks(itemsize * t * t * g * (o + i)):
-                bb = torch.einsum("kntgo,knsgo->ngots", b[:, s], b[:, s])
-                xx = torch.einsum("ntgi,nsgi->ngits", x[s], x[s])
-                out = out + torch.einsum("ngots,ngits->goi", bb, xx)
-        else:
-            for s in self._sample_chunks(itemsize * g * o * i):
-                for column in range(k):
-                    out = out + self._per_sample(x, column, s).square().sum(dim=0)
+        for s in self._sample_chunks(b.element_size() * t * t * g * (o + i)):
+            bb = square_pairs(b[:, s])  # [n, t, s, G, O], summed over columns
+            xx = x[s].unsqueeze(2) * x[s].unsqueeze(1)  # [n, t, s, G, I]
+            rows = bb.reshape(-1, g, o).permute(1, 2, 0)  # [G, O, n t s]
+            out.baddbmm_(rows, xx.reshape(-1, g, i).transpose(0, 1))
+        return out.reshape(self.param_shape)
+
+    def _diag_materialised(self, x: Tensor) -> Tensor:
+        """The diagonal from per-sample gradients, one column and a chunk of samples at a time."""
+        k, _, _, g, o, i = self._sizes
+        out = self.output_grads.new_zeros(g, o, i)
+        for s in self._sample_chunks(self.output_grads.element_size() * g * o * i):
+            for column in range(k):
+                per_sample = self._per_sample(x, column, s)
+                out += torch.einsum("ngoi,ngoi->goi", per_sample, per_sample)
         return out.reshape(self.param_shape)
 
     def gram(self) -> Tensor:  # noqa: D102
         k, n, t, g, o, i = self._sizes
-        b, x = self.output_grads, self.inputs
         pairwise_cost = (k * n * t) ** 2 * g * o + (n * t) ** 2 * g * i + (k * n * t) ** 2 * g
         materialise_cost = k * n * t * g * o * i + (k * n) ** 2 * g * o * i
         if pairwise_cost <= materialise_cost:
-            # One pair of positions at a time: intermediates the size of the Gram matrix.
-            out = b.new_zeros(k, n, k, n)
-            for s in range(t):
-                for r in range(t):
-                    bb = torch.einsum("kngo,lmgo->gknlm", b[:, :, s], b[:, :, r])
-                    xx = torch.einsum("ngi,mgi->gnm", x[:, s], x[:, r])
-                    out = out + torch.einsum("gknlm,gnm->knlm", bb, xx)
-            return out
+            return self._gram_pairwise()
         flat = self.dense().flatten(start_dim=2)
         return torch.einsum("knd,lmd->knlm", flat, flat)
+
+    def _gram_pairwise(self) -> Tensor:
+        r"""The Gram matrix from products over pairs of positions, in blocks of positions.
+
+        :math:`v_{k,n}^\top v_{l,m} = \sum_{g,t,s} (b_{k,n,t,g}^\top b_{l,m,s,g})
+        (x_{n,t,g}^\top x_{m,s,g})`: one matmul ``[G, K N T_b, O] @ [G, O, K N T]`` and one
+        of the inputs per block of positions :math:`t` (sized by ``max_chunk_bytes``), then a
+        weighted sum over the pairs.
+        """
+        k, n, t, g, o, i = self._sizes
+        b = self.output_grads.permute(3, 0, 1, 2, 4)  # [G, K, N, T, O]
+        x = self.inputs.permute(2, 0, 1, 3)  # [G, N, T, I]
+        all_columns = b.reshape(g, k * n * t, o).transpose(1, 2)  # [G, O, K N T]
+        all_inputs = x.reshape(g, n * t, i).transpose(1, 2)  # [G, I, N T]
+        # the block's two pairwise products, and their product before the sum
+        bytes_per_position = b.element_size() * g * (2 * (k * n) ** 2 * t + n * n * t)
+        step = max(1, min(t, self.max_chunk_bytes // bytes_per_position))
+        out = b.new_zeros(k, n, k, n)
+        for start in range(0, t, step):
+            block = slice(start, min(start + step, t))
+            size = block.stop - block.start
+            bb = torch.matmul(b[:, :, :, block].reshape(g, -1, o), all_columns)
+            xx = torch.matmul(x[:, :, block].reshape(g, -1, i), all_inputs)
+            bb = bb.reshape(g, k, n, size, k, n, t) * xx.reshape(g, 1, n, size, 1, n, t)
+            out += bb.sum(dim=(0, 3, 6))
+        return out
 
     def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
         _, _, _, g, o, i = self._sizes
