@@ -412,6 +412,7 @@ def test_null_columns_of_the_square_root_are_dropped_exactly(reduction):
 
 
 @pytest.mark.parametrize("mc_samples", [0, 2])
+@pytest.mark.filterwarnings("ignore:.*selected GGN eigenvalue:RuntimeWarning")
 def test_top_k_beyond_the_rank_warns_once_with_the_rank_and_remedies(mc_samples: int):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()

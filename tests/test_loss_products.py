@@ -20,6 +20,12 @@ from torch.utils._pytree import tree_leaves
 import curvkit
 from curvkit.losses import hessian_product, hessian_sqrt, num_sqrt_columns
 
+# torch compiles its forward-mode decompositions with torch.jit.script on first use, which
+# warns that it is deprecated: torch's internals, used by the forward-mode references here.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.script` is deprecated:DeprecationWarning"
+)
+
 DTYPE = torch.float64
 
 
