@@ -1,6 +1,6 @@
 r"""
-Spectral density, traces and eigenvalues of a trained network's GGN
-===================================================================
+Spectral densities, traces and eigenvalues of a trained network's GGN and Hessian
+=================================================================================
 
 Curvature spectra say how a loss landscape is shaped: a few large outliers and a bulk near
 zero, in most networks. Without forming the matrix, they are reached through products alone:
@@ -11,7 +11,9 @@ zero, in most networks. Without forming the matrix, they are reached through pro
 - damped inverses (``operator.inverse(damping)``), exact through the Gram matrix for the GGN.
 
 This example trains a small network, then checks every one of these numbers against the dense
-GGN built by plain ``torch.autograd`` (:func:`curvkit.verify.reference_ggn`).
+GGN built by plain ``torch.autograd`` (:func:`curvkit.verify.reference_ggn`), and compares the
+GGN's spectral density with the Hessian's (:class:`curvkit.HessianOperator`, checked against
+:func:`curvkit.verify.reference_hessian`).
 """
 
 # %%
@@ -29,7 +31,7 @@ from torch import nn
 
 import curvkit
 from curvkit import estimators
-from curvkit.verify import reference_ggn
+from curvkit.verify import reference_ggn, reference_hessian
 
 torch.manual_seed(0)
 samples, classes = 64, 3
@@ -177,3 +179,41 @@ solution = inverse @ vector
 reference = torch.linalg.solve(dense + damping * torch.eye(dim, dtype=torch.float64), vector)
 torch.testing.assert_close(solution, reference, rtol=1e-9, atol=1e-9)
 print(f"{type(inverse).__name__}: max error {(solution - reference).abs().max():.1e}")
+
+# %%
+# The Hessian's spectral density beside the GGN's
+# -----------------------------------------------
+#
+# The Hessian is the GGN plus the curvature of the network itself, weighted by the loss's
+# gradient: near a minimum the two are close, but the Hessian has negative eigenvalues, which
+# the positive semi-definite GGN cannot have. :class:`curvkit.HessianOperator` multiplies by
+# double backward; the same estimators and SLQ apply to it unchanged.
+
+hessian = curvkit.HessianOperator(model, loss_fn, data)
+dense_hessian = reference_hessian(model, loss_fn, inputs, labels)
+torch.testing.assert_close(hessian.to_dense(), dense_hessian, rtol=1e-10, atol=1e-12)
+hessian_eigenvalues = torch.linalg.eigvalsh(dense_hessian)
+print(
+    f"Hessian: trace {dense_hessian.trace().item():.4f}, "
+    f"{int((hessian_eigenvalues < -1e-8).sum())} negative eigenvalues "
+    f"(smallest {hessian_eigenvalues[0].item():.2e})"
+)
+hessian_trace = estimators.xtrace(hessian, 60, generator=torch.Generator().manual_seed(2))
+print(f"XTrace (60 products): {hessian_trace.item():.4f}, exact {dense_hessian.trace().item():.4f}")
+
+hessian_grid, hessian_density = curvkit.spectral_density(
+    hessian, num_iters=40, num_repeats=16, generator=torch.Generator().manual_seed(1)
+)
+hessian_mass = torch.trapezoid(hessian_density, hessian_grid).item()
+assert abs(hessian_mass - 1) < 0.01
+if (hessian_eigenvalues < -1e-8).any():
+    assert hessian_grid.min() < 0  # the density reaches the negative eigenvalues
+
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(grid.numpy(), density.numpy(), label="GGN")
+ax.plot(hessian_grid.numpy(), hessian_density.numpy(), label="Hessian")
+ax.set_yscale("log")
+ax.set_ylim(1e-3, None)
+ax.set_xlabel(r"$\lambda$")
+ax.legend()
+fig.tight_layout()
