@@ -109,15 +109,21 @@ class _GradientProblem(Problem):
             )
         self.scale = scale
 
-    def columns(self, outputs: Tensor, targets: Tensor, num_samples: int | None = None) -> Tensor:
+    def num_columns(self, outputs: Tensor, rows: int) -> int:
+        """One column, whatever the output layout (see :meth:`build_columns`)."""
+        return 1
+
+    def build_columns(
+        self, outputs: Tensor, targets: Tensor, rows: int, columns: slice | None
+    ) -> Tensor:
         """The scaled gradient column, ``[1, *outputs.shape]``.
 
-        One column serves every output layout: for outputs holding each sample in several rows
-        (``num_samples`` below ``outputs.shape[0]``), the engine reads its restriction to a
-        sample's rows as that sample's column, whose pull-back is the sample's whole gradient.
+        One column serves every output layout: for outputs holding each sample in several rows,
+        the engine reads its restriction to a sample's rows as that sample's column, whose
+        pull-back is the sample's whole gradient.
         """
         scale = self.scale(self.loss_fn, outputs, targets)
-        return _output_gradient(self.loss_fn, outputs, targets) * scale
+        return (_output_gradient(self.loss_fn, outputs, targets) * scale)[columns or slice(None)]
 
 
 def _sqrt_ef_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:

@@ -259,24 +259,36 @@ class Problem:
             curvkit.memory.MemoryPlanError: Before building columns beyond the memory plan.
         """
         rows = outputs.shape[0] // num_samples if num_samples else 1
-        self.memory.check_columns(outputs, self._num_columns(outputs, rows), whole=True)
-        return self._build_columns(outputs, targets, rows, None)
+        self.memory.check_columns(outputs, self.num_columns(outputs, rows), whole=True)
+        return self.build_columns(outputs, targets, rows, None)
 
-    def _num_columns(self, outputs: Tensor, rows: int) -> int:
+    def num_columns(self, outputs: Tensor, rows: int) -> int:
+        """How many columns :meth:`build_columns` makes for outputs with ``rows`` rows a sample.
+
+        With :meth:`build_columns`, the override point of a problem that pushes back other
+        columns than the loss Hessian's square root.
+        """
         count = losses.num_sqrt_columns(outputs, self.mc_samples)
         return count if self.mc_samples > 0 else count * rows
 
-    def _build_columns(
+    def build_columns(
         self, outputs: Tensor, targets: Tensor, rows: int, columns: slice | None
     ) -> Tensor:
-        """The columns ``columns`` (all for ``None``) of :meth:`columns`."""
+        """The columns ``columns`` (all for ``None``) of :meth:`columns`, ``[K', *outputs.shape]``.
+
+        Args:
+            outputs: The batch's outputs.
+            targets: The batch's targets.
+            rows: The outputs' rows per sample.
+            columns: Which of the :meth:`num_columns` columns to build; ``None`` for all.
+        """
         if self.mc_samples > 0:
             return losses.hessian_sqrt(
                 self.loss_fn, outputs, targets, mc_samples=self.mc_samples, generator=self.generator
             )
         if rows == 1:
             return losses.hessian_sqrt(self.loss_fn, outputs, targets, columns=columns)
-        total = self._num_columns(outputs, rows)
+        total = self.num_columns(outputs, rows)
         start, stop, _ = (columns or slice(None)).indices(total)
         first, last = start // rows, (stop - 1) // rows + 1
         sqrt = losses.hessian_sqrt(self.loss_fn, outputs, targets, columns=slice(first, last))
@@ -293,11 +305,11 @@ class Problem:
         if self.mc_samples > 0:
             return self.columns(outputs, targets, num_samples)
         rows = outputs.shape[0] // num_samples
-        num_columns = self._num_columns(outputs, rows)
+        num_columns = self.num_columns(outputs, rows)
         self.memory.check_columns(outputs, num_columns, whole=False)
 
         def build(columns: slice) -> Tensor:
-            return self._build_columns(outputs, targets, rows, columns)
+            return self.build_columns(outputs, targets, rows, columns)
 
         return memory_plan.ColumnSlices(build, num_columns, outputs)
 

@@ -245,8 +245,15 @@ def compute_factors(
 
 
 def _checked(columns: Any, outputs: Tensor) -> Any:
-    """Tensor columns checked against the outputs; columns built by slice pass as they are."""
-    return check_columns(columns, outputs) if isinstance(columns, Tensor) else columns
+    """Columns checked against the outputs: a tensor, or columns built by slice on indexing.
+
+    Columns built by slice (``columns[column_slice, sample_slice]``) are checked by their
+    ``shape`` here and by :func:`check_columns` once built.
+    """
+    lazy = not isinstance(columns, Tensor) and hasattr(columns, "__getitem__")
+    if lazy and tuple(getattr(columns, "shape", ()))[1:] == tuple(outputs.shape):
+        return columns
+    return check_columns(columns, outputs)
 
 
 def _recorded_bytes(recording: Recording) -> int:
@@ -348,10 +355,13 @@ def iter_factors(
         chunk_outputs = output_tensor(recording.outputs)
         output_rows = slice(samples.start * rows, samples.stop * rows)
         for j, cols in enumerate(column_slices):
+            block = columns[cols, output_rows]
+            if not isinstance(columns, Tensor):
+                block = check_columns(block, chunk_outputs)
             factors = _factors(
                 recording,
                 params,
-                columns[cols, output_rows],
+                block,
                 samples.stop - samples.start,
                 create_graph=create_graph,
                 retain_graph=j + 1 < len(column_slices),
