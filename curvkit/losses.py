@@ -686,9 +686,18 @@ def _cross_entropy_mc_sqrt(
     prob = _class_last(outputs)
     num_positions = prob.shape[1]
     scale = scale.reshape(num_samples, num_positions, 1)
-    sampled = torch.multinomial(
-        prob.reshape(-1, num_classes), mc_samples, replacement=True, generator=generator
-    )  # [N * P, M]
+    # Inverse-CDF draws: a search in the cumulative probabilities (torch.multinomial took a
+    # third of a Monte-Carlo diagonal's time at a vocabulary of 8192).
+    cumulative = prob.reshape(-1, num_classes).cumsum(-1)
+    uniform = torch.rand(
+        cumulative.shape[0],
+        mc_samples,
+        dtype=cumulative.dtype,
+        device=cumulative.device,
+        generator=generator,
+    )
+    sampled = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    sampled = sampled.clamp_max(num_classes - 1)  # [N * P, M]
     onehot = nn.functional.one_hot(sampled.t(), num_classes).to(outputs.dtype)
     columns = prob - onehot.reshape(mc_samples, num_samples, num_positions, num_classes)
     columns = columns * (scale / mc_samples).sqrt()  # [M, N, P, C]
