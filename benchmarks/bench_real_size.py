@@ -161,33 +161,41 @@ def _median_seconds(call: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def worker(case: str) -> dict[str, float]:
-    model, loss_fn, x, y = problem(case)
-    params = list(model.parameters())
-    quantity = cases()[case]
-
-    def gradient() -> object:
-        return torch.autograd.grad(loss_fn(model(x), y), params)
-
-    def call() -> object:
-        return quantity(model, loss_fn, x, y)
-
-    gradient()
-    call()
-    gradient_seconds = _median_seconds(gradient)
-    seconds = _median_seconds(call)
+def peak_extra_mib(call: Callable[[], object]) -> float:
+    """The peak resident memory of one call above the resident size before it, in MiB."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _memory("VmRSS")
     result = call()
     peak = _memory("VmHWM") - before
     del result
+    return peak
+
+
+def measure(gradient: Callable[[], object], call: Callable[[], object]) -> dict[str, float]:
+    """Time (after a warm-up, median of three) as a multiple of a gradient's, and peak memory."""
+    gradient()
+    gradient_peak = peak_extra_mib(gradient)
+    call()
+    gradient_seconds = _median_seconds(gradient)
+    seconds = _median_seconds(call)
     return {
         "gradient_ms": 1e3 * gradient_seconds,
         "ms": 1e3 * seconds,
         "x_gradient": seconds / gradient_seconds,
-        "peak_mib": peak,
+        "gradient_peak_mib": gradient_peak,
+        "peak_mib": peak_extra_mib(call),
     }
+
+
+def worker(case: str) -> dict[str, float]:
+    model, loss_fn, x, y = problem(case)
+    params = list(model.parameters())
+    quantity = cases()[case]
+    return measure(
+        lambda: torch.autograd.grad(loss_fn(model(x), y), params),
+        lambda: quantity(model, loss_fn, x, y),
+    )
 
 
 def main() -> None:

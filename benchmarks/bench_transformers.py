@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_real_size import Block, _median_seconds, _memory
+from bench_real_size import Block, measure
 
 
 class GPT(nn.Module):
@@ -104,35 +104,10 @@ def worker(case: str, vocab: int, quick: bool, tied: bool) -> dict[str, float]:
     model, loss_fn, x, y = problem(vocab, quick, tied)
     params = list(model.parameters())
     quantity = cases()[case]
-
-    def gradient() -> object:
-        return torch.autograd.grad(loss_fn(model(x), y), params)
-
-    def call() -> object:
-        return quantity(model, loss_fn, x, y)
-
-    gradient()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    before = _memory("VmRSS")
-    gradient()
-    gradient_peak = _memory("VmHWM") - before
-    call()
-    gradient_seconds = _median_seconds(gradient)
-    seconds = _median_seconds(call)
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    before = _memory("VmRSS")
-    result = call()
-    peak = _memory("VmHWM") - before
-    del result
-    return {
-        "gradient_ms": 1e3 * gradient_seconds,
-        "ms": 1e3 * seconds,
-        "x_gradient": seconds / gradient_seconds,
-        "gradient_peak_mib": gradient_peak,
-        "peak_mib": peak,
-    }
+    return measure(
+        lambda: torch.autograd.grad(loss_fn(model(x), y), params),
+        lambda: quantity(model, loss_fn, x, y),
+    )
 
 
 def main() -> None:
