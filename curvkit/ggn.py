@@ -243,6 +243,7 @@ def ggn_columns(
     indices: Iterable[int] | Tensor | None = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
+    max_memory: int | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     r"""Exact columns :math:`G e_i` of the GGN, computed many at a time.
 
@@ -263,6 +264,7 @@ def ggn_columns(
         chunk_size: Columns per product; by default as many as keep a chunk of columns under
             :data:`~curvkit.factor_products.CHUNK_ELEMENTS` entries.
         progress: Show a progress bar over the chunks; ``None`` shows one for long loops.
+        max_memory: {max_memory}
 
     Yields:
         Pairs ``(i, column)``, ``column`` the flat column :math:`G e_i` of :math:`D` entries.
@@ -272,7 +274,7 @@ def ggn_columns(
         ValueError: If an index is out of ``[0, D)`` or ``chunk_size`` is not positive, and for
             the errors of :func:`diag_ggn`.
     """
-    problem = Problem(model, loss_fn, data, params, name="ggn_columns")
+    problem = Problem(model, loss_fn, data, params, max_memory=max_memory, name="ggn_columns")
     dim = sum(p.numel() for p in problem.params)
     wanted = _check_indices(indices, dim)
     size = _check_columns_chunk_size(chunk_size, dim)

@@ -61,6 +61,7 @@ class GGNOperator(CurvatureOperator):
         generator: Random number generator whose current state seeds the Monte-Carlo samples; a
             seed is drawn from the global generator if ``None``.
         progress: {progress}
+        max_memory: {max_memory}
 
     Raises:
         TypeError, ValueError: As :func:`curvkit.ggn.diag_ggn`; ``ValueError`` if ``params`` do
@@ -77,6 +78,7 @@ class GGNOperator(CurvatureOperator):
         mc_samples: int = 0,
         generator: torch.Generator | None = None,
         progress: bool | None = None,
+        max_memory: int | None = None,
     ) -> None:
         self._problem = Problem(
             model,
@@ -86,6 +88,7 @@ class GGNOperator(CurvatureOperator):
             mc_samples=mc_samples,
             generator=generator,
             progress=progress,
+            max_memory=max_memory,
             name="GGNOperator",
         )
         self._set_domain(self._problem.params)

@@ -16,6 +16,12 @@ from curvkit import losses, memory
 from curvkit.engines import compute
 from curvkit.memory import MemoryPlan, MemoryPlanError
 
+# torch compiles its forward-mode decompositions with torch.jit.script on first use, which
+# warns that it is deprecated: torch's internals, used by the forward-mode reference here.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.script` is deprecated:DeprecationWarning"
+)
+
 DTYPE = torch.float64
 
 
@@ -139,3 +145,17 @@ def test_max_memory_is_validated(value, error):
     model, loss_fn, inputs, targets = _problem(1, "sum")
     with pytest.raises(error, match="max_memory"):
         curvkit.diag_ggn(model, loss_fn, (inputs, targets), max_memory=value)
+
+
+def test_operator_and_columns_take_the_budget_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 50)).double()
+    batch = (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 50, (8,)))
+    vector = torch.ones(250, dtype=torch.float64)
+    with pytest.raises(MemoryPlanError, match="50 columns per sample"):
+        curvkit.GGNOperator(model, nn.CrossEntropyLoss(), batch, max_memory=1000) @ vector
+    with pytest.raises(MemoryPlanError, match="50 columns per sample"):
+        next(iter(curvkit.ggn_columns(model, nn.CrossEntropyLoss(), batch, max_memory=1000)))
+    roomy = curvkit.GGNOperator(model, nn.CrossEntropyLoss(), batch, max_memory=2**30)
+    expected = curvkit.ggn_matrix(model, nn.CrossEntropyLoss(), batch) @ vector
+    torch.testing.assert_close(roomy @ vector, expected)
