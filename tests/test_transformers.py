@@ -377,3 +377,34 @@ def test_a_transformed_parameter_used_in_its_own_leaf_module_takes_its_rule() ->
     diag = _flat(curvkit.diag_ggn(model, nn.MSELoss(), (x, y)))
     expected = verify.reference_ggn(model, nn.MSELoss(), x, y).diagonal()
     _assert_close(diag, expected, 1e-10, "diag_ggn")
+
+
+@pytest.mark.parametrize("num_columns", [1, 3])
+def test_a_head_tied_as_a_module_keeps_its_factors_structured(num_columns: int) -> None:
+    """An ``nn.Linear`` head sharing the embedding table (Hugging Face's tie): exact diagonal
+    through the lookup's and the head's factors and their cross term, no dense columns."""
+    from curvkit.engines import compute_factors
+    from curvkit.engines.embedding import TiedEmbeddingFactor
+
+    torch.manual_seed(0)
+    model = NanoGPT().double().eval()
+    model.head = nn.Linear(WIDTH, VOCAB, bias=False).double()
+    model.head.weight = model.tokens.weight
+    tokens, targets = _tokens(3)
+    tokens[0, :2] = 4  # a token looked up twice in one sample
+    data = (tokens, targets)
+    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    columns = torch.randn(num_columns, 3, VOCAB, LENGTH, dtype=torch.float64)
+    _, factors = compute_factors(model, tokens, params, lambda out: columns)
+    tied = factors[0]
+    assert isinstance(tied, TiedEmbeddingFactor)
+    torch.testing.assert_close(tied.diag(), tied.dense().square().sum(dim=(0, 1)))
+    if mc_samples == 0:
+        diag = _flat(curvkit.diag_ggn(model, loss_fn, data))
+        _assert_close(
+            diag,
+            _dense_ggn(Case(model, loss_fn, data, tokens, targets)).diagonal(),
+            1e-9,
+            "diag_ggn",
+        )

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from curvkit.engines.backward import backpropagate
-from curvkit.engines.embedding import EmbeddingFactor
+from curvkit.engines.embedding import EmbeddingFactor, TiedEmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.guard import model_guard
 from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
@@ -99,6 +99,8 @@ def _combine(parts: list[Factor]) -> Factor:
             return KroneckerFactor.concatenate(parts)
     if all(isinstance(p, EmbeddingFactor) for p in parts):
         return EmbeddingFactor.concatenate(parts)
+    if TiedEmbeddingFactor.applies(parts):
+        return TiedEmbeddingFactor.of(parts)
     if all(isinstance(p, DenseFactor) for p in parts):
         return DenseFactor(sum(p.columns for p in parts), parts[0].param_shape)
     return SumFactor(parts)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvkit.engines.factor import Factor
+from curvkit.engines.factor import Factor, SumFactor
+from curvkit.engines.kronecker import KroneckerFactor
 
-__all__ = ["EmbeddingFactor"]
+__all__ = ["EmbeddingFactor", "TiedEmbeddingFactor"]
 
 
 class EmbeddingFactor(Factor):
@@ -110,3 +111,64 @@ class EmbeddingFactor(Factor):
 
     def select(self, start: int, stop: int) -> EmbeddingFactor:  # noqa: D102
         return EmbeddingFactor(self.output_grads[start:stop], self.indices, self.param_shape)
+
+
+class TiedEmbeddingFactor(SumFactor):
+    r"""An embedding table that is also a Linear layer's weight: a language model's tied head.
+
+    :math:`v_{k,n} = \sum_t e_{i_{n,t}} \otimes b_{k,n,t} + \sum_s g_{k,n,s} \otimes x_{n,s}`
+    (the lookup's columns, then the head's). Its diagonal is the parts' diagonals plus twice
+    their cross term, which lives in the rows of the looked-up tokens:
+
+    .. math::
+
+        \sum_{k,n} v^{E}_{k,n} \odot v^{L}_{k,n}
+        = \sum_{k,n,t} e_{i_{n,t}} \otimes \Big(b_{k,n,t} \odot
+          \sum_s g_{k,n,s}[i_{n,t}]\, x_{n,s}\Big),
+
+    without the dense :math:`K N V E` columns a plain :class:`SumFactor` would form.
+
+    Args:
+        embedding: The lookup's factor, ``[V, E]``.
+        linear: The head's factor, one group, weight ``[V, E]``.
+    """
+
+    def __init__(self, embedding: EmbeddingFactor, linear: KroneckerFactor) -> None:
+        super().__init__([embedding, linear])
+        self.embedding = embedding
+        self.linear = linear
+
+    @staticmethod
+    def applies(parts: list[Factor]) -> bool:
+        """Whether ``parts`` are one embedding lookup and one one-group Linear on its table."""
+        if len(parts) != 2:
+            return False
+        embedding = next((p for p in parts if isinstance(p, EmbeddingFactor)), None)
+        linear = next((p for p in parts if isinstance(p, KroneckerFactor)), None)
+        return (
+            embedding is not None
+            and linear is not None
+            and linear.output_grads.shape[3] == 1
+            and tuple(linear.output_grads.shape[4:]) == (embedding.param_shape[0],)
+            and linear.input_shape[-1] == embedding.param_shape[1]
+        )
+
+    @classmethod
+    def of(cls, parts: list[Factor]) -> TiedEmbeddingFactor:
+        """The factor of ``parts`` (see :meth:`applies`), in either order."""
+        embedding = next(p for p in parts if isinstance(p, EmbeddingFactor))
+        linear = next(p for p in parts if isinstance(p, KroneckerFactor))
+        return cls(embedding, linear)
+
+    def diag(self) -> Tensor:  # noqa: D102
+        out = self.embedding.diag() + self.linear.diag()
+        indices = self.embedding.indices  # [N, T]
+        g = self.linear.output_grads[:, :, :, 0]  # [K, N, S, V]
+        x = self.linear.inputs[:, :, 0]  # [N, S, E]
+        k, n, s, _ = g.shape
+        t = indices.shape[1]
+        # g_{k,n,s}[i_{n,t}]: [K, N, S, T]
+        picked = torch.gather(g, 3, indices[None, :, None, :].expand(k, n, s, t))
+        head_rows = torch.einsum("knst,nse->knte", picked, x)
+        cross = (self.embedding.output_grads * head_rows).sum(dim=0)  # [N, T, E]
+        return out.index_add_(0, indices.flatten(), 2 * cross.reshape(n * t, -1))
