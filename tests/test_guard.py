@@ -73,7 +73,9 @@ def test_backward_hooks_do_not_fire_and_forward_hooks_fire_once_per_pass() -> No
         model, LOSS, batch, vector=[torch.ones_like(p) for p in model.parameters()]
     )
     assert backward == []
-    assert forward == [5, 5] * 3  # pre-hook and hook, once per call, on the whole batch
+    # pre-hook and hook once per pass on the whole batch: one pass for diag_ggn and for
+    # damped_newton_step, two for ggn_vector_product (J u in forward mode, then J^T H J u)
+    assert forward == [5, 5] * 4
     assert [dict(m._backward_hooks) for m in model.modules()] == hooks
     # The user's own backward pass still runs them.
     batch[0].requires_grad_(True)

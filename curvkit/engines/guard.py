@@ -16,7 +16,9 @@ only, and restoring everything on exit, also when an error is raised:
 - **runs the user's forward hooks once per pass over the data**: forward pre-hooks and forward
   hooks (module and global) are part of the model's function and run in every forward pass over
   a batch, as in ``model(inputs)``: once per batch (with ``sample_chunk_size``, once on the
-  whole batch and once per chunk; a pass that changes recorded tensors in place runs twice). The
+  whole batch and once per chunk; a pass that changes recorded tensors in place runs twice;
+  :func:`curvkit.ggn_vector_product` runs two passes per batch, one for :math:`J u` in forward
+  mode and the one it differentiates). The
   engine's extra checking passes (:func:`curvkit.engines.safety.probe_first_sample`) run
   without them, unless the model's outputs differ without them;
 - **refuses side effects on buffers**: a module in training mode that updates a buffer in its
