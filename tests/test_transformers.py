@@ -350,11 +350,59 @@ def test_shared_tensors_leave_the_model_as_it_was() -> None:
     assert all(p.grad is None for p in case.model.parameters())
 
 
-def test_in_place_update_of_a_shared_tensor_site_is_refused_with_advice() -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
-    model.register_forward_pre_hook(lambda module, args: (args[0].clone().mul_(model[1].bias[0]),))
+class InPlaceShared(nn.Module):
+    """In-place updates with shared tensors, one through an alias (BERT's ``x += pos``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(LENGTH, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.tanh(x)
+        alias = hidden
+        hidden += self.positions(torch.arange(x.shape[1])) * self.scale.exp()
+        return self.head(alias).sum(1)
+
+
+def test_in_place_updates_with_shared_tensors_keep_their_meaning() -> None:
+    torch.manual_seed(0)
+    model = InPlaceShared().double()
+    x = torch.randn(4, LENGTH, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    diag = _flat(curvkit.diag_ggn(model, nn.MSELoss(), (x, y)))
+    expected = verify.reference_ggn(model, nn.MSELoss(), x, y).diagonal()
+    _assert_close(diag, expected, 1e-10, "diag_ggn")
+
+
+def test_a_shared_site_changed_in_place_again_is_refused() -> None:
+    class Twice(InPlaceShared):
+        def forward(self, x: Tensor) -> Tensor:
+            hidden = torch.tanh(x)
+            hidden += self.positions(torch.arange(x.shape[1]))
+            hidden.mul_(self.scale.exp())
+            return self.head(hidden).sum(1)
+
+    model = Twice().double()
+    batch = (torch.randn(4, LENGTH, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="changed in place later"):
+        curvkit.diag_ggn(model, nn.MSELoss(), batch)
+
+
+def test_in_place_write_into_a_shared_tensor_is_refused_with_advice() -> None:
+    class IntoShared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.positions = nn.Embedding(LENGTH, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            shared = self.positions(torch.arange(x.shape[1]))
+            return shared.add_(x[0]).sum(0, keepdim=True)
+
+    model = nn.Sequential(IntoShared(), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="out of place"):
-        curvkit.diag_ggn(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+        curvkit.diag_ggn(model, nn.MSELoss(), (torch.randn(1, LENGTH, 3), torch.randn(1, 2)))
 
 
 def test_a_transformed_parameter_used_in_its_own_leaf_module_takes_its_rule() -> None:

@@ -353,17 +353,12 @@ class _Recorder(TorchFunctionMode):
         unheld: set[int],
         shared: set[int],
     ) -> Any:
-        """Run ``func`` as a recorded call of a :class:`SharedSite`."""
-        # `x += shared` rebinds x to the result: run it out of place, so that the recorded
-        # output is not changed by later in-place operations on x.
-        func = _OUT_OF_PLACE.get(func, func)
-        name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
-            raise ValueError(
-                f"the in-place operation {name} combines a sample-dependent tensor with a tensor "
-                "computed from parameters and shared by all samples; write it out of place "
-                f"(`x = x.{name[:-1]}(...)`) so that curvkit can follow the samples through it"
-            )
+        """Run ``func`` as a recorded call of a :class:`SharedSite`.
+
+        An in-place operation (``x += pos``, ``x.mul_(scale)``) runs in place, as the model
+        wrote it; the site records a copy of ``x`` from before it and recomputes the operation
+        out of place on single samples.
+        """
         leaves, spec = pytree.tree_flatten((args, kwargs))
         positions = [
             i
@@ -371,13 +366,20 @@ class _Recorder(TorchFunctionMode):
             if isinstance(leaf, Tensor)
             and (id(leaf) in shared or self.param_index.get(id(leaf)) in unheld)
         ]
-        shared = [leaves[i] for i in positions]
-        inputs = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
-        module = SharedSite(func, spec, positions, shared)
-        call = ModuleCall(
-            module, len(self.sites), self.stack[-1] if self.stack else None, inputs, {}
-        )
-        call.input_versions = [t._version for t in _tensors(inputs)]
+        out_of_place = _out_of_place(func)
+        inputs = [None if i in positions else leaf for i, leaf in enumerate(leaves)]
+        if out_of_place is not None:
+            if 0 in positions or not isinstance(leaves[0], Tensor):
+                raise ValueError(
+                    f"the in-place operation {getattr(func, '__name__', func)} writes a sample-"
+                    "dependent result into a tensor computed from parameters and shared by all "
+                    "samples; write it out of place so that curvkit can follow the samples"
+                )
+            inputs[0] = leaves[0].clone()
+        module = SharedSite(out_of_place or func, spec, positions, [leaves[i] for i in positions])
+        parent = self.stack[-1] if self.stack else None
+        call = ModuleCall(module, len(self.sites), parent, tuple(inputs), {})
+        call.input_versions = [t._version for t in _tensors(call.args)]
         call.output = func(*args, **kwargs)
         call.output_versions = [t._version for t in _tensors(call.output)]
         self.sites.append(call)
@@ -441,13 +443,34 @@ class _Recorder(TorchFunctionMode):
         return [call for call in self.calls if call.params] + self.borrowed
 
 
-#: Augmented assignments at a :class:`SharedSite`, run out of place (see ``_Recorder._site``).
-_OUT_OF_PLACE: dict[Callable[..., Any], Callable[..., Any]] = {
+#: Augmented assignments and their out-of-place forms (see ``_Recorder._site``).
+_AUGMENTED: dict[Callable[..., Any], Callable[..., Any]] = {
     Tensor.__iadd__: Tensor.__add__,
     Tensor.__isub__: Tensor.__sub__,
     Tensor.__imul__: Tensor.__mul__,
     Tensor.__itruediv__: Tensor.__truediv__,
 }
+
+
+def _out_of_place(func: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The out-of-place form of an in-place torch function (``add_`` -> ``add``), else ``None``.
+
+    Raises:
+        ValueError: For an in-place function without an out-of-place form.
+    """
+    if func in _AUGMENTED:
+        return _AUGMENTED[func]
+    name = getattr(func, "__name__", "")
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    counterpart = getattr(Tensor, name[:-1], None)
+    if counterpart is None:
+        raise ValueError(
+            f"the in-place operation {name} combines a sample-dependent tensor with a tensor "
+            "computed from parameters and shared by all samples; write it out of place so that "
+            "curvkit can follow the samples through it"
+        )
+    return counterpart
 
 
 def _changed_in_place(call: ModuleCall) -> bool:
