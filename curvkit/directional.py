@@ -175,12 +175,11 @@ def ggn_eigh(
         TypeError: For data that is not a batch or an iterable of batches.
     """
     problem = _GramProblem(
-        Problem(
+        _directional_problem(
             model,
             loss_fn,
             data,
             params,
-            options=GROUP_DEFAULTS,
             mc_samples=mc_samples,
             generator=generator,
             param_groups=param_groups,
@@ -231,12 +230,11 @@ def directional_derivatives(
         TypeError: For data that is not a batch or an iterable of batches.
     """
     problem = _GramProblem(
-        Problem(
+        _directional_problem(
             model,
             loss_fn,
             data,
             params,
-            options=GROUP_DEFAULTS,
             mc_samples=mc_samples,
             generator=generator,
             param_groups=param_groups,
@@ -284,12 +282,11 @@ def damped_newton_step(
         ValueError: For invalid groups, sub-sampling indices, criterion results or dampings.
         TypeError: For data that is not a batch or an iterable of batches.
     """
-    problem = Problem(
+    problem = _directional_problem(
         model,
         loss_fn,
         data,
         params,
-        options=GROUP_DEFAULTS,
         mc_samples=mc_samples,
         generator=generator,
         param_groups=param_groups,
@@ -315,18 +312,24 @@ def damped_newton_step_and_loss(
         ``(loss, steps)``.
     """
     return _damped_newton(
-        Problem(
+        _directional_problem(
             model,
             loss_fn,
             batch,
             params,
-            options=GROUP_DEFAULTS,
             mc_samples=mc_samples,
             generator=generator,
         ),
         None,
         None,
     )
+
+
+def _directional_problem(
+    model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, **settings: Any
+) -> Problem:
+    """The call context of the directional quantities: their group options and defaults."""
+    return Problem(model, loss_fn, data, params, options=GROUP_DEFAULTS, **settings)
 
 
 def _damped_newton(
