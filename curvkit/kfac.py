@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from curvkit import losses
 from curvkit.data import Inputs, distributed_world, is_batch
 from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, rule_for
+from curvkit.engines.layer_rules import embedding_rule, norm_rule
 from curvkit.problem import Problem
 
 __all__ = [
@@ -84,6 +85,9 @@ FALLBACKS = ("diagonal", "block", "error")
 #: The modules whose ``bias`` adds to every output position, so that it shares the weight's
 #: output factor :math:`B`. A bias of any other module goes to the fallback.
 ADDITIVE_BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: The rules of a module class that certainly gives no Kronecker factor (``None``: no rule).
+_RULES_WITHOUT_KRONECKER_FACTORS = (None, embedding_rule, norm_rule)
 
 #: Largest exact square root of the loss Hessian (bytes) built without refusal.
 MAX_EXACT_COLUMN_BYTES = 2**31
@@ -337,8 +341,9 @@ def check_coverage(
 ) -> None:
     """Refuse, before any computation, parameters that certainly get no Kronecker factor.
 
-    Those are the parameters of modules without a registered rule, and those other than a
-    weight and an additive bias. (A module with a rule may still decline a call; that shows
+    Those are the parameters of modules without a registered rule or with a built-in rule
+    whose factors are never Kronecker factors (embeddings, normalisation layers), and those other
+    than a weight and an additive bias. (A module with a rule may still decline a call; that shows
     only when the factors are computed.)
 
     Raises:
@@ -347,7 +352,7 @@ def check_coverage(
     for plan in plans:
         module = model.get_submodule(plan.module)
         uncovered = list(plan.others)
-        if rule_for(type(module)) is None:
+        if rule_for(type(module)) in _RULES_WITHOUT_KRONECKER_FACTORS:
             for position, part in ((plan.weight, "weight"), (plan.bias, "bias")):
                 if position is not None and (part == "bias" or plan.weight_requested):
                     uncovered.append((position, f"{plan.module}.{part}".lstrip(".")))

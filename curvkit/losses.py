@@ -679,28 +679,47 @@ def _class_last(outputs: Tensor) -> Tensor:
     return prob.reshape(outputs.shape[0], -1, outputs.shape[1])
 
 
+def _categorical_draws(prob: Tensor, draws: int, generator: torch.Generator | None) -> Tensor:
+    r"""``draws`` independent classes per row of ``prob`` ``[R, C]``: ``[R, draws]`` indices.
+
+    Two-level inverse-CDF sampling: a block of :math:`W \approx \sqrt C` classes is drawn from
+    the blocks' masses, then a class within it. Both searches run in cumulative sums of about
+    :math:`\sqrt C` entries, so the cost is one pass of summing over ``prob`` (a cumulative sum
+    over all :math:`C` classes cost as much as the softmax, ``torch.multinomial`` a third of a
+    Monte-Carlo diagonal at a vocabulary of 8192).
+    """
+    rows, classes = prob.shape
+    width = max(1, math.isqrt(classes))
+    full = classes // width
+    mass = prob[:, : full * width].reshape(rows, full, width).sum(-1)
+    if full * width < classes:
+        mass = torch.cat([mass, prob[:, full * width :].sum(-1, keepdim=True)], dim=1)
+    cumulative = mass.cumsum(-1)
+    uniform = torch.rand(rows, draws, dtype=prob.dtype, device=prob.device, generator=generator)
+    uniform = uniform * cumulative[:, -1:]
+    block = torch.searchsorted(cumulative, uniform, right=True).clamp_max(mass.shape[1] - 1)
+    below = cumulative.gather(1, block) - mass.gather(1, block)
+    members = block.unsqueeze(-1) * width + torch.arange(width, device=prob.device)
+    within = prob.gather(1, members.clamp_max(classes - 1).flatten(1))
+    within = within.reshape(rows, draws, width).masked_fill(members >= classes, 0).cumsum(-1)
+    offset = torch.searchsorted(within, (uniform - below).unsqueeze(-1), right=True)
+    return (block * width + offset.squeeze(-1).clamp_max(width - 1)).clamp_max(classes - 1)
+
+
 def _cross_entropy_mc_sqrt(
     outputs: Tensor, scale: Tensor, mc_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     num_samples, num_classes = outputs.shape[:2]
     prob = _class_last(outputs)
     num_positions = prob.shape[1]
-    scale = scale.reshape(num_samples, num_positions, 1)
-    # Inverse-CDF draws: a search in the cumulative probabilities (torch.multinomial took a
-    # third of a Monte-Carlo diagonal's time at a vocabulary of 8192).
-    cumulative = prob.reshape(-1, num_classes).cumsum(-1)
-    uniform = torch.rand(
-        cumulative.shape[0],
-        mc_samples,
-        dtype=cumulative.dtype,
-        device=cumulative.device,
-        generator=generator,
-    )
-    sampled = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
-    sampled = sampled.clamp_max(num_classes - 1)  # [N * P, M]
-    onehot = nn.functional.one_hot(sampled.t(), num_classes).to(outputs.dtype)
-    columns = prob - onehot.reshape(mc_samples, num_samples, num_positions, num_classes)
-    columns = columns * (scale / mc_samples).sqrt()  # [M, N, P, C]
+    rows = prob.reshape(-1, num_classes)
+    sampled = _categorical_draws(rows, mc_samples, generator)  # [N * P, M]
+    root = (scale.reshape(-1, 1) / mc_samples).sqrt()
+    # The columns root * (p - e_sampled), written into one buffer without a one-hot tensor;
+    # the probabilities are a fresh tensor, no longer needed once drawn from.
+    columns = rows.mul_(root).expand(mc_samples, -1, -1).contiguous()
+    columns.scatter_add_(2, sampled.t().unsqueeze(-1), (-root).expand(mc_samples, -1, 1))
+    columns = columns.reshape(mc_samples, num_samples, num_positions, num_classes)
     return columns.movedim(-1, 2).reshape(mc_samples, *outputs.shape)
 
 

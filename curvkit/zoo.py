@@ -33,6 +33,7 @@ __all__ = [
     "EmbeddingClassifier",
     "InPlace",
     "LastStep",
+    "Normalisations",
     "PaddedTwice",
     "Residual",
     "SelfAttention",
@@ -178,7 +179,7 @@ class Residual(nn.Module):
 class SequenceNorm(nn.Module):
     """Linear on ``[N, T, in]``, LayerNorm, and a Linear on ``[N, T1, T2, in]``.
 
-    The Linear rule with positions (one and two extra axes) and the generic rule for LayerNorm.
+    The Linear rule with positions (one and two extra axes) and the normalisation rule.
     """
 
     def __init__(self) -> None:
@@ -190,6 +191,34 @@ class SequenceNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         h = self.norm(torch.tanh(self.proj(x)))
         return self.out(h.reshape(h.shape[0], 2, -1, 5)).flatten(start_dim=1)
+
+
+class Normalisations(nn.Module):
+    """The normalisation rule in each of its layouts.
+
+    RMSNorm, a LayerNorm over two axes without bias, one with the samples on the second axis,
+    GroupNorm on ``[N, C]``. The affine parameters are drawn at random (torch initialises them
+    to ones and zeros).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.rms = nn.RMSNorm(6)
+        self.plane = nn.LayerNorm((3, 2), bias=False)
+        self.sequence_first = nn.LayerNorm(6)
+        self.group = nn.GroupNorm(3, 6)
+        self.out = nn.Linear(6, 2)
+        with torch.no_grad():
+            for norm in (self.rms, self.plane, self.sequence_first, self.group):
+                for param in norm.parameters():
+                    param.copy_(torch.randn_like(param))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        h = torch.tanh(self.rms(self.proj(x)))  # [N, T, 6]
+        h = self.plane(h.unflatten(-1, (3, 2))).flatten(start_dim=-2)
+        h = self.sequence_first(h.transpose(0, 1)).transpose(0, 1)
+        return self.out(torch.tanh(self.group(h.mean(dim=1))))
 
 
 class EmbeddingClassifier(nn.Module):
@@ -262,7 +291,7 @@ class SelfAttention(nn.Module):
 class AttentionClassifier(nn.Module):
     """Self-attention over a short sequence, residual, LayerNorm, mean pooling, linear head.
 
-    The generic rule on a custom module and on LayerNorm, next to the Linear rule.
+    The generic rule on a custom module, the normalisation and Linear rules.
     """
 
     def __init__(self, embed: int, outputs: int) -> None:
@@ -503,7 +532,7 @@ def _cnn3d() -> nn.Module:
 
 
 def _norms_prelu_transposed_conv() -> nn.Module:
-    """GroupNorm, PReLU, ConvTranspose2d and affine InstanceNorm: the generic rule on each."""
+    """GroupNorm (the normalisation rule), PReLU, ConvTranspose2d, affine InstanceNorm (generic)."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3),
         nn.GroupNorm(2, 4),
@@ -545,6 +574,7 @@ CASES: dict[str, CaseSpec] = {
     ),
     "residual": CaseSpec(partial(Residual, features=5, hidden=7, outputs=3), _randn(5), nn.MSELoss),
     "sequence_layernorm": CaseSpec(SequenceNorm, _randn(4, 4), nn.MSELoss),
+    "normalisations": CaseSpec(Normalisations, _randn(3, 4), nn.CrossEntropyLoss),
     "attention": CaseSpec(
         partial(AttentionClassifier, embed=4, outputs=3),
         _randn(5, 4),

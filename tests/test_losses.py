@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvkit.losses import hessian_sqrt, normalization, sample_reduction
+from curvkit.losses import _categorical_draws, hessian_sqrt, normalization, sample_reduction
 from curvkit.verify import reference_output_hessian
 
 DTYPE = torch.float64
@@ -294,6 +294,31 @@ def test_monte_carlo_square_root_is_unbiased(case_id, reduction):
 def test_monte_carlo_generic_sketch_is_unbiased():
     outputs = torch.randn(2, 3, dtype=DTYPE)
     assert_unbiased(lambda o, t: torch.logsumexp(o, 1).sum() + (o**4).mean(), outputs, None)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 5, 16, 37, 1000])
+def test_categorical_draws_follow_the_probabilities(num_classes):
+    """Pearson's chi-square over the classes drawn often enough, and never a class of mass 0.
+
+    Class counts include squares (16, 1000 = 31 blocks of 32 plus 8) and primes (5, 37),
+    so that the last block of the two-level search is both full and partial.
+    """
+    torch.manual_seed(0)
+    prob = torch.softmax(2 * torch.randn(3, num_classes, dtype=DTYPE), dim=1)
+    if num_classes > 1:
+        prob[:, 1] = 0
+        prob = prob / prob.sum(1, keepdim=True)
+    draws = 200_000
+    drawn = _categorical_draws(prob, draws, torch.Generator().manual_seed(3))
+    assert drawn.shape == (3, draws) and drawn.dtype == torch.int64
+    counts = torch.zeros_like(prob).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=DTYPE))
+    if num_classes > 1:
+        assert (counts[:, 1] == 0).all()
+    expected = prob * draws
+    often = expected > 20
+    chi_square = ((counts - expected) ** 2 / expected)[often].sum()
+    dof = max(int(often.sum()) - 3, 1)
+    assert abs(float(chi_square) - dof) <= 5 * math.sqrt(2 * dof) + 5
 
 
 @pytest.mark.parametrize("case_id", ["mse", "ce-spatial", "bce-pos-weight"])

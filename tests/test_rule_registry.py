@@ -21,7 +21,13 @@ from curvkit.engines import (
     register_rule,
     rule_for,
 )
-from curvkit.engines.layer_rules import BUILTIN_RULES, conv_rule, embedding_rule, linear_rule
+from curvkit.engines.layer_rules import (
+    BUILTIN_RULES,
+    conv_rule,
+    embedding_rule,
+    linear_rule,
+    norm_rule,
+)
 from curvkit.verify import reference_diag_ggn, reference_ggn
 
 LOGGER = "curvkit.engines.rules"
@@ -122,7 +128,8 @@ def test_builtin_rules_are_found_by_exact_type() -> None:
     assert all(rule_for(conv) is conv_rule for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     assert rule_for(nn.Embedding) is embedding_rule
     assert all(rule_for(module_type) is rule for module_type, rule in BUILTIN_RULES.items())
-    assert rule_for(nn.LayerNorm) is None
+    assert rule_for(nn.LayerNorm) is norm_rule
+    assert rule_for(nn.InstanceNorm2d) is None
 
 
 def test_subclass_goes_to_the_generic_rule_until_registered(register: Register) -> None:

@@ -196,8 +196,10 @@ class KroneckerFactor(Factor):
         out = self.output_grads.new_zeros(g, o, i)
         for s in self._sample_chunks(self.output_grads.element_size() * g * o * i):
             for column in range(k):
-                per_sample = self._per_sample(x, column, s)
-                out += torch.einsum("ngoi,ngoi->goi", per_sample, per_sample)
+                # One fused multiply-add per sample: an einsum over the sample axis runs as
+                # G O I dot products of length n (measured 2-7x slower).
+                for gradient in self._per_sample(x, column, s):
+                    out.addcmul_(gradient, gradient)
         return out.reshape(self.param_shape)
 
     def gram(self) -> Tensor:  # noqa: D102

@@ -6,7 +6,12 @@ r"""The built-in rules: the layer math of the engine's hot path.
 - ``nn.Conv1d/2d/3d`` (batched input; any stride, padding, dilation, groups, padding mode): the
   same, with the input's patches in place of the input;
 - ``nn.Embedding`` (integer indices, samples on the first axis, without ``max_norm`` or
-  ``scale_grad_by_freq``): an :class:`~curvkit.engines.EmbeddingFactor`.
+  ``scale_grad_by_freq``): an :class:`~curvkit.engines.EmbeddingFactor`;
+- ``nn.LayerNorm``, ``nn.RMSNorm`` (samples on any axis before the normalised ones) and
+  ``nn.GroupNorm`` (samples on the first axis): the columns of the elementwise affine
+  parameters, :math:`\sum_t b_{k,n,t} \odot \hat x_{n,t}` for the weight and
+  :math:`\sum_t b_{k,n,t}` for the bias, with the normalised input :math:`\hat x` recomputed
+  by the same torch function without the affine part.
 
 Each rule declines (:class:`~curvkit.engines.Decline`) the calls outside these cases, which then
 go to the generic rule. :data:`BUILTIN_RULES` maps torch's classes to them, by exact type:
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,7 +32,7 @@ from curvkit.engines.factor import DenseFactor, Factor
 from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, KroneckerFactor
 from curvkit.engines.registry import Decline, Rule, RuleCall
 
-__all__ = ["BUILTIN_RULES", "conv_rule", "embedding_rule", "linear_rule"]
+__all__ = ["BUILTIN_RULES", "conv_rule", "embedding_rule", "linear_rule", "norm_rule"]
 
 
 def _bias_columns(output_grads: Tensor) -> Tensor:
@@ -181,6 +187,64 @@ def embedding_rule(call: RuleCall) -> dict[str, Factor]:
     return {"weight": EmbeddingFactor(b, indices, module.weight.shape)}
 
 
+def _normalised(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """The input normalised without the affine part, and how many trailing axes a weight spans.
+
+    Raises:
+        Decline: For a GroupNorm input without a channel axis.
+    """
+    if isinstance(module, nn.GroupNorm):
+        if x.dim() < 2:
+            raise Decline("the input has no channel axis")
+        return F.group_norm(x, module.num_groups, None, None, module.eps), x.dim() - 1
+    shape = tuple(module.normalized_shape)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, shape, None, None, module.eps), len(shape)
+    return F.rms_norm(x, shape, None, module.eps), len(shape)
+
+
+def norm_rule(call: RuleCall) -> dict[str, Factor]:
+    r"""Factors of ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.GroupNorm``: dense columns.
+
+    The output is :math:`y = \hat x \odot w + \beta`, so the weight's columns are
+    :math:`\sum_t b_{k,n,t} \odot \hat x_{n,t}` and the bias's :math:`\sum_t b_{k,n,t}`, summed
+    over the positions :math:`t` the parameters broadcast over (GroupNorm's weight is per
+    channel: the positions are its spatial axes). Formed a chunk of columns at a time.
+
+    Raises:
+        Decline: If the input is not one tensor whose sample axis lies before the axes the
+            parameters span (GroupNorm: its first axis).
+    """
+    x = call.single_input()
+    output_grad = call.output_grad()
+    module = call.module
+    normalised, spanned = _normalised(module, x)
+    axis = call.input_sample_axis()
+    if axis >= x.dim() - spanned and not isinstance(module, nn.GroupNorm):
+        raise Decline("the input's sample axis is one the parameters span")
+    if isinstance(module, nn.GroupNorm):
+        if axis != 0:
+            raise Decline("the samples are not on the input's first axis")
+        # [N, C, *spatial]: the channel is the parameter axis, the spatial axes the positions.
+        normalised = normalised.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+        b = output_grad.reshape(*output_grad.shape[:3], -1).transpose(2, 3)
+    else:
+        param_shape = x.shape[x.dim() - spanned :]
+        normalised = normalised.movedim(axis, 0).reshape(call.num_samples, -1, *param_shape)
+        b = output_grad.movedim(axis + 1, 1)
+        b = b.reshape(b.shape[0], call.num_samples, -1, *param_shape)
+    factors: dict[str, Factor] = {}
+    if "weight" in call.params:
+        step = max(1, call.max_chunk_bytes // max(normalised.numel() * b.element_size(), 1))
+        columns = torch.cat(
+            [(b[k : k + step] * normalised).sum(dim=2) for k in range(0, b.shape[0], step)]
+        )
+        factors["weight"] = DenseFactor(columns, module.weight.shape)
+    if "bias" in call.params:
+        factors["bias"] = DenseFactor(b.sum(dim=2), module.bias.shape)
+    return factors
+
+
 #: The built-in rules by exact module class. ``NonDynamicallyQuantizableLinear`` is the
 #: ``out_proj`` of ``nn.MultiheadAttention``, a ``Linear`` with the same ``forward``.
 BUILTIN_RULES: dict[type[nn.Module], Rule] = {
@@ -190,4 +254,7 @@ BUILTIN_RULES: dict[type[nn.Module], Rule] = {
     nn.Conv2d: conv_rule,
     nn.Conv3d: conv_rule,
     nn.Embedding: embedding_rule,
+    nn.LayerNorm: norm_rule,
+    nn.RMSNorm: norm_rule,
+    nn.GroupNorm: norm_rule,
 }
