@@ -95,3 +95,38 @@ def test_convolution_diagonal_and_gram_match_torch_func(num_samples: int) -> Non
         torch.testing.assert_close(
             factor.gram(), torch.einsum("knd,lmd->knlm", expected, expected), rtol=1e-10, atol=1e-14
         )
+
+
+@pytest.mark.parametrize("through_inputs", [True, False])
+@pytest.mark.parametrize("num_directions", [1, 6])
+@pytest.mark.parametrize("chunk_bytes", [64, 2**28])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_both_product_orders_match_materialised_columns(
+    shape: tuple[int, ...],
+    chunk_bytes: int,
+    num_directions: int,
+    through_inputs: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``mat`` and ``t_mat`` through the inputs and through per-sample gradients, each forced."""
+    factor, dense = _factor(shape, chunk_bytes)
+    k, n = shape[:2]
+    monkeypatch.setattr(KroneckerFactor, "_through_inputs", lambda self, j: through_inputs)
+    gen = torch.Generator().manual_seed(7)
+    directions = torch.randn(num_directions, *factor.param_shape, generator=gen, dtype=dense.dtype)
+    coefficients = torch.randn(k, n, num_directions, generator=gen, dtype=dense.dtype)
+    expected_t_mat = torch.einsum("knd,jd->knj", dense, directions.flatten(start_dim=1))
+    expected_mat = torch.einsum("knj,knd->jd", coefficients, dense)
+    torch.testing.assert_close(factor.t_mat(directions), expected_t_mat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        factor.mat(coefficients).flatten(start_dim=1), expected_mat, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_product_order_follows_the_cost() -> None:
+    """A language-model head: one direction goes through the inputs, ten through the gradients."""
+    head = KroneckerFactor(
+        torch.zeros(3, 2, 128, 1, 8192), torch.zeros(2, 128, 1, 256), torch.Size([8192, 256])
+    )
+    assert head._through_inputs(1)
+    assert not head._through_inputs(10)
