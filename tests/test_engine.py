@@ -15,8 +15,10 @@ from curvkit.engines import (
     SumFactor,
     ZeroFactor,
     backward,
+    compute,
     compute_factors,
 )
+from curvkit.engines.recording import record_forward
 from curvkit.verify import reference_factor_columns
 from curvkit.zoo import CASES, Case, make_case
 
@@ -214,11 +216,28 @@ def test_both_backward_strategies(
     name: str, per_column: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The per-column backward loop and the vmapped backward pass give the same factors."""
-    monkeypatch.setattr(backward, "PER_COLUMN_BACKWARD_ENTRIES", 0 if per_column else 2**62)
+    backpropagate = backward.backpropagate
+    monkeypatch.setattr(backward, "PER_COLUMN_BACKWARD_ENTRIES", 0)
+    monkeypatch.setattr(
+        compute,
+        "backpropagate",
+        lambda *args, **kwargs: backpropagate(*args, **{**kwargs, "convolutional": per_column}),
+    )
     case = make_case(name, 4)
     _, factors, expected = _factors_and_references(case)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("name", "convolutional"),
+    [("cnn", True), ("cnn1d", True), ("transformer", False), ("mlp", False)],
+)
+def test_recording_notes_convolutions_and_pooling(name: str, convolutional: bool) -> None:
+    """What picks the backward strategy: a convolution or pooling on the samples."""
+    case = make_case(name, 3)
+    recording = record_forward(case.model, case.inputs, list(case.model.parameters()))
+    assert recording.convolutional is convolutional
 
 
 @pytest.mark.parametrize(

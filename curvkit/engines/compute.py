@@ -146,6 +146,7 @@ def _factors(
             create_graph=create_graph,
             # The chain rule through shared tensors needs the graph once more.
             retain_graph=retain_graph or bool(recording.sites),
+            convolutional=recording.convolutional,
         )
         grads = {id(t): g for t, g in zip(target_list, results, strict=True)}
 

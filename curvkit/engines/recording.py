@@ -142,6 +142,7 @@ class Recording:
         sites: The calls of :class:`SharedSite` modules: torch functions where a shared tensor
             computed from parameters meets the samples, in call order.
         shared_params: The indices of the parameters with uses that yield shared tensors.
+        convolutional: Whether a convolution or pooling function ran on the samples.
     """
 
     outputs: Any
@@ -149,6 +150,7 @@ class Recording:
     num_params: int
     sites: list[ModuleCall] = field(default_factory=list)
     shared_params: set[int] = field(default_factory=set)
+    convolutional: bool = False
 
 
 def _tensors(tree: Any) -> list[Tensor]:
@@ -205,6 +207,7 @@ class _Recorder(TorchFunctionMode):
         self.sites: list[ModuleCall] = []
         self.borrowed: list[ModuleCall] = []
         self.shared_params: set[int] = set()
+        self.convolutional = False
         # id -> weak reference: ids alone could be reused by later tensors.
         self.sample_dependent: dict[int, weakref.ref] = {}
         # id -> (weak reference, the call it was made in, the parameters it is computed from)
@@ -239,6 +242,9 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         uses = [self.param_index.get(id(t)) for t in tensors]
         if any(self._member(self.sample_dependent, t) for t in tensors):
+            if not self.convolutional:
+                name = getattr(func, "__name__", "")
+                self.convolutional = "conv" in name or "pool" in name
             if func is F.linear and self._borrowed_linear(args, kwargs):
                 return self._linear_call(args, kwargs)
             # A use outside every call of a module holding the parameter (in a hook, or by
@@ -523,7 +529,14 @@ def record_forward(
                 "place"
             )
         if not changed:
-            return Recording(outputs, calls, len(params), recorder.sites, recorder.shared_params)
+            return Recording(
+                outputs,
+                calls,
+                len(params),
+                recorder.sites,
+                recorder.shared_params,
+                recorder.convolutional,
+            )
         if attempt == 1:
             raise RuntimeError(
                 "tensors recorded by the engine were changed in place even in private copies; "
