@@ -320,9 +320,12 @@ def hessian_product(
     if _is_exactly(loss_fn, nn.CrossEntropyLoss):
         scale = _cross_entropy_scale(loss_fn, outputs, targets).unsqueeze(1)
         prob = torch.softmax(outputs, dim=1)
-        weighted = prob * vectors
         class_axis = vectors.dim() - outputs.dim() + 1
-        return scale * (weighted - prob * weighted.sum(dim=class_axis, keepdim=True))
+        # p * u - p (p . u), updating the fresh p * u in place: a language model's logits are
+        # the largest tensors of its product, and each temporary of their size costs time.
+        product = prob * vectors
+        product.addcmul_(prob, product.sum(dim=class_axis, keepdim=True), value=-1)
+        return product.mul_(scale)
     return _generic_product(loss_fn, outputs, targets, vectors)
 
 
