@@ -206,6 +206,7 @@ def test_transformer_products_match_finite_differences():
 REFUSED = {
     "norms_prelu_transposed_conv": "normalisation",
     "sequence_layernorm": "NativeLayerNormBackward0",
+    "normalisations": "NativeGroupNormBackward0",
     "attention": "NativeLayerNormBackward0",
     "attention_batch_first": "SoftmaxBackward0",
     "attention_sequence_first": "SoftmaxBackward0",
