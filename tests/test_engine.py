@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
 from zoo_params import case_params
 
+import curvkit
 from curvkit.engines import (
     DenseFactor,
     EmbeddingFactor,
@@ -19,7 +22,7 @@ from curvkit.engines import (
     compute_factors,
 )
 from curvkit.engines.recording import record_forward
-from curvkit.verify import reference_factor_columns
+from curvkit.verify import reference_factor_columns, reference_ggn
 from curvkit.zoo import CASES, Case, make_case
 
 
@@ -275,3 +278,42 @@ def test_sample_axis_when_sequence_length_equals_batch_size(name: str) -> None:
     _, factors, expected = _factors_and_references(case)
     for factor, reference in zip(factors, expected, strict=True):
         assert _rel_error(factor.dense(), reference) < 1e-10
+
+
+def test_negligible_column_entries_are_set_to_zero() -> None:
+    """Below eps^2 times its sample's largest entry, or below sqrt(tiny): zero; all else kept."""
+    finfo = torch.finfo(torch.float32)
+    columns = torch.tensor(
+        [
+            [[1.0, 1e-15, 3e-13], [1e-5, 1e-19, 1e-18], [1e-30, 1e-25, 0.0]],
+            [[-2.0, -1e-14, 0.5], [1e-20, 2e-20, 5e-21], [1e-38, 3e-40, 1e-45]],
+        ]
+    )  # [K 2, N 3, outputs 3]
+    kept = compute._without_negligible(columns, 3)
+    floor = (columns.abs().amax(dim=2, keepdim=True) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
+    small = columns.abs() < floor
+    assert torch.equal(kept[~small], columns[~small])
+    assert (kept[small] == 0).all()
+    # the relative floor drops 1e-15 next to 1.0 but keeps 1e-18 next to 1e-5 ...
+    assert kept[0, 0, 1] == 0 and kept[0, 1, 2] == 1e-18
+    # ... and whole columns below sqrt(tiny) go
+    assert (kept[0, 2] == 0).all() and (kept[1, 1] == 0).all() and (kept[1, 2] == 0).all()
+    assert compute._without_negligible(torch.ones(2, 3, dtype=torch.int64), 3).dtype == torch.int64
+
+
+def test_saturated_softmax_gives_the_curvature_without_subnormal_slowdown() -> None:
+    """A classifier so confident that its probabilities underflow: the exact GGN still holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 40))
+    with torch.no_grad():
+        model[2].weight.mul_(40.0)  # logit gaps of hundreds: probabilities of 1e-30 and below
+    inputs = torch.randn(7, 6)
+    targets = torch.randint(0, 40, (7,))
+    loss_fn = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        prob = torch.softmax(model(inputs), dim=1)
+    assert ((prob > 0) & (prob < 1e-20)).any()
+    expected = reference_ggn(copy.deepcopy(model).double(), loss_fn, inputs.double(), targets)
+    expected = expected.diagonal().float()
+    actual = torch.cat([d.flatten() for d in curvkit.diag_ggn(model, loss_fn, (inputs, targets))])
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6 * expected.max())
