@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from curvkit import losses
 from curvkit.model_io import Inputs, input_tensors
+from curvkit.ops.linalg import all_finite
 
 __all__ = [
     "Batch",
@@ -159,7 +160,7 @@ def _check_values(inputs: Inputs, targets: Tensor, where: str) -> Batch:
     if any(t.dim() > 0 and t.shape[0] == 0 for _, t in named):
         raise ValueError(f"{where} holds no sample (a tensor with 0 rows); pass a non-empty batch")
     for name, t in named:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ValueError(
                 f"{name} of {where} holds NaN or inf, so the loss and its curvature are not "
                 "finite; clean the data first"

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from curvkit.ops.linalg import (
+    all_finite,
     determinant_3d,
     eig_3d,
     inv3d,
@@ -171,3 +172,18 @@ def test_errors():
             function(torch.ones(2, 2))
         with pytest.raises(TypeError, match=r"torch\.Tensor"):
             function(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite(dtype: torch.dtype) -> None:
+    """NaN, inf of either sign, and finite entries whose sum overflows."""
+    x = torch.randn(10, dtype=dtype)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[3] = bad
+        assert not all_finite(y)
+    huge = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)
+    assert not bool(torch.isfinite(huge.sum()))
+    assert all_finite(huge)
+    assert all_finite(torch.zeros(0, dtype=dtype))

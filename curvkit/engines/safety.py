@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from curvkit.engines.guard import has_forward_hooks
 from curvkit.engines.recording import ModuleCall, Recording, record_forward
 from curvkit.model_io import Inputs, input_tensors, output_tensor
+from curvkit.ops.linalg import all_finite
 
 __all__ = [
     "attach_probes",
@@ -76,7 +77,7 @@ def probe_first_sample(
         ValueError: If the batch's outputs are not finite, or the outputs differ beyond
             floating-point noise.
     """
-    if outputs.is_floating_point() and not _all_finite(outputs):
+    if outputs.is_floating_point() and not all_finite(outputs):
         raise ValueError(
             "the model's outputs hold NaN or inf although its inputs are finite (an overflow, "
             "a log of 0, non-finite parameters?), so their curvature is undefined"
@@ -105,15 +106,6 @@ def probe_first_sample(
     return {call.key: call for call in probe.calls} | {
         ("site", site.index): site for site in probe.sites
     }
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    """Whether every entry is finite: the sum is, unless an entry is not or the sum overflows.
-
-    One reduction, without the boolean tensor of :func:`torch.isfinite` (a tenth of a gradient's
-    time on a language model's logits); only an overflowing sum is checked entry by entry.
-    """
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _same_output(outputs: Any, expected: Tensor) -> bool:

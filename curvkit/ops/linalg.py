@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "all_finite",
     "couples_items",
     "determinant_3d",
     "eig_3d",
@@ -39,6 +40,16 @@ def lapack_dtype(dtype: torch.dtype) -> torch.dtype:
     float32 (and the results cast back by the caller).
     """
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite.
+
+    The sum is finite unless an entry is not or the sum overflows; only then are the entries
+    checked one by one. One reduction instead of the boolean tensor of :func:`torch.isfinite`,
+    which took a tenth of a gradient's time on a language model's logits.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def couples_items(hessian_product: Callable[[Tensor], Tensor], items: Tensor) -> bool:
