@@ -448,6 +448,11 @@ def test_a_head_tied_as_a_module_keeps_its_factors_structured(num_columns: int) 
     tied = factors[0]
     assert isinstance(tied, TiedEmbeddingFactor)
     torch.testing.assert_close(tied.diag(), tied.dense().square().sum(dim=(0, 1)))
+    dense = tied.dense().flatten(start_dim=2)
+    expected_gram = torch.einsum("knd,lmd->knlm", dense, dense)
+    torch.testing.assert_close(tied.gram(), expected_gram, rtol=1e-12, atol=1e-12)
+    tied.linear.max_chunk_bytes = 1  # the cross term one sample at a time
+    torch.testing.assert_close(tied.gram(), expected_gram, rtol=1e-12, atol=1e-12)
     diag = _flat(curvkit.diag_ggn(model, loss_fn, data))
     expected = _dense_ggn(Case(model, loss_fn, data, tokens, targets)).diagonal()
     _assert_close(diag, expected, 1e-9, "diag_ggn")

@@ -160,6 +160,43 @@ class TiedEmbeddingFactor(SumFactor):
         linear = next(p for p in parts if isinstance(p, KroneckerFactor))
         return cls(embedding, linear)
 
+    def gram(self) -> Tensor:
+        r"""The parts' Gram matrices plus their cross terms, without the dense columns.
+
+        The cross term pairs the lookup's column :math:`(k, n)` with the head's :math:`(l, m)`:
+
+        .. math::
+
+            (v^{E}_{k,n})^\top v^{L}_{l,m}
+            = \sum_{t,s} (b_{k,n,t}^\top x_{m,s})\; g_{l,m,s}[i_{n,t}],
+
+        the products of the looked-up positions' columns with the head's inputs, weighted by
+        the head's columns at the looked-up tokens: :math:`K N T \cdot N S` numbers per chunk
+        of samples instead of :math:`K N V E`.
+        """
+        cross = self._cross_gram()
+        gram = self.embedding.gram() + self.linear.gram()
+        return gram + cross + cross.permute(2, 3, 0, 1)
+
+    def _cross_gram(self) -> Tensor:
+        """``[K, N, K, N]``: the lookup's columns (first pair) against the head's (second)."""
+        indices = self.embedding.indices  # [N, T]
+        b = self.embedding.output_grads  # [K, N, T, E]
+        g = self.linear.output_grads[:, :, :, 0]  # [K, N, S, V]
+        x = self.linear.inputs[:, :, 0]  # [N, S, E]
+        k, n, t, e = b.shape
+        s = g.shape[2]
+        inputs = x.reshape(n * s, e)
+        out = b.new_zeros(k, n, k, n)
+        step = max(1, min(n, self.linear.max_chunk_bytes // (b.element_size() * 2 * k * t * n * s)))
+        for start in range(0, n, step):
+            chunk = slice(start, min(start + step, n))
+            c = chunk.stop - chunk.start
+            products = (b[:, chunk].reshape(-1, e) @ inputs.T).reshape(k, c, t, n, s)
+            picked = g.index_select(3, indices[chunk].flatten()).reshape(k, n, s, c, t)
+            out[:, chunk] = torch.einsum("kctms,lmsct->kclm", products, picked)
+        return out
+
     def diag(self) -> Tensor:  # noqa: D102
         out = self.embedding.diag() + self.linear.diag()
         indices = self.embedding.indices  # [N, T]
