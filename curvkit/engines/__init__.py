@@ -3,8 +3,9 @@ r"""Engines: per-parameter square-root factors of the GGN (:mod:`curvkit.engines
 :func:`compute_factors` runs a model forward once with temporary hooks and pushes the columns
 of the loss Hessian's square root back in one batched backward pass; it returns one
 :class:`Factor` per parameter. Linear and convolution weights get a structured
-:class:`KroneckerFactor`, embedding tables an :class:`EmbeddingFactor`; every other module
-owning parameters goes through a generic :mod:`torch.func` rule (a :class:`DenseFactor`); a
+:class:`KroneckerFactor`, embedding tables an :class:`EmbeddingFactor`, normalisation layers
+(LayerNorm, RMSNorm, GroupNorm) a :class:`DenseFactor` from their normalised input; every other
+module owning parameters goes through a generic :mod:`torch.func` rule (a :class:`DenseFactor`); a
 parameter used several times gets the sum of its uses; a parameter the outputs do not depend on
 gets a :class:`ZeroFactor`.
 
