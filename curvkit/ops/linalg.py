@@ -13,8 +13,9 @@ The symmetric 3x3 eigenvalues use the trigonometric formula (Smith, 1961): with
 exact eigenvalues and finite gradients instead of a division by zero.
 """
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +30,17 @@ __all__ = [
     "safe_sqrt",
     "sym_adjugate_3x3",
     "sym_eigvals_3x3",
+    "symmetric_gram",
 ]
+
+#: A Gram matrix of fewer columns, or of fewer rows times columns, is one matrix product: per
+#: entry, the blocked product saves multiply-adds in proportion to the rows and pays a fixed
+#: cost for the mirrored copy, and narrow blocks run the products less efficiently. Measured on
+#: CPU (1 thread): 512 x 4096 and 2048 x 1024 gain 15-25%, 512 x 1024 and 300 x 2048 nothing.
+GRAM_BLOCKED_MIN_COLUMNS = 1024
+GRAM_BLOCKED_MIN_ENTRIES = 2**21
+#: Column blocks of the blocked product (56% of the multiply-adds).
+GRAM_BLOCKS = 8
 
 
 def lapack_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -293,3 +304,77 @@ def rinverse(M: Tensor, sym: bool = False) -> Tensor:
         inverse = torch.linalg.inv((M + M.mT) / 2)
         return (inverse + inverse.mT) / 2
     return torch.linalg.inv(M)
+
+
+def symmetric_gram(
+    chunks: Tensor | Sequence[Tensor], *, scale: float = 1.0, blocks: int | None = None
+) -> Tensor:
+    r"""``scale`` times :math:`\sum_c Z_c^\top Z_c` for matrices ``Z_c`` of shape ``[G, M_c, D]``.
+
+    torch has no symmetric rank-k update (BLAS ``syrk``), and a plain product computes every
+    entry of the symmetric result twice. With ``b`` blocks of columns, block row ``i`` of the
+    upper block triangle is one product :math:`Z_{:, i}^\top Z_{:, i:}`: :math:`b (b + 1) / 2` of
+    the :math:`b^2` blocks, 56% of the multiply-adds for ``b = 8``. Each block row is computed
+    into a scratch buffer and copied twice: as it is, and transposed into the block column below
+    the diagonal. Each diagonal block is averaged with its transpose, so the result is exactly
+    symmetric. The copies cost a fixed time per entry, where the saving grows with the rows, so
+    small matrices take one product (whose result is what the BLAS makes it).
+
+    Args:
+        chunks: One tensor ``[G, M, D]`` or a sequence of them (views are fine: a product reads
+            each block of columns in place), all with the same ``G`` and ``D``; their rows are
+            summed over.
+        scale: Multiplies the result (inside the products, so it costs nothing).
+        blocks: Number of column blocks; ``None`` chooses by size: one (a plain product) below
+            ``GRAM_BLOCKED_MIN_COLUMNS`` columns or ``GRAM_BLOCKED_MIN_ENTRIES`` rows (in all)
+            times columns, else ``GRAM_BLOCKS``.
+
+    Returns:
+        The Gram matrices, ``[G, D, D]``.
+
+    Raises:
+        ValueError: For no chunks, a chunk that is not three-dimensional, chunks of different
+            ``G`` or ``D``, or ``blocks < 1``.
+    """
+    parts = [chunks] if isinstance(chunks, Tensor) else list(chunks)
+    if not parts:
+        raise ValueError("symmetric_gram needs at least one matrix")
+    groups, columns = parts[0].shape[0], parts[0].shape[-1]
+    if any(z.dim() != 3 or z.shape[0] != groups or z.shape[2] != columns for z in parts):
+        raise ValueError(
+            "symmetric_gram takes matrices of shape [G, M, D] with the same G and D, got shapes "
+            f"{[tuple(z.shape) for z in parts]}"
+        )
+    if blocks is None:
+        rows = sum(z.shape[1] for z in parts)
+        small = columns < GRAM_BLOCKED_MIN_COLUMNS or rows * columns < GRAM_BLOCKED_MIN_ENTRIES
+        blocks = 1 if small else GRAM_BLOCKS
+    if blocks < 1:
+        raise ValueError(f"blocks must be at least 1, got {blocks}")
+    out = parts[0].new_empty(groups, columns, columns)
+    blocks = min(blocks, max(columns, 1))
+    if blocks == 1:
+        for i, z in enumerate(parts):
+            # beta=0 ignores the uninitialised output, NaNs included.
+            out.baddbmm_(z.mT, z, beta=0 if i == 0 else 1, alpha=scale)
+        return out
+    edges = [round(i * columns / blocks) for i in range(blocks + 1)]
+    width = max(hi - lo for lo, hi in itertools.pairwise(edges))
+    # Contiguous scratch: copying a contiguous matrix into a contiguous transpose is torch's
+    # tiled transpose, several times faster than transposing a strided view of the output.
+    panel_buffer = out.new_empty(groups * width * columns)
+    below_buffer = out.new_empty(groups * width * columns)
+    for lo, hi in itertools.pairwise(edges):
+        size, rest = hi - lo, columns - lo
+        panel = panel_buffer[: groups * size * rest].view(groups, size, rest)
+        for i, z in enumerate(parts):
+            panel.baddbmm_(z[..., lo:hi].mT, z[..., lo:], beta=0 if i == 0 else 1, alpha=scale)
+        below = below_buffer[: groups * rest * size].view(groups, rest, size)
+        for group in range(groups):
+            # Two-dimensional: torch's tiled transpose takes matrices only.
+            below[group].copy_(panel[group].mT)
+        # (a + b) / 2 == (b + a) / 2 exactly: the diagonal block becomes exactly symmetric.
+        panel[..., :size].add_(below[:, :size]).mul_(0.5)
+        out[:, lo:hi, lo:] = panel
+        out[:, hi:, lo:hi] = below[:, size:]
+    return out
