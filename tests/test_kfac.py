@@ -194,6 +194,7 @@ def test_large_factors_from_the_blocked_product_are_exact_and_exactly_symmetric(
     """Factors above the size thresholds take the blocked symmetric product (made small here)."""
     monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_COLUMNS", 20)
     monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_ENTRIES", 600)
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCK_COLUMNS", 8)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(50, 45), nn.Tanh(), nn.Linear(45, 3))
     generator = torch.Generator().manual_seed(1)

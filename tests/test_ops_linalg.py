@@ -206,10 +206,11 @@ def test_symmetric_gram_sums_chunks_read_in_place(blocks):
 def test_symmetric_gram_blocks_large_matrices_by_default(monkeypatch):
     monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_COLUMNS", 40)
     monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_ENTRIES", 30 * 40)
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCK_COLUMNS", 10)
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(1, 30, 41, generator=gen, dtype=DTYPE)
     blocked = symmetric_gram(z)
-    assert torch.equal(blocked, symmetric_gram(z, blocks=curvkit.ops.linalg.GRAM_BLOCKS))
+    assert torch.equal(blocked, symmetric_gram(z, blocks=4))
     assert_close(blocked, _gram_reference([z]), rtol=1e-13)
     small = z[:, :, :39]
     assert torch.equal(symmetric_gram(small), symmetric_gram(small, blocks=1))
