@@ -53,6 +53,7 @@ from curvkit import losses
 from curvkit.data import Inputs, distributed_world, is_batch
 from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, rule_for
 from curvkit.engines.layer_rules import embedding_rule, norm_rule
+from curvkit.ops.linalg import symmetric_gram
 from curvkit.problem import Problem
 
 __all__ = [
@@ -258,27 +259,21 @@ def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
-def _gram(z: Tensor) -> Tensor:
-    r""":math:`\sum_m z_m z_m^\top` per group, ``[M, G, D] -> [G, D, D]``.
+def _outer_sum(z: Tensor, scale: float = 1.0) -> Tensor:
+    r"""``scale`` times :math:`\sum_{m,t} z_{m,t} z_{m,t}^\top` per group, ``[M, T, G, D]``.
 
-    A batched matmul: twice as fast as the equivalent ``einsum``, which copies its operands.
+    Returns ``[G, D, D]``, exactly symmetric where :func:`~curvkit.ops.linalg.symmetric_gram`
+    computes only the upper block triangle (large factors: the LM head's ``B``, the input factors
+    of ResNet's deeper convolutions).
     """
-    return torch.bmm(z.permute(1, 2, 0), z.permute(1, 0, 2))
-
-
-def _outer_sum(z: Tensor) -> Tensor:
-    r""":math:`\sum_{m,t} z_{m,t} z_{m,t}^\top` per group, ``[M, T, G, D] -> [G, D, D]``."""
     m, t, g, d = z.shape
     rows = z.permute(0, 2, 3, 1)
     if t >= d and rows.is_contiguous():
         # A convolution's patches and output columns lie as [M, G, D, T]: a batched matmul per
         # sample reads them in place, where one matmul over (m, t) would first copy them. Only
         # for t >= d: with fewer positions, each product would be bound by writing its D x D.
-        out = z.new_zeros(g, d, d)
-        for block in rows:
-            out.baddbmm_(block, block.transpose(1, 2))
-        return out
-    return _gram(z.reshape(m * t, g, d))
+        return symmetric_gram(list(rows.mT), scale=scale)
+    return symmetric_gram(z.reshape(m * t, g, d).transpose(0, 1), scale=scale)
 
 
 def _layer_moments(
@@ -291,8 +286,9 @@ def _layer_moments(
 ) -> list[Tensor]:
     """``[sum of x x^T, count, sum of b b^T]`` of one batch (no ``B`` for forward-only).
 
-    The first two are divided by the batch's ``weight`` (:func:`curvkit.losses.normalization`)
-    unless it is ``None`` (a lone batch, where it would cancel).
+    The first two are divided by the batch's ``weight`` (:func:`curvkit.losses.normalization`).
+    With ``weight=None`` (a lone batch, where it would cancel) the first is the average over the
+    inputs instead and the count is left out.
     """
     b, x = factor.output_grads, factor.inputs
     n, t = x.shape[0], x.shape[1]
@@ -301,11 +297,13 @@ def _layer_moments(
         xs, count = (x, n * t) if approx == "expand" else (x.mean(dim=1, keepdim=True), n)
         if joint:
             xs = _with_ones(xs)
-        count = xs.new_tensor(float(count))
-        if weight is not None:
+        if weight is None:
+            # Dividing inside the product spares a pass over the I x I moment.
+            out.append(_outer_sum(xs, scale=1.0 / count))
+        else:
             # Scaling the N T inputs costs less than scaling their I x I moment.
-            xs, count = xs * weight.rsqrt(), count / weight
-        out += [_outer_sum(xs), count]
+            total = _outer_sum(xs * weight.rsqrt())
+            out += [total, xs.new_tensor(float(count)) / weight]
     if not forward_only:
         bs = b.flatten(0, 1)
         out.append(_outer_sum(bs if approx == "expand" else bs.sum(dim=1, keepdim=True)))
@@ -483,8 +481,7 @@ def compute_kfac_blocks(
     for plan, joint, groups, outputs in layout.kronecker:
         a = None
         if plan.weight_requested:
-            total, count = next(reduced), next(reduced)
-            a = total.div_(count)
+            a = next(reduced) if lone_batch else next(reduced).div_(next(reduced))
         if forward_only:
             like = problem.params[plan.weight]
             eye = torch.eye(outputs, dtype=like.dtype, device=like.device)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import curvkit
 import curvkit.kfac
+import curvkit.ops.linalg
 from curvkit import EKFACOperator, KFACOperator
 from curvkit.engines import Decline, Factor, KroneckerFactor, RuleCall, register_rule
 
@@ -187,6 +188,28 @@ def test_factors_equal_their_definitions(fisher_type: str, reduction: str):
         assert torch.allclose(block.A, x.T @ x / len(x))
         assert torch.allclose(block.B, reference_b[name])
         assert block.params == {"weight": 0 if name == "0" else 2, "bias": 1 if name == "0" else 3}
+
+
+def test_large_factors_from_the_blocked_product_are_exact_and_exactly_symmetric(monkeypatch):
+    """Factors above the size thresholds take the blocked symmetric product (made small here)."""
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_COLUMNS", 20)
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_ENTRIES", 600)
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCK_COLUMNS", 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 45), nn.Tanh(), nn.Linear(45, 3))
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(30, 50, generator=generator)
+    targets = torch.randint(0, 3, (30,), generator=generator)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    op = KFACOperator(model, loss_fn, (inputs, targets), fisher_type="empirical")
+    store, outputs = _record(model, inputs)
+    x, y = store["0"]
+    # With a sum, row n of the gradient at the layer's output is sample n's gradient alone.
+    (grad,) = torch.autograd.grad(loss_fn(outputs, targets), y)
+    block = op.factors["0"]
+    assert relative(block.A, x.T @ x / len(x)) < 1e-13
+    assert relative(block.B, grad.T @ grad) < 1e-13
+    assert torch.equal(block.A, block.A.T) and torch.equal(block.B, block.B.T)
 
 
 def test_ekfac_eigenvalues_are_the_exact_second_moments_in_the_eigenbasis():

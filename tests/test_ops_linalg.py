@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import curvkit.ops.linalg
 from curvkit.ops.linalg import (
     all_finite,
     determinant_3d,
@@ -10,6 +11,7 @@ from curvkit.ops.linalg import (
     safe_sqrt,
     sym_adjugate_3x3,
     sym_eigvals_3x3,
+    symmetric_gram,
 )
 
 DTYPE = torch.float64
@@ -187,3 +189,63 @@ def test_all_finite(dtype: torch.dtype) -> None:
     assert not bool(torch.isfinite(huge.sum()))
     assert all_finite(huge)
     assert all_finite(torch.zeros(0, dtype=dtype))
+
+
+def _gram_reference(chunks):
+    return sum(z.mT @ z for z in chunks)
+
+
+@pytest.mark.parametrize("blocks", [None, 1, 2, 3, 5, 8])
+@pytest.mark.parametrize(
+    ("groups", "rows", "columns"), [(1, 1, 1), (1, 7, 13), (1, 33, 101), (3, 1, 29), (2, 40, 17)]
+)
+def test_symmetric_gram_matches_the_product_and_is_exactly_symmetric(groups, rows, columns, blocks):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(groups, rows, columns, generator=gen, dtype=DTYPE)
+    result = symmetric_gram(z, blocks=blocks, scale=0.25)
+    assert_close(result, 0.25 * _gram_reference([z]), rtol=1e-13)
+    if blocks is not None and min(blocks, columns) > 1:
+        assert torch.equal(result, result.mT)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_symmetric_gram_sums_chunks_read_in_place(blocks):
+    # Per-sample views [G, D, T] read transposed, as KFAC passes a convolution's patches.
+    gen = torch.Generator().manual_seed(1)
+    patches = torch.randn(5, 2, 23, 9, generator=gen, dtype=DTYPE)
+    chunks = list(patches.mT)
+    result = symmetric_gram(chunks, blocks=blocks)
+    assert_close(result, _gram_reference(chunks), rtol=1e-13)
+    assert torch.equal(result, result.mT)
+
+
+def test_symmetric_gram_blocks_large_matrices_by_default(monkeypatch):
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_COLUMNS", 40)
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCKED_MIN_ENTRIES", 30 * 40)
+    monkeypatch.setattr(curvkit.ops.linalg, "GRAM_BLOCK_COLUMNS", 10)
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 30, 41, generator=gen, dtype=DTYPE)
+    blocked = symmetric_gram(z)
+    assert torch.equal(blocked, symmetric_gram(z, blocks=4))
+    assert_close(blocked, _gram_reference([z]), rtol=1e-13)
+    small = z[:, :, :39]
+    assert torch.equal(symmetric_gram(small), symmetric_gram(small, blocks=1))
+    assert torch.equal(symmetric_gram(z[:, :29]), symmetric_gram(z[:, :29], blocks=1))
+
+
+def test_symmetric_gram_of_no_rows_is_zero_and_ignores_uninitialised_memory():
+    z = torch.empty(2, 0, 6, dtype=DTYPE)
+    for blocks in (1, 3):
+        assert torch.equal(symmetric_gram(z, blocks=blocks), torch.zeros(2, 6, 6, dtype=DTYPE))
+    assert symmetric_gram(torch.empty(1, 4, 0, dtype=DTYPE)).shape == (1, 0, 0)
+
+
+def test_symmetric_gram_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="at least one"):
+        symmetric_gram([])
+    with pytest.raises(ValueError, match="same G and D"):
+        symmetric_gram([torch.zeros(1, 2, 3), torch.zeros(1, 2, 4)])
+    with pytest.raises(ValueError, match="same G and D"):
+        symmetric_gram(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="blocks must be"):
+        symmetric_gram(torch.zeros(1, 2, 3), blocks=0)

@@ -13,8 +13,9 @@ The symmetric 3x3 eigenvalues use the trigonometric formula (Smith, 1961): with
 exact eigenvalues and finite gradients instead of a division by zero.
 """
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +31,19 @@ __all__ = [
     "safe_sqrt",
     "sym_adjugate_3x3",
     "sym_eigvals_3x3",
+    "symmetric_gram",
 ]
+
+#: A Gram matrix of fewer columns, or of fewer rows times columns, is one matrix product: per
+#: entry, the blocked product saves multiply-adds in proportion to the rows and pays a fixed
+#: cost for the mirrored copy, and narrow blocks run the products less efficiently. Measured on
+#: CPU (1 thread): 512 x 4096, 2048 x 1024 and 8192 x 1152 take 20-35% less time, 512 x 1024
+#: and 300 x 2048 no less.
+GRAM_BLOCKED_MIN_COLUMNS = 1024
+GRAM_BLOCKED_MIN_ENTRIES = 2**21
+#: Columns per block of the blocked product, and the most blocks (16: 53% of the multiply-adds).
+GRAM_BLOCK_COLUMNS = 256
+GRAM_MAX_BLOCKS = 16
 
 
 def lapack_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -304,3 +317,71 @@ def rinverse(M: Tensor, sym: bool = False) -> Tensor:
         inverse = torch.linalg.inv((M + M.mT) / 2)
         return (inverse + inverse.mT) / 2
     return torch.linalg.inv(M)
+
+
+def symmetric_gram(
+    chunks: Tensor | Sequence[Tensor], *, scale: float = 1.0, blocks: int | None = None
+) -> Tensor:
+    r"""``scale`` times :math:`\sum_c Z_c^\top Z_c` for matrices ``Z_c`` of shape ``[G, M_c, D]``.
+
+    torch has no symmetric rank-k update (BLAS ``syrk``), and a plain product computes every
+    entry of the symmetric result twice. With ``b`` blocks of columns, block row ``i`` of the
+    upper block triangle is one product :math:`Z_{:, i}^\top Z_{:, i:}`: :math:`b (b + 1) / 2` of
+    the :math:`b^2` blocks, 53% of the multiply-adds for ``b = 16``. Each block row is written
+    into the output in place and copied, transposed, into the block column below the diagonal;
+    each diagonal block is averaged with its transpose, so the result is exactly symmetric, and
+    no memory beyond the output and one diagonal block is taken. The copy costs a fixed time per
+    entry, where the saving grows with the rows, so small matrices take one product (whose
+    result is what the BLAS makes it).
+
+    Args:
+        chunks: One tensor ``[G, M, D]`` or a sequence of them (views are fine: a product reads
+            each block of columns in place), all with the same ``G`` and ``D``; their rows are
+            summed over.
+        scale: Multiplies the result (inside the products, so it costs nothing).
+        blocks: Number of column blocks; ``None`` chooses by size: one (a plain product) below
+            ``GRAM_BLOCKED_MIN_COLUMNS`` columns or ``GRAM_BLOCKED_MIN_ENTRIES`` rows (in all)
+            times columns, else one per ``GRAM_BLOCK_COLUMNS`` columns, at most
+            ``GRAM_MAX_BLOCKS``.
+
+    Returns:
+        The Gram matrices, ``[G, D, D]``.
+
+    Raises:
+        ValueError: For no chunks, a chunk that is not three-dimensional, chunks of different
+            ``G`` or ``D``, or ``blocks < 1``.
+    """
+    parts = [chunks] if isinstance(chunks, Tensor) else list(chunks)
+    if not parts:
+        raise ValueError("symmetric_gram needs at least one matrix")
+    groups, columns = parts[0].shape[0], parts[0].shape[-1]
+    if any(z.dim() != 3 or z.shape[0] != groups or z.shape[2] != columns for z in parts):
+        raise ValueError(
+            "symmetric_gram takes matrices of shape [G, M, D] with the same G and D, got shapes "
+            f"{[tuple(z.shape) for z in parts]}"
+        )
+    if blocks is None:
+        rows = sum(z.shape[1] for z in parts)
+        small = columns < GRAM_BLOCKED_MIN_COLUMNS or rows * columns < GRAM_BLOCKED_MIN_ENTRIES
+        blocks = 1 if small else min(GRAM_MAX_BLOCKS, columns // GRAM_BLOCK_COLUMNS)
+    if blocks < 1:
+        raise ValueError(f"blocks must be at least 1, got {blocks}")
+    out = parts[0].new_empty(groups, columns, columns)
+    blocks = min(blocks, max(columns, 1))
+    if blocks == 1:
+        for i, z in enumerate(parts):
+            # beta=0 ignores the uninitialised output, NaNs included.
+            out.baddbmm_(z.mT, z, beta=0 if i == 0 else 1, alpha=scale)
+        return out
+    edges = [round(i * columns / blocks) for i in range(blocks + 1)]
+    for lo, hi in itertools.pairwise(edges):
+        size = hi - lo
+        # The block row goes straight into the output (the products take its row stride).
+        panel = out[:, lo:hi, lo:]
+        for i, z in enumerate(parts):
+            panel.baddbmm_(z[..., lo:hi].mT, z[..., lo:], beta=0 if i == 0 else 1, alpha=scale)
+        diagonal = panel[..., :size]
+        # (a + b) / 2 == (b + a) / 2 exactly: the diagonal block becomes exactly symmetric.
+        diagonal.add_(diagonal.mT.clone()).mul_(0.5)
+        out[:, hi:, lo:hi] = panel[..., size:].mT
+    return out
