@@ -683,28 +683,33 @@ def _class_last(outputs: Tensor) -> Tensor:
 
 
 def _categorical_draws(prob: Tensor, draws: int, generator: torch.Generator | None) -> Tensor:
-    r"""``draws`` independent classes per row of ``prob`` ``[R, C]``: ``[R, draws]`` indices.
+    r"""``draws`` classes per row and position of ``prob`` ``[R, C, P]`` (classes on axis 1).
 
-    Two-level inverse-CDF sampling: a block of :math:`W \approx \sqrt C` classes is drawn from
-    the blocks' masses, then a class within it. Both searches run in cumulative sums of about
-    :math:`\sqrt C` entries, so the cost is one pass of summing over ``prob`` (a cumulative sum
-    over all :math:`C` classes cost as much as the softmax, ``torch.multinomial`` a third of a
-    Monte-Carlo diagonal at a vocabulary of 8192).
+    Returns the class indices, ``[R, P, draws]``. Two-level inverse-CDF sampling: a block of
+    :math:`W \approx \sqrt C` classes is drawn from the blocks' masses, then a class within
+    it. Both searches run in cumulative sums of about :math:`\sqrt C` entries, so the cost is
+    one pass of summing over ``prob`` in its own layout (a cumulative sum over all :math:`C`
+    classes cost as much as the softmax, ``torch.multinomial`` a third of a Monte-Carlo
+    diagonal at a vocabulary of 8192, and moving the classes last copies the probabilities).
     """
-    rows, classes = prob.shape
+    rows, classes, positions = prob.shape
     width = max(1, math.isqrt(classes))
     full = classes // width
-    mass = prob[:, : full * width].reshape(rows, full, width).sum(-1)
+    mass = prob[:, : full * width].reshape(rows, full, width, positions).sum(2)
     if full * width < classes:
-        mass = torch.cat([mass, prob[:, full * width :].sum(-1, keepdim=True)], dim=1)
+        mass = torch.cat([mass, prob[:, full * width :].sum(1, keepdim=True)], dim=1)
+    mass = mass.transpose(1, 2).contiguous()  # [R, P, blocks]: small
     cumulative = mass.cumsum(-1)
-    uniform = torch.rand(rows, draws, dtype=prob.dtype, device=prob.device, generator=generator)
-    uniform = uniform * cumulative[:, -1:]
-    block = torch.searchsorted(cumulative, uniform, right=True).clamp_max(mass.shape[1] - 1)
-    below = cumulative.gather(1, block) - mass.gather(1, block)
+    uniform = torch.rand(
+        rows, positions, draws, dtype=prob.dtype, device=prob.device, generator=generator
+    )
+    uniform = uniform * cumulative[..., -1:]
+    block = torch.searchsorted(cumulative, uniform, right=True).clamp_max(mass.shape[-1] - 1)
+    below = cumulative.gather(2, block) - mass.gather(2, block)
     members = block.unsqueeze(-1) * width + torch.arange(width, device=prob.device)
-    within = prob.gather(1, members.clamp_max(classes - 1).flatten(1))
-    within = within.reshape(rows, draws, width).masked_fill(members >= classes, 0).cumsum(-1)
+    picked = members.clamp_max(classes - 1).reshape(rows, positions, -1).transpose(1, 2)
+    within = prob.gather(1, picked).transpose(1, 2).reshape(rows, positions, draws, width)
+    within = within.masked_fill(members >= classes, 0).cumsum(-1)
     offset = torch.searchsorted(within, (uniform - below).unsqueeze(-1), right=True)
     return (block * width + offset.squeeze(-1).clamp_max(width - 1)).clamp_max(classes - 1)
 
@@ -713,17 +718,17 @@ def _cross_entropy_mc_sqrt(
     outputs: Tensor, scale: Tensor, mc_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     num_samples, num_classes = outputs.shape[:2]
-    prob = _class_last(outputs)
-    num_positions = prob.shape[1]
-    rows = prob.reshape(-1, num_classes)
-    sampled = _categorical_draws(rows, mc_samples, generator)  # [N * P, M]
-    root = (scale.reshape(-1, 1) / mc_samples).sqrt()
+    # [N, C, P] in the outputs' own layout: the classes need not be moved last.
+    prob = torch.softmax(outputs, dim=1).reshape(num_samples, num_classes, -1)
+    sampled = _categorical_draws(prob, mc_samples, generator)  # [N, P, M]
+    root = (scale.reshape(num_samples, 1, -1) / mc_samples).sqrt()
     # The columns root * (p - e_sampled), written into one buffer without a one-hot tensor;
     # the probabilities are a fresh tensor, no longer needed once drawn from.
-    columns = rows.mul_(root).expand(mc_samples, -1, -1).contiguous()
-    columns.scatter_add_(2, sampled.t().unsqueeze(-1), (-root).expand(mc_samples, -1, 1))
-    columns = columns.reshape(mc_samples, num_samples, num_positions, num_classes)
-    return columns.movedim(-1, 2).reshape(mc_samples, *outputs.shape)
+    columns = prob.mul_(root).expand(mc_samples, -1, -1, -1).contiguous()
+    columns.scatter_add_(
+        2, sampled.permute(2, 0, 1).unsqueeze(2), (-root).expand(mc_samples, -1, -1, -1)
+    )
+    return columns.reshape(mc_samples, *outputs.shape)
 
 
 def _cross_entropy_sqrt(outputs: Tensor, scale: Tensor, columns: slice | None) -> Tensor:

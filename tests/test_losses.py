@@ -309,8 +309,12 @@ def test_categorical_draws_follow_the_probabilities(num_classes):
         prob[:, 1] = 0
         prob = prob / prob.sum(1, keepdim=True)
     draws = 200_000
-    drawn = _categorical_draws(prob, draws, torch.Generator().manual_seed(3))
-    assert drawn.shape == (3, draws) and drawn.dtype == torch.int64
+    # classes on axis 1, two positions after them: the same probabilities at both
+    drawn = _categorical_draws(
+        prob[:, :, None].expand(-1, -1, 2), draws // 2, torch.Generator().manual_seed(3)
+    )
+    assert drawn.shape == (3, 2, draws // 2) and drawn.dtype == torch.int64
+    drawn = drawn.reshape(3, draws)
     counts = torch.zeros_like(prob).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=DTYPE))
     if num_classes > 1:
         assert (counts[:, 1] == 0).all()
