@@ -122,9 +122,14 @@ def _without_negligible(columns: Tensor, num_samples: int) -> Tensor:
     if not columns.is_floating_point():
         return columns
     finfo = torch.finfo(columns.dtype)
-    magnitude = columns.abs().reshape(columns.shape[0], num_samples, -1)
-    floor = (magnitude.amax(dim=2, keepdim=True) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
-    return columns.masked_fill((magnitude < floor).reshape(columns.shape), 0)
+    per_sample = columns.reshape(columns.shape[0], num_samples, -1)
+    smallest, largest = torch.aminmax(per_sample, dim=2, keepdim=True)
+    floor = (torch.maximum(largest, -smallest) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
+    # Comparisons only (no float temporaries), and no copy when nothing is negligible.
+    negligible = (per_sample < floor) & (per_sample > -floor) & (per_sample != 0)
+    if not bool(negligible.any()):
+        return columns
+    return columns.masked_fill(negligible.reshape(columns.shape), 0)
 
 
 def _factors(
