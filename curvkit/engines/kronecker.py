@@ -15,13 +15,16 @@ A grouped convolution is one such layer per group :math:`g`. :class:`KroneckerFa
 - ``T == 1``: :math:`\operatorname{diag} = \sum_n (\sum_k b_{k,n}^2) \otimes x_n^2`, one
   matmul of inner size :math:`N`; Gram :math:`= (B B^\top) \odot (X X^\top)`;
 - ``T > 1``: per method, the cheaper (in multiply-adds, with the memory traffic of writing a
-  per-sample gradient counted as :data:`MEMORY_COST`) of the structured contraction over pairs
-  of positions :math:`(t, s)` (one matmul per chunk: the diagonal as
-  :math:`\sum_{n,t,s} (\sum_k b_{k,n,t} \odot b_{k,n,s}) (x_{n,t} \odot x_{n,s})^\top`, the
-  Gram matrix from :math:`b^\top b` and :math:`x^\top x` over blocks of positions) and of
-  materialising :math:`v` in chunks of samples whose size is bounded by ``max_chunk_bytes``;
-- :meth:`~KroneckerFactor.t_mat` and :meth:`~KroneckerFactor.mat` are single contractions
-  (:func:`torch.einsum` picks the order).
+  per-sample gradient counted as :data:`MEMORY_COST`) of a contraction over pairs and of
+  materialising :math:`v` a block at a time. The diagonal pairs positions,
+  :math:`\sum_{n,t,s} (\sum_k b_{k,n,t} \odot b_{k,n,s}) (x_{n,t} \odot x_{n,s})^\top` in one
+  matmul per chunk, or squares blocks of rows of :math:`v` while they are in the cache. The
+  Gram matrix pairs samples, :math:`v_{k,n}^\top v_{l,m} = \sum_{t,s} (b_{k,n,t}^\top
+  b_{l,m,s}) (x_{n,t}^\top x_{m,s})` contracted as :math:`x x^\top`, then :math:`b_m`, then
+  :math:`b_n` (never :math:`b^\top b`, which costs :math:`K` times more), or sums
+  :math:`v v^\top` over blocks of the weight's rows bounded by ``max_chunk_bytes``;
+- :meth:`~KroneckerFactor.mat` sums the columns first, then multiplies with the inputs;
+  :meth:`~KroneckerFactor.t_mat` is one contraction (:func:`torch.einsum` picks the order).
 """
 
 from __future__ import annotations
@@ -44,10 +47,18 @@ STALE_INPUT_MESSAGE = (
 #: Default bound on the bytes of an intermediate tensor a factor method materialises at once.
 DEFAULT_CHUNK_BYTES = 2**28
 
+#: Bytes of a block of per-sample gradient rows that the materialising diagonal squares while it is
+#: still in a core's cache.
+CACHE_BYTES = 2**22
+
+#: Bound on the bytes of the per-sample gradient rows the materialising Gram matrix forms at once.
+GRAM_BLOCK_BYTES = 2**25
+
 #: Multiply-adds that writing and reading back one entry of a per-sample gradient costs on top of
-#: its :math:`T` multiply-adds (measured on CPU, ResNet-18 layers): memory traffic, which makes
-#: materialising slow for few positions.
-MEMORY_COST = 32
+#: its :math:`T` multiply-adds (fitted on CPU to ResNet-18-sized layers with 10 columns, where the
+#: pairwise diagonal wins below about 12 positions): memory traffic, which makes materialising
+#: slow for few positions.
+MEMORY_COST = 8
 
 
 def square_pairs(b: Tensor) -> Tensor:
@@ -143,16 +154,11 @@ class KroneckerFactor(Factor):
         step = max(1, min(n, self.max_chunk_bytes // max(bytes_per_sample, 1)))
         return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
-    def _per_sample(self, x: Tensor, column: int, samples: slice) -> Tensor:
-        """:math:`v_{k,n}` for one column :math:`k` and the given samples, ``[n, G, O, I]``.
-
-        One column at a time: the engine's :math:`b` is laid out ``[K, N, G, O, T]`` in memory
-        and a convolution's patches ``[N, G, I, T]``, so that one column is a batch of
-        ``[O, T] @ [T, I]`` products a batched matmul reads in place (an einsum over all
-        columns, or over the ``[N, T, G, *]`` views, copies its operands first).
-        """
-        b = self.output_grads[column, samples].permute(0, 2, 3, 1)  # [n, G, O, T]
-        return torch.matmul(b, x[samples].permute(0, 2, 1, 3))  # [n, G, T, I]
+    def _row_blocks(self, bytes_per_row: int, limit: int) -> list[slice]:
+        """Blocks of the output rows ``O`` with at most ``limit`` bytes (at least one row)."""
+        o = self.output_grads.shape[-1]
+        step = max(1, min(o, limit // max(bytes_per_row, 1)))
+        return [slice(start, min(start + step, o)) for start in range(0, o, step)]
 
     def _diag_costs(self) -> tuple[int, int]:
         """Per-sample costs (multiply-adds) of the pairwise and the materialising diagonal."""
@@ -191,51 +197,102 @@ class KroneckerFactor(Factor):
         return out.reshape(self.param_shape)
 
     def _diag_materialised(self, x: Tensor) -> Tensor:
-        """The diagonal from per-sample gradients, one column and a chunk of samples at a time."""
-        k, _, _, g, o, i = self._sizes
-        out = self.output_grads.new_zeros(g, o, i)
-        for s in self._sample_chunks(self.output_grads.element_size() * g * o * i):
-            for column in range(k):
-                # One fused multiply-add per sample: an einsum over the sample axis runs as
-                # G O I dot products of length n (measured 2-7x slower).
-                for gradient in self._per_sample(x, column, s):
-                    out.addcmul_(gradient, gradient)
+        """The diagonal from per-sample gradients, a block of rows of one gradient at a time.
+
+        Each block (``[rows, T] @ [T, I]``, at most :data:`CACHE_BYTES`) is squared into the
+        sum while it is still in the cache: materialising whole per-sample gradients first and
+        squaring them afterwards ran at the speed of main memory (2-4x slower on ResNet-18's
+        8 x 8 and 4 x 4 stages).
+        """
+        k, n, _, g, _, i = self._sizes
+        b = self.output_grads
+        out = b.new_zeros(g, *b.shape[-1:], i)
+        for group in range(g):
+            for rows in self._row_blocks(b.element_size() * i, CACHE_BYTES):
+                block = out[group, rows]
+                for sample in range(n):
+                    inputs = x[sample, :, group]  # [T, I]
+                    for column in range(k):
+                        gradient = b[column, sample, :, group, rows].T @ inputs
+                        block.addcmul_(gradient, gradient)
         return out.reshape(self.param_shape)
 
-    def gram(self) -> Tensor:  # noqa: D102
-        k, n, t, g, o, i = self._sizes
-        pairwise_cost = (k * n * t) ** 2 * g * o + (n * t) ** 2 * g * i + (k * n * t) ** 2 * g
-        materialise_cost = k * n * t * g * o * i + (k * n) ** 2 * g * o * i
-        if pairwise_cost <= materialise_cost:
-            return self._gram_pairwise()
-        flat = self.dense().flatten(start_dim=2)
-        return torch.einsum("knd,lmd->knlm", flat, flat)
+    def _gram_costs(self) -> tuple[int, int]:
+        r"""Costs (multiply-adds) of the Gram matrix over pairs of samples and by materialising.
 
-    def _gram_pairwise(self) -> Tensor:
-        r"""The Gram matrix from products over pairs of positions, in blocks of positions.
-
-        :math:`v_{k,n}^\top v_{l,m} = \sum_{g,t,s} (b_{k,n,t,g}^\top b_{l,m,s,g})
-        (x_{n,t,g}^\top x_{m,s,g})`: one matmul ``[G, K N T_b, O] @ [G, O, K N T]`` and one
-        of the inputs per block of positions :math:`t` (sized by ``max_chunk_bytes``), then a
-        weighted sum over the pairs.
+        The pairs' products (inner size :math:`T`, or outputs of :math:`K \times K`) ran at
+        about half the speed of the materialising ones on CPU: they count twice.
         """
         k, n, t, g, o, i = self._sizes
-        b = self.output_grads.permute(3, 0, 1, 2, 4)  # [G, K, N, T, O]
-        x = self.inputs.permute(2, 0, 1, 3)  # [G, N, T, I]
-        all_columns = b.reshape(g, k * n * t, o).transpose(1, 2)  # [G, O, K N T]
-        all_inputs = x.reshape(g, n * t, i).transpose(1, 2)  # [G, I, N T]
-        # the block's two pairwise products, and their product before the sum
-        bytes_per_position = b.element_size() * g * (2 * (k * n) ** 2 * t + n * n * t)
-        step = max(1, min(t, self.max_chunk_bytes // bytes_per_position))
-        out = b.new_zeros(k, n, k, n)
-        for start in range(0, t, step):
-            block = slice(start, min(start + step, t))
-            size = block.stop - block.start
-            bb = torch.matmul(b[:, :, :, block].reshape(g, -1, o), all_columns)
-            xx = torch.matmul(x[:, :, block].reshape(g, -1, i), all_inputs)
-            bb = bb.reshape(g, k, n, size, k, n, t) * xx.reshape(g, 1, n, size, 1, n, t)
-            out += bb.sum(dim=(0, 3, 6))
-        return out
+        pairs = n * (n + 1) * g * (t * t * (i + k * o) + t * o * k * k)
+        materialise = k * n * g * o * i * (t + MEMORY_COST) + (k * n) ** 2 * g * o * i
+        return pairs, materialise
+
+    def gram(self) -> Tensor:  # noqa: D102
+        if self.output_grads.shape[2] == 1:
+            b, x = self.output_grads[:, :, 0], self.inputs[:, 0]
+            bb = torch.einsum("kngo,lmgo->gknlm", b, b)
+            xx = torch.einsum("ngi,mgi->gnm", x, x)
+            return (bb * xx[:, None, :, None]).sum(dim=0)
+        pairs, materialise = self._gram_costs()
+        if pairs < materialise:
+            return self._gram_pairs()
+        return self._gram_materialised()
+
+    def _gram_pairs(self) -> Tensor:
+        r"""The Gram matrix from products of inputs over pairs of samples.
+
+        :math:`v_{k,n}^\top v_{l,m} = \sum_{g,t} b_{k,n,t,g}^\top y_{l,m,n,t,g}` with
+        :math:`y_{l,m,n,t,g} = \sum_s (x_{n,t,g}^\top x_{m,s,g})\, b_{l,m,s,g}`: per chunk of
+        samples :math:`n` (sized by ``max_chunk_bytes``) and group, one matmul for the inputs'
+        products; then per sample :math:`m` and block of the chunk (sized by
+        :data:`CACHE_BYTES`, so that :math:`y` is used while in the cache: formed for all pairs
+        at once it made the method memory-bound, 3-5x slower), one matmul for :math:`y` and one
+        batched over :math:`n`. Only the pairs :math:`m \geq n` (up to the chunk) are computed;
+        the others are their transposes. Cheaper than materialising when few positions meet
+        large inputs (ResNet-18's 8 x 8 and 4 x 4 stages).
+        """
+        k, n, t, g, o, i = self._sizes
+        b = self.output_grads
+        x = self.inputs.permute(2, 0, 1, 3).reshape(g, n * t, i)
+        # b of sample m as a [T, O K] matrix, and of sample n as a [K, T O] one
+        right = b.permute(3, 1, 2, 4, 0).reshape(g, n, t, o * k)
+        left = b.permute(3, 1, 0, 2, 4).reshape(g, n, k, t * o)
+        out = b.new_zeros(n, k, n, k)
+        step = max(1, CACHE_BYTES // (b.element_size() * t * o * k))
+        for rows in self._sample_chunks(b.element_size() * n * t * t):
+            for group in range(g):
+                products = x[group, rows.start * t : rows.stop * t] @ x[group, rows.start * t :].T
+                for m in range(rows.start, n):
+                    column = products[:, (m - rows.start) * t : (m - rows.start + 1) * t]
+                    for start in range(rows.start, rows.stop, step):
+                        block = slice(start, min(start + step, rows.stop))
+                        part = column[(start - rows.start) * t : (block.stop - rows.start) * t]
+                        y = (part @ right[group, m]).view(-1, t * o, k)  # [n, T O, K]
+                        out[block, :, m] += torch.bmm(left[group, block], y)
+            out[rows, :, : rows.start] = out[: rows.start, :, rows].permute(2, 3, 0, 1)
+        return out.permute(1, 0, 3, 2)
+
+    def _gram_materialised(self) -> Tensor:
+        """The Gram matrix from per-sample gradients, a block of their rows at a time.
+
+        Summing over blocks of the weight's rows (each ``K N`` gradients of ``rows x I``,
+        bounded by ``max_chunk_bytes``) needs no gradient twice; each block is one batched
+        matmul ``[N, K rows, T] @ [N, T, I]`` that reads the inputs in place (after a copy of
+        the block of :math:`b`, much smaller) and one ``[N K, rows I]`` product with its
+        transpose.
+        """
+        k, n, t, g, _, i = self._sizes
+        b, x = self.output_grads, self.inputs
+        out = b.new_zeros(n * k, n * k)
+        row_bytes = b.element_size() * k * n * i
+        for group in range(g):
+            inputs = x[:, :, group]  # [N, T, I]
+            for rows in self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES)):
+                block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
+                gradients = torch.bmm(block, inputs).view(n * k, -1)
+                out.addmm_(gradients, gradients.T)
+        return out.view(n, k, n, k).permute(1, 0, 3, 2)
 
     def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
         _, _, _, g, o, i = self._sizes
@@ -243,8 +300,25 @@ class KroneckerFactor(Factor):
         return torch.einsum("kntgo,ntgi,jgoi->knj", self.output_grads, self.inputs, m)
 
     def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
-        out = torch.einsum("knj,kntgo,ntgi->jgoi", coefficients, self.output_grads, self.inputs)
-        return out.reshape(coefficients.shape[-1], *self.param_shape)
+        _, n, t, g, o, i = self._sizes
+        j = coefficients.shape[-1]
+        x = self.inputs
+        # Columns first (J K N T G O multiply-adds), then one product with the inputs.
+        summed = torch.einsum("knj,kntgo->ngjot", coefficients, self.output_grads)
+        summed = summed.reshape(n, g, j * o, t)
+        out = summed.new_zeros(g, j * o, i)
+        for group in range(g):
+            inputs = x[:, :, group]  # [N, T, I]
+            if inputs.stride(0) == t * inputs.stride(1):
+                rows = summed[:, group].transpose(0, 1).reshape(j * o, n * t)
+                out[group] = rows @ inputs.reshape(n * t, i)
+            else:
+                # A convolution's patches [N, G, I, T]: one product per sample reads them in
+                # place, where merging samples and positions would copy them.
+                for sample in range(n):
+                    out[group].addmm_(summed[sample, group], inputs[sample])
+        out = out.view(g, j, o, i).transpose(0, 1)
+        return out.reshape(j, *self.param_shape)
 
     def dense(self) -> Tensor:  # noqa: D102
         per_sample = torch.einsum("kntgo,ntgi->kngoi", self.output_grads, self.inputs)
