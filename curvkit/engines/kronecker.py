@@ -218,13 +218,9 @@ class KroneckerFactor(Factor):
         return out.reshape(self.param_shape)
 
     def _gram_costs(self) -> tuple[int, int]:
-        r"""Costs (multiply-adds) of the Gram matrix over pairs of samples and by materialising.
-
-        The pairs' products (inner size :math:`T`, or outputs of :math:`K \times K`) ran at
-        about half the speed of the materialising ones on CPU: they count twice.
-        """
+        """Costs (multiply-adds) of the Gram matrix over pairs of samples and by materialising."""
         k, n, t, g, o, i = self._sizes
-        pairs = n * (n + 1) * g * (t * t * (i + k * o) + t * o * k * k)
+        pairs = n * (n + 1) // 2 * g * (t * t * (i + k * o) + t * o * k * k)
         materialise = k * n * g * o * i * (t + MEMORY_COST) + (k * n) ** 2 * g * o * i
         return pairs, materialise
 
@@ -243,34 +239,31 @@ class KroneckerFactor(Factor):
         r"""The Gram matrix from products of inputs over pairs of samples.
 
         :math:`v_{k,n}^\top v_{l,m} = \sum_{g,t} b_{k,n,t,g}^\top y_{l,m,n,t,g}` with
-        :math:`y_{l,m,n,t,g} = \sum_s (x_{n,t,g}^\top x_{m,s,g})\, b_{l,m,s,g}`: per chunk of
-        samples :math:`n` (sized by ``max_chunk_bytes``) and group, one matmul for the inputs'
-        products; then per sample :math:`m` and block of the chunk (sized by
-        :data:`CACHE_BYTES`, so that :math:`y` is used while in the cache: formed for all pairs
-        at once it made the method memory-bound, 3-5x slower), one matmul for :math:`y` and one
-        batched over :math:`n`. Only the pairs :math:`m \geq n` (up to the chunk) are computed;
-        the others are their transposes. Cheaper than materialising when few positions meet
-        large inputs (ResNet-18's 8 x 8 and 4 x 4 stages).
+        :math:`y_{l,m,n,t,g} = \sum_s (x_{n,t,g}^\top x_{m,s,g})\, b_{l,m,s,g}`, for the pairs
+        :math:`n \leq m` only (the others are their transposes): per group, sample :math:`m`
+        and block of samples :math:`n` (sized by :data:`CACHE_BYTES`, so that :math:`y` is
+        used while in the cache: formed for all pairs at once it made the method memory-bound,
+        3-5x slower), one matmul for the inputs' products, one for :math:`y` and one batched
+        over :math:`n`. Cheaper than materialising when few positions meet large inputs
+        (ResNet-18's 8 x 8 and 4 x 4 stages).
         """
         k, n, t, g, o, i = self._sizes
         b = self.output_grads
-        x = self.inputs.permute(2, 0, 1, 3).reshape(g, n * t, i)
+        x = self.inputs.permute(2, 0, 1, 3).reshape(g, n, t, i)
         # b of sample m as a [T, O K] matrix, and of sample n as a [K, T O] one
         right = b.permute(3, 1, 2, 4, 0).reshape(g, n, t, o * k)
         left = b.permute(3, 1, 0, 2, 4).reshape(g, n, k, t * o)
         out = b.new_zeros(n, k, n, k)
         step = max(1, CACHE_BYTES // (b.element_size() * t * o * k))
-        for rows in self._sample_chunks(b.element_size() * n * t * t):
-            for group in range(g):
-                products = x[group, rows.start * t : rows.stop * t] @ x[group, rows.start * t :].T
-                for m in range(rows.start, n):
-                    column = products[:, (m - rows.start) * t : (m - rows.start + 1) * t]
-                    for start in range(rows.start, rows.stop, step):
-                        block = slice(start, min(start + step, rows.stop))
-                        part = column[(start - rows.start) * t : (block.stop - rows.start) * t]
-                        y = (part @ right[group, m]).view(-1, t * o, k)  # [n, T O, K]
-                        out[block, :, m] += torch.bmm(left[group, block], y)
-            out[rows, :, : rows.start] = out[: rows.start, :, rows].permute(2, 3, 0, 1)
+        for group in range(g):
+            for m in range(n):
+                for start in range(0, m + 1, step):
+                    block = slice(start, min(start + step, m + 1))
+                    products = x[group, block].reshape(-1, i) @ x[group, m].T  # [n T, s]
+                    y = (products @ right[group, m]).view(-1, t * o, k)  # [n, T O, K]
+                    out[block, :, m] += torch.bmm(left[group, block], y)
+        below = torch.ones(n, n, dtype=torch.bool, device=b.device).tril(-1)
+        out = torch.where(below[:, None, :, None], out.permute(2, 3, 0, 1), out)
         return out.permute(1, 0, 3, 2)
 
     def _gram_materialised(self) -> Tensor:
