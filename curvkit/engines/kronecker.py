@@ -15,13 +15,17 @@ A grouped convolution is one such layer per group :math:`g`. :class:`KroneckerFa
 - ``T == 1``: :math:`\operatorname{diag} = \sum_n (\sum_k b_{k,n}^2) \otimes x_n^2`, one
   matmul of inner size :math:`N`; Gram :math:`= (B B^\top) \odot (X X^\top)`;
 - ``T > 1``: per method, the cheaper (in multiply-adds, with the memory traffic of writing a
-  per-sample gradient counted as :data:`MEMORY_COST`) of the structured contraction over pairs
-  of positions :math:`(t, s)` (one matmul per chunk: the diagonal as
-  :math:`\sum_{n,t,s} (\sum_k b_{k,n,t} \odot b_{k,n,s}) (x_{n,t} \odot x_{n,s})^\top`, the
-  Gram matrix from :math:`b^\top b` and :math:`x^\top x` over blocks of positions) and of
-  materialising :math:`v` in chunks of samples whose size is bounded by ``max_chunk_bytes``;
-- :meth:`~KroneckerFactor.t_mat` and :meth:`~KroneckerFactor.mat` are single contractions
-  (:func:`torch.einsum` picks the order).
+  per-sample gradient counted as :data:`MEMORY_COST`) of a contraction over pairs and of
+  materialising :math:`v` a block at a time. The diagonal pairs positions,
+  :math:`\sum_{n,t,s} (\sum_k b_{k,n,t} \odot b_{k,n,s}) (x_{n,t} \odot x_{n,s})^\top` in one
+  matmul per chunk, or squares blocks of rows of :math:`v` while they are in the cache. The
+  Gram matrix pairs samples, :math:`v_{k,n}^\top v_{l,m} = \sum_{t,s} (b_{k,n,t}^\top
+  b_{l,m,s}) (x_{n,t}^\top x_{m,s})` contracted as :math:`x x^\top`, then :math:`b_m`, then
+  :math:`b_n` (never :math:`b^\top b`, which costs :math:`K` times more), or sums
+  :math:`v v^\top` over blocks of the weight's rows bounded by ``max_chunk_bytes``;
+- :meth:`~KroneckerFactor.mat` and :meth:`~KroneckerFactor.t_mat` with :math:`J` directions
+  contract through the inputs (:math:`J T O I` per sample: few directions) or through the
+  per-sample gradients (:math:`K T O I`: few columns), whichever costs less.
 """
 
 from __future__ import annotations
@@ -44,10 +48,18 @@ STALE_INPUT_MESSAGE = (
 #: Default bound on the bytes of an intermediate tensor a factor method materialises at once.
 DEFAULT_CHUNK_BYTES = 2**28
 
+#: Bytes of a block of per-sample gradient rows that the materialising diagonal squares while it is
+#: still in a core's cache.
+CACHE_BYTES = 2**22
+
+#: Bound on the bytes of the per-sample gradient rows the materialising Gram matrix forms at once.
+GRAM_BLOCK_BYTES = 2**25
+
 #: Multiply-adds that writing and reading back one entry of a per-sample gradient costs on top of
-#: its :math:`T` multiply-adds (measured on CPU, ResNet-18 layers): memory traffic, which makes
-#: materialising slow for few positions.
-MEMORY_COST = 32
+#: its :math:`T` multiply-adds (fitted on CPU to ResNet-18-sized layers with 10 columns, where the
+#: pairwise diagonal wins below about 12 positions): memory traffic, which makes materialising
+#: slow for few positions.
+MEMORY_COST = 8
 
 
 def square_pairs(b: Tensor) -> Tensor:
@@ -59,6 +71,28 @@ def square_pairs(b: Tensor) -> Tensor:
     for column in b[1:]:
         out.addcmul_(column.unsqueeze(2), column.unsqueeze(1))
     return out
+
+
+def _scratch(tensors: Sequence[Tensor], numel: int) -> Tensor | None:
+    """A buffer that the products of a method's loop are written into, or ``None``.
+
+    Reusing one buffer spares a fresh allocation per product: with many products of a few MiB
+    each, returning the memory to the system and faulting it in again took longer than the
+    products (3x on ResNet-18's exact diagonal, under ``MALLOC_MMAP_THRESHOLD_=65536``). When
+    autograd records (a factor made with ``create_graph``) the products must be new tensors
+    (``out=`` is not differentiable): then ``None``.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return tensors[0].new_empty(numel)
+
+
+def _matmul(a: Tensor, b: Tensor, scratch: Tensor | None) -> Tensor:
+    """``a @ b`` (2-d or batched 3-d), written into the front of ``scratch`` if given."""
+    if scratch is None:
+        return a @ b
+    out = scratch[: a.shape[:-1].numel() * b.shape[-1]].view(*a.shape[:-1], b.shape[-1])
+    return torch.matmul(a, b, out=out)
 
 
 class KroneckerFactor(Factor):
@@ -143,16 +177,11 @@ class KroneckerFactor(Factor):
         step = max(1, min(n, self.max_chunk_bytes // max(bytes_per_sample, 1)))
         return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
-    def _per_sample(self, x: Tensor, column: int, samples: slice) -> Tensor:
-        """:math:`v_{k,n}` for one column :math:`k` and the given samples, ``[n, G, O, I]``.
-
-        One column at a time: the engine's :math:`b` is laid out ``[K, N, G, O, T]`` in memory
-        and a convolution's patches ``[N, G, I, T]``, so that one column is a batch of
-        ``[O, T] @ [T, I]`` products a batched matmul reads in place (an einsum over all
-        columns, or over the ``[N, T, G, *]`` views, copies its operands first).
-        """
-        b = self.output_grads[column, samples].permute(0, 2, 3, 1)  # [n, G, O, T]
-        return torch.matmul(b, x[samples].permute(0, 2, 1, 3))  # [n, G, T, I]
+    def _row_blocks(self, bytes_per_row: int, limit: int) -> list[slice]:
+        """Blocks of the output rows ``O`` with at most ``limit`` bytes (at least one row)."""
+        o = self.output_grads.shape[-1]
+        step = max(1, min(o, limit // max(bytes_per_row, 1)))
+        return [slice(start, min(start + step, o)) for start in range(0, o, step)]
 
     def _diag_costs(self) -> tuple[int, int]:
         """Per-sample costs (multiply-adds) of the pairwise and the materialising diagonal."""
@@ -191,51 +220,103 @@ class KroneckerFactor(Factor):
         return out.reshape(self.param_shape)
 
     def _diag_materialised(self, x: Tensor) -> Tensor:
-        """The diagonal from per-sample gradients, one column and a chunk of samples at a time."""
-        k, _, _, g, o, i = self._sizes
-        out = self.output_grads.new_zeros(g, o, i)
-        for s in self._sample_chunks(self.output_grads.element_size() * g * o * i):
-            for column in range(k):
-                # One fused multiply-add per sample: an einsum over the sample axis runs as
-                # G O I dot products of length n (measured 2-7x slower).
-                for gradient in self._per_sample(x, column, s):
-                    out.addcmul_(gradient, gradient)
+        """The diagonal from per-sample gradients, a block of rows of one gradient at a time.
+
+        Each block (``[rows, T] @ [T, I]``, at most :data:`CACHE_BYTES`) is squared into the
+        sum while it is still in the cache: materialising whole per-sample gradients first and
+        squaring them afterwards ran at the speed of main memory (2-4x slower on ResNet-18's
+        8 x 8 and 4 x 4 stages).
+        """
+        k, n, _, g, o, i = self._sizes
+        b = self.output_grads
+        out = b.new_zeros(g, o, i)
+        blocks = self._row_blocks(b.element_size() * i, CACHE_BYTES)
+        scratch = _scratch([b, x], (blocks[0].stop - blocks[0].start) * i)
+        for group in range(g):
+            for rows in blocks:
+                block = out[group, rows]
+                for sample in range(n):
+                    inputs = x[sample, :, group]  # [T, I]
+                    for column in range(k):
+                        gradient = _matmul(b[column, sample, :, group, rows].T, inputs, scratch)
+                        block.addcmul_(gradient, gradient)
         return out.reshape(self.param_shape)
 
-    def gram(self) -> Tensor:  # noqa: D102
+    def _gram_costs(self) -> tuple[int, int]:
+        """Costs (multiply-adds) of the Gram matrix over pairs of samples and by materialising."""
         k, n, t, g, o, i = self._sizes
-        pairwise_cost = (k * n * t) ** 2 * g * o + (n * t) ** 2 * g * i + (k * n * t) ** 2 * g
-        materialise_cost = k * n * t * g * o * i + (k * n) ** 2 * g * o * i
-        if pairwise_cost <= materialise_cost:
-            return self._gram_pairwise()
-        flat = self.dense().flatten(start_dim=2)
-        return torch.einsum("knd,lmd->knlm", flat, flat)
+        pairs = n * (n + 1) // 2 * g * (t * t * (i + k * o) + t * o * k * k)
+        materialise = k * n * g * o * i * (t + MEMORY_COST) + (k * n) ** 2 * g * o * i
+        return pairs, materialise
 
-    def _gram_pairwise(self) -> Tensor:
-        r"""The Gram matrix from products over pairs of positions, in blocks of positions.
+    def gram(self) -> Tensor:  # noqa: D102
+        if self.output_grads.shape[2] == 1:
+            b, x = self.output_grads[:, :, 0], self.inputs[:, 0]
+            bb = torch.einsum("kngo,lmgo->gknlm", b, b)
+            xx = torch.einsum("ngi,mgi->gnm", x, x)
+            return (bb * xx[:, None, :, None]).sum(dim=0)
+        pairs, materialise = self._gram_costs()
+        if pairs < materialise:
+            return self._gram_pairs()
+        return self._gram_materialised()
 
-        :math:`v_{k,n}^\top v_{l,m} = \sum_{g,t,s} (b_{k,n,t,g}^\top b_{l,m,s,g})
-        (x_{n,t,g}^\top x_{m,s,g})`: one matmul ``[G, K N T_b, O] @ [G, O, K N T]`` and one
-        of the inputs per block of positions :math:`t` (sized by ``max_chunk_bytes``), then a
-        weighted sum over the pairs.
+    def _gram_pairs(self) -> Tensor:
+        r"""The Gram matrix from products of inputs over pairs of samples.
+
+        :math:`v_{k,n}^\top v_{l,m} = \sum_{g,t} b_{k,n,t,g}^\top y_{l,m,n,t,g}` with
+        :math:`y_{l,m,n,t,g} = \sum_s (x_{n,t,g}^\top x_{m,s,g})\, b_{l,m,s,g}`, for the pairs
+        :math:`n \leq m` only (the others are their transposes): per group, sample :math:`m`
+        and block of samples :math:`n` (sized by :data:`CACHE_BYTES`, so that :math:`y` is
+        used while in the cache: formed for all pairs at once it made the method memory-bound,
+        3-5x slower), one matmul for the inputs' products, one for :math:`y` and one batched
+        over :math:`n`. Cheaper than materialising when few positions meet large inputs
+        (ResNet-18's 8 x 8 and 4 x 4 stages).
         """
         k, n, t, g, o, i = self._sizes
-        b = self.output_grads.permute(3, 0, 1, 2, 4)  # [G, K, N, T, O]
-        x = self.inputs.permute(2, 0, 1, 3)  # [G, N, T, I]
-        all_columns = b.reshape(g, k * n * t, o).transpose(1, 2)  # [G, O, K N T]
-        all_inputs = x.reshape(g, n * t, i).transpose(1, 2)  # [G, I, N T]
-        # the block's two pairwise products, and their product before the sum
-        bytes_per_position = b.element_size() * g * (2 * (k * n) ** 2 * t + n * n * t)
-        step = max(1, min(t, self.max_chunk_bytes // bytes_per_position))
-        out = b.new_zeros(k, n, k, n)
-        for start in range(0, t, step):
-            block = slice(start, min(start + step, t))
-            size = block.stop - block.start
-            bb = torch.matmul(b[:, :, :, block].reshape(g, -1, o), all_columns)
-            xx = torch.matmul(x[:, :, block].reshape(g, -1, i), all_inputs)
-            bb = bb.reshape(g, k, n, size, k, n, t) * xx.reshape(g, 1, n, size, 1, n, t)
-            out += bb.sum(dim=(0, 3, 6))
-        return out
+        b = self.output_grads
+        x = self.inputs.permute(2, 0, 1, 3).reshape(g, n, t, i)
+        # b of sample m as a [T, O K] matrix, and of sample n as a [K, T O] one
+        right = b.permute(3, 1, 2, 4, 0).reshape(g, n, t, o * k)
+        left = b.permute(3, 1, 0, 2, 4).reshape(g, n, k, t * o)
+        out = b.new_zeros(n, k, n, k)
+        step = max(1, min(n, CACHE_BYTES // (b.element_size() * t * o * k)))
+        products_scratch = _scratch([b, x], step * t * t)
+        y_scratch = _scratch([b, x], step * t * o * k)
+        for group in range(g):
+            for m in range(n):
+                for start in range(0, m + 1, step):
+                    block = slice(start, min(start + step, m + 1))
+                    products = _matmul(  # [n T, s]
+                        x[group, block].reshape(-1, i), x[group, m].T, products_scratch
+                    )
+                    y = _matmul(products, right[group, m], y_scratch).view(-1, t * o, k)
+                    out[block, :, m] += torch.bmm(left[group, block], y)
+        below = torch.ones(n, n, dtype=torch.bool, device=b.device).tril(-1)
+        out = torch.where(below[:, None, :, None], out.permute(2, 3, 0, 1), out)
+        return out.permute(1, 0, 3, 2)
+
+    def _gram_materialised(self) -> Tensor:
+        """The Gram matrix from per-sample gradients, a block of their rows at a time.
+
+        Summing over blocks of the weight's rows (each ``K N`` gradients of ``rows x I``,
+        bounded by ``max_chunk_bytes``) needs no gradient twice; each block is one batched
+        matmul ``[N, K rows, T] @ [N, T, I]`` that reads the inputs in place (after a copy of
+        the block of :math:`b`, much smaller) and one ``[N K, rows I]`` product with its
+        transpose.
+        """
+        k, n, t, g, _, i = self._sizes
+        b, x = self.output_grads, self.inputs
+        out = b.new_zeros(n * k, n * k)
+        row_bytes = b.element_size() * k * n * i
+        blocks = self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES))
+        scratch = _scratch([b, x], (blocks[0].stop - blocks[0].start) * k * n * i)
+        for group in range(g):
+            inputs = x[:, :, group]  # [N, T, I]
+            for rows in blocks:
+                block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
+                gradients = _matmul(block, inputs, scratch).view(n * k, -1)
+                out.addmm_(gradients, gradients.T)
+        return out.view(n, k, n, k).permute(1, 0, 3, 2)
 
     def _through_inputs(self, num_directions: int) -> bool:
         r"""Whether products with :math:`J` directions are cheaper through the inputs.
@@ -253,55 +334,70 @@ class KroneckerFactor(Factor):
         return through_inputs <= materialise
 
     def t_mat(self, mat: Tensor) -> Tensor:  # noqa: D102
-        k, _, t, g, o, i = self._sizes
+        k, n, t, g, o, i = self._sizes
         j = mat.shape[0]
         m = mat.reshape(j, g, o, i)
         b, x = self.output_grads, self.inputs
-        parts = []
+        out = b.new_zeros(n, k, j)
         if self._through_inputs(j):
-            directions = m.permute(1, 3, 0, 2).reshape(g, i, j * o)  # [G, I, J O]
-            for s in self._sample_chunks(b.element_size() * t * g * (j + k) * o):
-                size = s.stop - s.start
-                xm = torch.matmul(x[s].permute(2, 0, 1, 3).reshape(g, size * t, i), directions)
-                xm = xm.reshape(g, size, t, j, o).permute(1, 0, 2, 4, 3).reshape(size, -1, j)
-                bs = b[:, s].permute(1, 0, 3, 2, 4).reshape(size, k, -1)  # [n, K, G T O]
-                parts.append(torch.bmm(bs, xm).transpose(0, 1))
-        else:
-            flat = m.reshape(j, -1)
-            for s in self._sample_chunks(b.element_size() * g * o * i):
-                parts.append(
-                    torch.stack(
-                        [
-                            self._per_sample(x, column, s).flatten(start_dim=1) @ flat.T
-                            for column in range(k)
-                        ]
-                    )
-                )
-        return torch.cat(parts, dim=1)
+            # Per group and chunk of samples: the inputs times every direction, [n, T, J O],
+            # then one product per sample with the columns.
+            for group in range(g):
+                directions = m[:, group].permute(2, 0, 1).reshape(i, j * o)
+                for s in self._sample_chunks(b.element_size() * t * j * o):
+                    size = s.stop - s.start
+                    projected = torch.matmul(x[s, :, group], directions)
+                    projected = projected.view(size, t, j, o).transpose(2, 3).reshape(size, -1, j)
+                    columns = b[:, s, :, group].transpose(0, 1).reshape(size, k, t * o)
+                    out[s] += torch.bmm(columns, projected)
+            return out.transpose(0, 1)
+        # Per group and block of the weight's rows: the per-sample gradients, then their
+        # products with the directions.
+        row_bytes = b.element_size() * k * n * i
+        blocks = self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES))
+        scratch = _scratch([b, x, mat], (blocks[0].stop - blocks[0].start) * k * n * i)
+        for group in range(g):
+            inputs = x[:, :, group]  # [N, T, I]
+            for rows in blocks:
+                block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
+                gradients = _matmul(block, inputs, scratch).view(n * k, -1)
+                directions = m[:, group, rows].reshape(j, -1)
+                out += (gradients @ directions.T).view(n, k, j)
+        return out.transpose(0, 1)
 
     def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
-        k, _, t, g, o, i = self._sizes
+        k, n, t, g, o, i = self._sizes
         j = coefficients.shape[-1]
         b, x = self.output_grads, self.inputs
-        if self._through_inputs(j):
-            out = b.new_zeros(g, j * o, i)
-            for s in self._sample_chunks(b.element_size() * t * g * (j + k) * o):
-                size = s.stop - s.start
-                # the columns combined per sample, [n, J, T G O], then laid out [G, J O, n T]
-                combined = torch.bmm(
-                    coefficients[:, s].permute(1, 2, 0),
-                    b[:, s].transpose(0, 1).reshape(size, k, -1),
-                )
-                combined = combined.reshape(size, j, t, g, o).permute(3, 1, 4, 0, 2)
-                inputs = x[s].permute(2, 0, 1, 3).reshape(g, size * t, i)
-                out = out.baddbmm(combined.reshape(g, j * o, size * t), inputs)
-            out = out.reshape(g, j, o, i).transpose(0, 1)
-        else:
-            out = b.new_zeros(j, g * o * i)
-            for s in self._sample_chunks(b.element_size() * g * o * i):
-                for column in range(k):
-                    per_sample = self._per_sample(x, column, s).flatten(start_dim=1)
-                    out = out.addmm(coefficients[column, s].T, per_sample)
+        if not self._through_inputs(j):
+            # Per group and block of the weight's rows: the per-sample gradients, combined.
+            out = b.new_zeros(j, g, o, i)
+            weights = coefficients.transpose(0, 1).reshape(n * k, j)
+            row_bytes = b.element_size() * k * n * i
+            blocks = self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES))
+            scratch = _scratch([b, x, coefficients], (blocks[0].stop - blocks[0].start) * k * n * i)
+            for group in range(g):
+                inputs = x[:, :, group]  # [N, T, I]
+                for rows in blocks:
+                    block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
+                    gradients = _matmul(block, inputs, scratch).view(n * k, -1)
+                    out[:, group, rows] = (weights.T @ gradients).view(j, -1, i)
+            return out.reshape(j, *self.param_shape)
+        # Columns first (J K N T G O multiply-adds), then one product with the inputs.
+        summed = torch.einsum("knj,kntgo->ngjot", coefficients, b)
+        summed = summed.reshape(n, g, j * o, t)
+        out = summed.new_zeros(g, j * o, i)
+        for group in range(g):
+            inputs = x[:, :, group]  # [N, T, I]
+            if inputs.stride(0) == t * inputs.stride(1):
+                rows = summed[:, group].transpose(0, 1).reshape(j * o, n * t)
+                out[group] = rows @ inputs.reshape(n * t, i)
+            else:
+                # A convolution's patches [N, G, I, T]: one product per sample reads them in
+                # place, where merging samples and positions would copy them.
+                for sample in range(n):
+                    out[group].addmm_(summed[sample, group], inputs[sample])
+        out = out.view(g, j, o, i).transpose(0, 1)
         return out.reshape(j, *self.param_shape)
 
     def dense(self) -> Tensor:  # noqa: D102
