@@ -75,9 +75,10 @@ def square_pairs(b: Tensor) -> Tensor:
 def _scratch(tensors: Sequence[Tensor], numel: int) -> Tensor | None:
     """A buffer that the products of a method's loop are written into, or ``None``.
 
-    Reusing one buffer spares a fresh allocation per product: with many products of a few MiB
-    each, returning the memory to the system and faulting it in again took longer than the
-    products (3x on ResNet-18's exact diagonal, under ``MALLOC_MMAP_THRESHOLD_=65536``). When
+    Reusing one buffer spares a fresh allocation per product: with thousands of products of a
+    few MiB each, returning the memory to the system and faulting it in again cost more than the
+    products (ResNet-18's exact diagonal: 13-16 s instead of 9.4 s under the benchmarks'
+    ``MALLOC_MMAP_THRESHOLD_=65536``). When
     autograd records (a factor made with ``create_graph``) the products must be new tensors
     (``out=`` is not differentiable): then ``None``.
     """
