@@ -197,8 +197,8 @@ class Normalisations(nn.Module):
     """The normalisation rule in each of its layouts.
 
     RMSNorm, a LayerNorm over two axes without bias, one with the samples on the second axis,
-    GroupNorm on ``[N, C]``. The affine parameters are drawn at random (torch initialises them
-    to ones and zeros).
+    GroupNorm and BatchNorm (eval mode, random running statistics) on ``[N, C]``. The affine
+    parameters are drawn at random (torch initialises them to ones and zeros).
     """
 
     def __init__(self) -> None:
@@ -208,17 +208,20 @@ class Normalisations(nn.Module):
         self.plane = nn.LayerNorm((3, 2), bias=False)
         self.sequence_first = nn.LayerNorm(6)
         self.group = nn.GroupNorm(3, 6)
+        self.batch = nn.BatchNorm1d(6)
         self.out = nn.Linear(6, 2)
         with torch.no_grad():
-            for norm in (self.rms, self.plane, self.sequence_first, self.group):
+            for norm in (self.rms, self.plane, self.sequence_first, self.group, self.batch):
                 for param in norm.parameters():
                     param.copy_(torch.randn_like(param))
+            self.batch.running_mean.copy_(torch.randn(6))
+            self.batch.running_var.copy_(torch.rand(6) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         h = torch.tanh(self.rms(self.proj(x)))  # [N, T, 6]
         h = self.plane(h.unflatten(-1, (3, 2))).flatten(start_dim=-2)
         h = self.sequence_first(h.transpose(0, 1)).transpose(0, 1)
-        return self.out(torch.tanh(self.group(h.mean(dim=1))))
+        return self.out(torch.tanh(self.batch(self.group(h.mean(dim=1)))))
 
 
 class EmbeddingClassifier(nn.Module):

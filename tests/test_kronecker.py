@@ -87,12 +87,29 @@ def test_every_contraction_is_differentiable(layout: str, monkeypatch) -> None:
     factor, _ = _factor((k, n, t, g, o, i), 200, layout)
     b, x = factor.output_grads.detach(), factor.inputs.detach()
     coefficients = torch.randn(k, n, 2, dtype=torch.float64)
+    directions = torch.randn(2, *factor.param_shape, dtype=torch.float64)
+
+    def forced(order: bool, product):
+        def run(f: KroneckerFactor) -> torch.Tensor:
+            with monkeypatch.context() as patch:
+                patch.setattr(KroneckerFactor, "_through_inputs", lambda self, j: order)
+                return product(f)
+
+        return run
+
     methods = {
         "diag_pairwise": lambda f: f._diag_pairwise(f.inputs),
         "diag_materialised": lambda f: f._diag_materialised(f.inputs),
         "gram_pairs": lambda f: f._gram_pairs(),
         "gram_materialised": lambda f: f._gram_materialised(),
-        "mat": lambda f: f.mat(coefficients),
+        **{
+            f"{name}, through the inputs: {order}": forced(order, product)
+            for order in (True, False)
+            for name, product in (
+                ("mat", lambda f: f.mat(coefficients)),
+                ("t_mat", lambda f: f.t_mat(directions)),
+            )
+        },
     }
     for name, method in methods.items():
 
@@ -161,6 +178,7 @@ def test_convolution_diagonal_and_gram_match_torch_func(num_samples: int) -> Non
         )
 
 
+@pytest.mark.parametrize("layout", ["linear", "conv"])
 @pytest.mark.parametrize("through_inputs", [True, False])
 @pytest.mark.parametrize("num_directions", [1, 6])
 @pytest.mark.parametrize("chunk_bytes", [64, 2**28])
@@ -170,12 +188,15 @@ def test_both_product_orders_match_materialised_columns(
     chunk_bytes: int,
     num_directions: int,
     through_inputs: bool,
+    layout: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``mat`` and ``t_mat`` through the inputs and through per-sample gradients, each forced."""
-    factor, dense = _factor(shape, chunk_bytes)
+    """``mat`` and ``t_mat`` through the inputs and through per-sample gradients, each forced,
+    across chunks of samples and blocks of rows (``chunk_bytes`` bounds both)."""
+    factor, dense = _factor(shape, chunk_bytes, layout)
     k, n = shape[:2]
     monkeypatch.setattr(KroneckerFactor, "_through_inputs", lambda self, j: through_inputs)
+    monkeypatch.setattr(kronecker, "GRAM_BLOCK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(7)
     directions = torch.randn(num_directions, *factor.param_shape, generator=gen, dtype=dense.dtype)
     coefficients = torch.randn(k, n, num_directions, generator=gen, dtype=dense.dtype)

@@ -7,8 +7,9 @@ r"""The built-in rules: the layer math of the engine's hot path.
   same, with the input's patches in place of the input;
 - ``nn.Embedding`` (integer indices, samples on the first axis, without ``max_norm`` or
   ``scale_grad_by_freq``): an :class:`~curvkit.engines.EmbeddingFactor`;
-- ``nn.LayerNorm``, ``nn.RMSNorm`` (samples on any axis before the normalised ones) and
-  ``nn.GroupNorm`` (samples on the first axis): the columns of the elementwise affine
+- ``nn.LayerNorm``, ``nn.RMSNorm`` (samples on any axis before the normalised ones),
+  ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` in eval mode (samples on the first axis,
+  BatchNorm normalising with its running statistics): the columns of the elementwise affine
   parameters, :math:`\sum_t b_{k,n,t} \odot \hat x_{n,t}` for the weight and
   :math:`\sum_t b_{k,n,t}` for the bias, with the normalised input :math:`\hat x` recomputed
   by the same torch function without the affine part.
@@ -187,16 +188,28 @@ def embedding_rule(call: RuleCall) -> dict[str, Factor]:
     return {"weight": EmbeddingFactor(b, indices, module.weight.shape)}
 
 
+#: Normalisation layers whose weight is per channel (axis 1), the other axes its positions.
+_CHANNEL_NORMS = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _normalised(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     """The input normalised without the affine part, and how many trailing axes a weight spans.
 
     Raises:
-        Decline: For a GroupNorm input without a channel axis.
+        Decline: For an input without a channel axis, or a BatchNorm that normalises with the
+            batch's statistics (in training mode or without running statistics).
     """
+    if isinstance(module, _CHANNEL_NORMS) and x.dim() < 2:
+        raise Decline("the input has no channel axis")
     if isinstance(module, nn.GroupNorm):
-        if x.dim() < 2:
-            raise Decline("the input has no channel axis")
         return F.group_norm(x, module.num_groups, None, None, module.eps), x.dim() - 1
+    if isinstance(module, _CHANNEL_NORMS):
+        if module.training or module.running_mean is None:
+            raise Decline("the layer normalises with the batch's statistics")
+        normalised = F.batch_norm(
+            x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
+        )
+        return normalised, x.dim() - 1
     shape = tuple(module.normalized_shape)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, shape, None, None, module.eps), len(shape)
@@ -204,31 +217,33 @@ def _normalised(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
 
 
 def norm_rule(call: RuleCall) -> dict[str, Factor]:
-    r"""Factors of ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.GroupNorm``: dense columns.
+    r"""Factors of LayerNorm, RMSNorm, GroupNorm and BatchNorm (eval mode): dense columns.
 
     The output is :math:`y = \hat x \odot w + \beta`, so the weight's columns are
     :math:`\sum_t b_{k,n,t} \odot \hat x_{n,t}` and the bias's :math:`\sum_t b_{k,n,t}`, summed
-    over the positions :math:`t` the parameters broadcast over (GroupNorm's weight is per
-    channel: the positions are its spatial axes). Formed a chunk of columns at a time.
+    over the positions :math:`t` the parameters broadcast over (GroupNorm's and BatchNorm's
+    weight is per channel: the positions are the axes after it; BatchNorm normalises with its
+    running statistics). Formed a chunk of columns at a time.
 
     Raises:
         Decline: If the input is not one tensor whose sample axis lies before the axes the
-            parameters span (GroupNorm: its first axis).
+            parameters span (GroupNorm, BatchNorm: its first axis), or a BatchNorm uses the
+            batch's statistics.
     """
     x = call.single_input()
     output_grad = call.output_grad()
     module = call.module
     normalised, spanned = _normalised(module, x)
     axis = call.input_sample_axis()
-    if axis >= x.dim() - spanned and not isinstance(module, nn.GroupNorm):
-        raise Decline("the input's sample axis is one the parameters span")
-    if isinstance(module, nn.GroupNorm):
+    if isinstance(module, _CHANNEL_NORMS):
         if axis != 0:
             raise Decline("the samples are not on the input's first axis")
-        # [N, C, *spatial]: the channel is the parameter axis, the spatial axes the positions.
+        # [N, C, *positions]: the channel is the parameter axis.
         normalised = normalised.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
         b = output_grad.reshape(*output_grad.shape[:3], -1).transpose(2, 3)
     else:
+        if axis >= x.dim() - spanned:
+            raise Decline("the input's sample axis is one the parameters span")
         param_shape = x.shape[x.dim() - spanned :]
         normalised = normalised.movedim(axis, 0).reshape(call.num_samples, -1, *param_shape)
         b = output_grad.movedim(axis + 1, 1)
@@ -257,4 +272,7 @@ BUILTIN_RULES: dict[type[nn.Module], Rule] = {
     nn.LayerNorm: norm_rule,
     nn.RMSNorm: norm_rule,
     nn.GroupNorm: norm_rule,
+    nn.BatchNorm1d: norm_rule,
+    nn.BatchNorm2d: norm_rule,
+    nn.BatchNorm3d: norm_rule,
 }
