@@ -1,10 +1,13 @@
 """Real size: a GPT-style language model and ResNet-18, time as a multiple of a gradient, memory.
 
-Each (case, checkout) runs in a fresh process: after a warm-up call, the median of three calls is
-divided by the median of three plain gradients (``torch.autograd.grad`` of the loss) on the same
-model and batch; the peak extra memory is the peak resident set size during one more call minus
-the resident size before it (``VmHWM - VmRSS`` after ``/proc/self/clear_refs``, Linux only, with
-``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set).
+Each (case, checkout) runs in two fresh processes. In the first, with glibc's default allocator,
+after a warm-up call the median of three calls is divided by the median of three plain gradients
+(``torch.autograd.grad`` of the loss) on the same model and batch. In the second, the peak extra
+memory is the peak resident set size during one call minus the resident size before it
+(``VmHWM - VmRSS`` after ``/proc/self/clear_refs``, Linux only), with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set. That setting makes
+every tensor above 64 KiB fresh memory faulted in anew, which slows down a call by how much it
+allocates rather than by what it computes, so it stays out of the timing process.
 
 Models (float32, CPU, eval mode): a GPT-style language model (vocabulary 4096, width 128, 2
 pre-norm blocks of 4-head causal attention written out in ``torch`` operations, learned positions
@@ -172,29 +175,58 @@ def peak_extra_mib(call: Callable[[], object]) -> float:
     return peak
 
 
-def measure(gradient: Callable[[], object], call: Callable[[], object]) -> dict[str, float]:
-    """Time (after a warm-up, median of three) as a multiple of a gradient's, and peak memory."""
+#: The parts of a measurement, each in its own process, and the environment each adds.
+PARTS = {"time": {}, "memory": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def measure(
+    gradient: Callable[[], object], call: Callable[[], object], part: str
+) -> dict[str, float]:
+    """``part`` ``"time"``: after a warm-up, the median of three as a multiple of a gradient's;
+    ``"memory"``: the peak extra memory of one call and of one gradient."""
     gradient()
-    gradient_peak = peak_extra_mib(gradient)
     call()
+    if part == "memory":
+        return {"gradient_peak_mib": peak_extra_mib(gradient), "peak_mib": peak_extra_mib(call)}
     gradient_seconds = _median_seconds(gradient)
     seconds = _median_seconds(call)
     return {
         "gradient_ms": 1e3 * gradient_seconds,
         "ms": 1e3 * seconds,
         "x_gradient": seconds / gradient_seconds,
-        "gradient_peak_mib": gradient_peak,
-        "peak_mib": peak_extra_mib(call),
     }
 
 
-def worker(case: str) -> dict[str, float]:
+def run_parts(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run a worker ``command`` once per part of :data:`PARTS` and merge their results.
+
+    Raises:
+        RuntimeError: With the worker's last line of error output, if it fails.
+    """
+    row: dict[str, float] = {}
+    base = {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    for part, extra in PARTS.items():
+        result = subprocess.run(
+            [*command, "--part", part],
+            env={**base, **extra},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode:
+            raise RuntimeError(result.stderr.strip()[-3000:])
+        row |= json.loads(result.stdout.strip().splitlines()[-1])
+    return row
+
+
+def worker(case: str, part: str) -> dict[str, float]:
     model, loss_fn, x, y = problem(case)
     params = list(model.parameters())
     quantity = cases()[case]
     return measure(
         lambda: torch.autograd.grad(loss_fn(model(x), y), params),
         lambda: quantity(model, loss_fn, x, y),
+        part,
     )
 
 
@@ -211,10 +243,11 @@ def main() -> None:
         help="compare curvkit source checkouts (put on PYTHONPATH); default: the installed one",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(worker(args.worker)))
+        print(json.dumps(worker(args.worker, args.part)))
         return
     checkouts = [tuple(c.split("=", 1)) for c in args.checkouts] or [("curvkit", "")]
     print(f"torch {torch.__version__}, {args.threads} threads, CPU, float32")
@@ -222,14 +255,14 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for case in args.cases or (QUICK if args.quick else cases()):
         for label, path in checkouts:
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            env = dict(os.environ)
             if path:
                 env["PYTHONPATH"] = path
             command = [sys.executable, __file__, "--worker", case, "--threads", str(args.threads)]
-            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if result.returncode:
-                raise SystemExit(f"{case} on {label} failed:\n{result.stderr[-3000:]}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
+            try:
+                row = run_parts(command, env)
+            except RuntimeError as error:
+                raise SystemExit(f"{case} on {label} failed:\n{error}") from None
             print(
                 f"| {case} | {label} | {row['gradient_ms']:.0f} | {row['ms']:.0f} | "
                 f"{row['x_gradient']:.1f} | {row['peak_mib']:.0f} |",

@@ -7,11 +7,10 @@ through ``F.linear``); next-token cross-entropy over all positions with the logi
 T, V]``, as Hugging Face's loss code and curvlinops' examples do. Default size: vocabulary 8192,
 width 256, 4 blocks, 8 sequences of 128 tokens (7.4M parameters), float32, CPU, eval mode.
 
-Each (case, vocabulary) runs in a fresh process: after a warm-up call, the median of three calls
-is divided by the median of three plain gradients (``torch.autograd.grad`` of the loss) on the
-same model and batch; the peak extra memory is the peak resident set size during one more call
-minus the resident size before it (``VmHWM - VmRSS`` after ``/proc/self/clear_refs``, Linux
-only, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set). The
+Each (case, vocabulary) is timed and measured in fresh processes as in ``bench_real_size.py``:
+time as the median of three calls over the median of three plain gradients
+(``torch.autograd.grad`` of the loss) on the same model and batch, with glibc's default
+allocator; peak extra memory in another process that returns freed memory to the system. The
 peer is curvlinops' ``GGNLinearOperator @ v``.
 
 Usage::
@@ -26,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_real_size import Block, measure
+from bench_real_size import Block, measure, run_parts
 
 
 class GPT(nn.Module):
@@ -100,13 +98,14 @@ def cases() -> dict[str, Callable[[nn.Module, nn.Module, Tensor, Tensor], object
     }
 
 
-def worker(case: str, vocab: int, quick: bool, tied: bool) -> dict[str, float]:
+def worker(case: str, vocab: int, quick: bool, tied: bool, part: str) -> dict[str, float]:
     model, loss_fn, x, y = problem(vocab, quick, tied)
     params = list(model.parameters())
     quantity = cases()[case]
     return measure(
         lambda: torch.autograd.grad(loss_fn(model(x), y), params),
         lambda: quantity(model, loss_fn, x, y),
+        part,
     )
 
 
@@ -118,11 +117,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(cases()), choices=list(cases()))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         case, vocab = args.worker.rsplit(":", 1)
-        print(json.dumps(worker(case, int(vocab), args.quick, args.tied)))
+        print(json.dumps(worker(case, int(vocab), args.quick, args.tied, args.part)))
         return
     size = "quick" if args.quick else "full"
     print(f"torch {torch.__version__}, {args.threads} threads, CPU, float32, {size} size")
@@ -133,7 +133,6 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for vocab in args.vocabs:
         for case in args.cases:
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             command = [
                 sys.executable,
                 __file__,
@@ -144,15 +143,15 @@ def main() -> None:
                 *(["--quick"] if args.quick else []),
                 *(["--tied"] if args.tied else []),
             ]
-            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if result.returncode:
+            try:
+                row = run_parts(command, dict(os.environ))
+            except RuntimeError as error:
                 print(
                     f"| {case} | {vocab} | {args.tied} | failed: "
-                    f"{result.stderr.strip().splitlines()[-1][:120]} |||||",
+                    f"{str(error).splitlines()[-1][:120]} |||||",
                     flush=True,
                 )
                 continue
-            row = json.loads(result.stdout.strip().splitlines()[-1])
             print(
                 f"| {case} | {vocab} | {args.tied} | {row['gradient_ms']:.0f} | {row['ms']:.0f} "
                 f"| {row['x_gradient']:.2f} | {row['gradient_peak_mib']:.0f} "
