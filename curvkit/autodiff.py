@@ -25,7 +25,8 @@ from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.groups import parameter_names
 from curvkit.losses import LossFunction
-from curvkit.model_io import Inputs, call_model, output_tensor
+from curvkit.model_io import Inputs, call_model, output_tensor, sample_layout
+from curvkit.ops.linalg import without_negligible
 
 __all__ = ["ggn_product"]
 
@@ -71,6 +72,10 @@ def ggn_product(
             output_product = losses.hessian_product(
                 loss_fn, outputs.detach(), targets, jacobian_vector
             )
+            # A saturated softmax leaves entries that only drive the backward pass into
+            # subnormal arithmetic (see curvkit.ops.linalg.without_negligible).
+            num_samples = sample_layout(inputs, outputs)[0]
+            output_product = without_negligible(output_product[None], num_samples)[0]
             product = torch.autograd.grad(
                 outputs, params, output_product, allow_unused=True, materialize_grads=True
             )

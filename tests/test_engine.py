@@ -280,29 +280,9 @@ def test_sample_axis_when_sequence_length_equals_batch_size(name: str) -> None:
         assert _rel_error(factor.dense(), reference) < 1e-10
 
 
-def test_negligible_column_entries_are_set_to_zero() -> None:
-    """Below eps^2 times its sample's largest entry, or below sqrt(tiny): zero; all else kept."""
-    finfo = torch.finfo(torch.float32)
-    columns = torch.tensor(
-        [
-            [[1.0, 1e-15, 3e-13], [1e-5, 1e-19, 1e-18], [1e-30, 1e-25, 0.0]],
-            [[-2.0, -1e-14, 0.5], [1e-20, 2e-20, 5e-21], [1e-38, 3e-40, 1e-45]],
-        ]
-    )  # [K 2, N 3, outputs 3]
-    kept = compute._without_negligible(columns, 3)
-    floor = (columns.abs().amax(dim=2, keepdim=True) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
-    small = columns.abs() < floor
-    assert torch.equal(kept[~small], columns[~small])
-    assert (kept[small] == 0).all()
-    # the relative floor drops 1e-15 next to 1.0 but keeps 1e-18 next to 1e-5 ...
-    assert kept[0, 0, 1] == 0 and kept[0, 1, 2] == 1e-18
-    # ... and whole columns below sqrt(tiny) go
-    assert (kept[0, 2] == 0).all() and (kept[1, 1] == 0).all() and (kept[1, 2] == 0).all()
-    assert compute._without_negligible(torch.ones(2, 3, dtype=torch.int64), 3).dtype == torch.int64
-
-
 def test_saturated_softmax_gives_the_curvature_without_subnormal_slowdown() -> None:
-    """A classifier so confident that its probabilities underflow: the exact GGN still holds."""
+    """A classifier so confident that its probabilities underflow: the exact GGN diagonal and
+    the closed-form product still hold."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 40))
     with torch.no_grad():
@@ -313,7 +293,16 @@ def test_saturated_softmax_gives_the_curvature_without_subnormal_slowdown() -> N
     with torch.no_grad():
         prob = torch.softmax(model(inputs), dim=1)
     assert ((prob > 0) & (prob < 1e-20)).any()
-    expected = reference_ggn(copy.deepcopy(model).double(), loss_fn, inputs.double(), targets)
-    expected = expected.diagonal().float()
+    ggn = reference_ggn(copy.deepcopy(model).double(), loss_fn, inputs.double(), targets)
+    expected = ggn.diagonal().float()
     actual = torch.cat([d.flatten() for d in curvkit.diag_ggn(model, loss_fn, (inputs, targets))])
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    vector = torch.randn(ggn.shape[0], dtype=torch.float64)
+    product = curvkit.ggn_vector_product(model, loss_fn, (inputs, targets), vector.float())
+    expected_product = (ggn @ vector).float()
+    torch.testing.assert_close(
+        torch.cat([p.flatten() for p in product]),
+        expected_product,
+        rtol=1e-4,
+        atol=1e-5 * expected_product.abs().max(),
+    )

@@ -12,6 +12,7 @@ from curvkit.ops.linalg import (
     sym_adjugate_3x3,
     sym_eigvals_3x3,
     symmetric_gram,
+    without_negligible,
 )
 
 DTYPE = torch.float64
@@ -249,3 +250,24 @@ def test_symmetric_gram_refuses_bad_arguments():
         symmetric_gram(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="blocks must be"):
         symmetric_gram(torch.zeros(1, 2, 3), blocks=0)
+
+
+def test_negligible_column_entries_are_set_to_zero() -> None:
+    """Below eps^2 times its sample's largest entry, or below sqrt(tiny): zero; all else kept."""
+    finfo = torch.finfo(torch.float32)
+    columns = torch.tensor(
+        [
+            [[1.0, 1e-15, 3e-13], [1e-5, 1e-19, 1e-18], [1e-30, 1e-25, 0.0]],
+            [[-2.0, -1e-14, 0.5], [1e-20, 2e-20, 5e-21], [1e-38, 3e-40, 1e-45]],
+        ]
+    )  # [K 2, N 3, outputs 3]
+    kept = without_negligible(columns, 3)
+    floor = (columns.abs().amax(dim=2, keepdim=True) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
+    small = columns.abs() < floor
+    assert torch.equal(kept[~small], columns[~small])
+    assert (kept[small] == 0).all()
+    # the relative floor drops 1e-15 next to 1.0 but keeps 1e-18 next to 1e-5 ...
+    assert kept[0, 0, 1] == 0 and kept[0, 1, 2] == 1e-18
+    # ... and whole columns below sqrt(tiny) go
+    assert (kept[0, 2] == 0).all() and (kept[1, 1] == 0).all() and (kept[1, 2] == 0).all()
+    assert without_negligible(torch.ones(2, 3, dtype=torch.int64), 3).dtype == torch.int64

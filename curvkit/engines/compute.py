@@ -46,6 +46,7 @@ from curvkit.model_io import (
     sample_layout,
     select_samples,
 )
+from curvkit.ops.linalg import without_negligible
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
@@ -106,32 +107,6 @@ def _combine(parts: list[Factor]) -> Factor:
     return SumFactor(parts)
 
 
-def _without_negligible(columns: Tensor, num_samples: int) -> Tensor:
-    r"""``columns`` ``[K, N rows, ...]`` with the entries too small to matter set to zero.
-
-    An entry is negligible below :math:`\varepsilon^2` times the largest entry of its column
-    for the same sample (:math:`\varepsilon` the dtype's machine epsilon: its share of every
-    curvature quantity is below :math:`\varepsilon^2` of that sample's), or below the square
-    root of the smallest normal number (``finfo.tiny``, about 1e-19 in float32: its square,
-    of which the curvature is made, underflows). A confident classifier's columns hold many such
-    entries (probabilities of 1e-30, and whole columns of that size where the sampled class is
-    the certain one), and what is computed from them underflows into subnormal numbers, with
-    which x86 CPUs compute a hundred times slower: on a language model with a saturated softmax
-    a few thousand such entries among eight million made the backward pass 25 times slower.
-    """
-    if not columns.is_floating_point():
-        return columns
-    finfo = torch.finfo(columns.dtype)
-    per_sample = columns.reshape(columns.shape[0], num_samples, -1)
-    smallest, largest = torch.aminmax(per_sample, dim=2, keepdim=True)
-    floor = (torch.maximum(largest, -smallest) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
-    # Comparisons only (no float temporaries), and no copy when nothing is negligible.
-    negligible = (per_sample < floor) & (per_sample > -floor) & (per_sample != 0)
-    if not bool(negligible.any()):
-        return columns
-    return columns.masked_fill(negligible.reshape(columns.shape), 0)
-
-
 def _factors(
     recording: Recording,
     params: list[Tensor],
@@ -144,7 +119,7 @@ def _factors(
 ) -> list[Factor]:
     outputs = output_tensor(recording.outputs)
     num_columns = columns.shape[0]
-    columns = _without_negligible(columns, num_samples)
+    columns = without_negligible(columns, num_samples)
     targets: dict[int, Tensor] = {}
     site_outputs = [_output_tensors(site.output) for site in recording.sites]
     # Shared tensors expanded over the batch: the batched backward pass separates the samples.
