@@ -252,8 +252,13 @@ def test_symmetric_gram_refuses_bad_arguments():
         symmetric_gram(torch.zeros(1, 2, 3), blocks=0)
 
 
-def test_negligible_column_entries_are_set_to_zero() -> None:
-    """Below eps^2 times its sample's largest entry, or below sqrt(tiny): zero; all else kept."""
+@pytest.mark.parametrize("chunk_entries", [1, 2**20])
+def test_negligible_column_entries_are_set_to_zero(
+    chunk_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below eps^2 times its sample's largest entry, or below sqrt(tiny): zero; all else kept
+    (one sample per chunk, and all at once)."""
+    monkeypatch.setattr(curvkit.ops.linalg, "NEGLIGIBLE_CHUNK_ENTRIES", chunk_entries)
     finfo = torch.finfo(torch.float32)
     columns = torch.tensor(
         [
@@ -261,7 +266,9 @@ def test_negligible_column_entries_are_set_to_zero() -> None:
             [[-2.0, -1e-14, 0.5], [1e-20, 2e-20, 5e-21], [1e-38, 3e-40, 1e-45]],
         ]
     )  # [K 2, N 3, outputs 3]
+    original = columns.clone()
     kept = without_negligible(columns, 3)
+    assert torch.equal(columns, original)  # the caller's tensor is not changed
     floor = (columns.abs().amax(dim=2, keepdim=True) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
     small = columns.abs() < floor
     assert torch.equal(kept[~small], columns[~small])

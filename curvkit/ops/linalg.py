@@ -66,6 +66,10 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+#: Entries of the columns compared at once by :func:`without_negligible` (whole samples).
+NEGLIGIBLE_CHUNK_ENTRIES = 2**20
+
+
 def without_negligible(columns: Tensor, num_samples: int) -> Tensor:
     r"""``columns`` ``[K, N rows, ...]`` with the entries too small to matter set to zero.
 
@@ -85,11 +89,18 @@ def without_negligible(columns: Tensor, num_samples: int) -> Tensor:
     per_sample = columns.reshape(columns.shape[0], num_samples, -1)
     smallest, largest = torch.aminmax(per_sample, dim=2, keepdim=True)
     floor = (torch.maximum(largest, -smallest) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
-    # Comparisons only (no float temporaries), and no copy when nothing is negligible.
-    negligible = (per_sample < floor) & (per_sample > -floor) & (per_sample != 0)
-    if not bool(negligible.any()):
-        return columns
-    return columns.masked_fill(negligible.reshape(columns.shape), 0)
+    # Comparisons a chunk of samples at a time (their masks stay small), and a copy only
+    # when an entry is negligible.
+    step = max(1, NEGLIGIBLE_CHUNK_ENTRIES // max(per_sample[:, :1].numel(), 1))
+    cleaned = None
+    for start in range(0, num_samples, step):
+        block, limit = per_sample[:, start : start + step], floor[:, start : start + step]
+        negligible = (block < limit) & (block > -limit) & (block != 0)
+        if bool(negligible.any()):
+            if cleaned is None:
+                cleaned = per_sample.clone()
+            cleaned[:, start : start + step].masked_fill_(negligible, 0)
+    return columns if cleaned is None else cleaned.reshape(columns.shape)
 
 
 def couples_items(hessian_product: Callable[[Tensor], Tensor], items: Tensor) -> bool:
