@@ -113,10 +113,8 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return FALLBACK_AVAILABLE
+    free = _free_memory()
+    return FALLBACK_AVAILABLE if free is None else free
 
 
 def _free_memory() -> int | None:
@@ -202,8 +200,10 @@ class MemoryPlan:
         num_bytes = num_columns * outputs.numel() * outputs.element_size()
         if num_columns > MAX_GRADIENTS:
             self._refuse("The exact loss Hessian", num_columns, num_bytes, None)
-        budget = self.budget(outputs.device, num_bytes if whole else 0)
-        if whole and num_bytes > budget:
+        if not whole:
+            return
+        budget = self.budget(outputs.device, num_bytes)
+        if num_bytes > budget:
             self._refuse("The loss Hessian's square root", num_columns, num_bytes, budget)
 
     def column_chunk_size(
