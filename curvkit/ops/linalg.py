@@ -369,8 +369,8 @@ def symmetric_gram(
     into the output in place and copied, transposed, into the block column below the diagonal;
     each diagonal block is averaged with its transpose, so the result is exactly symmetric, and
     no memory beyond the output and one diagonal block is taken. The copy costs a fixed time per
-    entry, where the saving grows with the rows, so small matrices take one product (whose
-    result is what the BLAS makes it).
+    entry, where the saving grows with the rows, so small matrices take one product, averaged
+    with its transpose: a BLAS does not promise a symmetric ``Z^T Z``, and the result always is.
 
     Args:
         chunks: One tensor ``[G, M, D]`` or a sequence of them (views are fine: a product reads
@@ -410,7 +410,7 @@ def symmetric_gram(
         for i, z in enumerate(parts):
             # beta=0 ignores the uninitialised output, NaNs included.
             out.baddbmm_(z.mT, z, beta=0 if i == 0 else 1, alpha=scale)
-        return out
+        return out.add_(out.mT.clone()).mul_(0.5)
     edges = [round(i * columns / blocks) for i in range(blocks + 1)]
     for lo, hi in itertools.pairwise(edges):
         size = hi - lo
