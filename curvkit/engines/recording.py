@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curvkit.core.model_io import Inputs, call_model
 from curvkit.engines.guard import model_guard
-from curvkit.model_io import Inputs, call_model
 
 __all__ = ["ModuleCall", "Recording", "SharedSite", "record_forward"]
 
@@ -502,7 +502,7 @@ def record_forward(
 
     Args:
         model: The model.
-        inputs: The model's inputs (see :func:`curvkit.model_io.call_model`).
+        inputs: The model's inputs (see :func:`curvkit.core.model_io.call_model`).
         params: The requested parameters (each one in ``model``).
         build_graph: Whether to record the autograd graph (a probe pass needs none).
         forward_hooks: Whether the user's forward hooks run (not in checking passes).
