@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from curvkit import losses
 from curvkit.core import data as data_utils
-from curvkit.core.data import Data, Inputs
+from curvkit.core.data import BatchQuantity, Data, Inputs
 from curvkit.core.model_io import call_model, output_tensor, sample_layout
 from curvkit.engines import Factor, FactorChunk, KroneckerFactor, ZeroFactor, iter_factors
 from curvkit.losses import LossFunction
@@ -130,10 +130,54 @@ def _sqrt_ef_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> T
     return ef_scale(loss_fn, outputs, targets).sqrt()
 
 
+def _sqrt_normalization(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
+    return losses.normalization(loss_fn, outputs, targets).sqrt()
+
+
+class _EFProblem(_GradientProblem):
+    r"""The empirical Fisher's problem: :math:`R` is that of all the data, not of each batch.
+
+    With :math:`S_b = \sum_{n \in b} \nabla \ell_n \nabla \ell_n^\top` and the data's
+    :math:`R = \sum_b R_b`, :math:`Z = \sum_b Z_b`, the empirical Fisher of the data's loss is
+    :math:`F = R S / Z^2`, :math:`S = \sum_b S_b`. A lone batch pushes back
+    :math:`\sqrt{R}\, \partial L / \partial f` (:math:`V V^	op = R S / Z^2` at once). Over
+    several batches (or ranks) each batch pushes back :math:`\sqrt{Z_b}\, \partial L_b /
+    \partial f` (:math:`V V^	op = S_b / Z_b`), whose reduce is :math:`S / Z`, and adds
+    :math:`R_b / Z_b`, whose reduce is :math:`R / Z` (for a loss that averages; for one that
+    sums :math:`R = Z = 1`); their product is :math:`F`. Averaging per-batch Fishers
+    :math:`R_b S_b / Z_b^2` instead is wrong whenever :math:`R_b / Z_b` differs between
+    batches (class weights, unevenly ignored targets).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, scale=_sqrt_ef_scale, **kwargs)
+        if not _single_batch(self.data):
+            self.scale = _sqrt_normalization
+
+    def reduce(self, batch_quantity: BatchQuantity, *, passes: int = 1) -> list[Tensor]:
+        """:meth:`Problem.reduce`, with the data's scale :math:`R / Z` applied at the end."""
+        if _single_batch(self.data):
+            return super().reduce(batch_quantity, passes=passes)
+        reductions: list[str] = []
+
+        def with_ratio(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+            outputs, quantity = batch_quantity(inputs, targets)
+            scale = ef_scale(self.loss_fn, outputs, targets)
+            normalizer = losses.normalization(self.loss_fn, outputs, targets)
+            reductions.append(losses.sample_reduction(self.loss_fn, outputs, targets))
+            ratio = (scale / normalizer).to(quantity[0].dtype).reshape(1)
+            return outputs, [*quantity, ratio]
+
+        *result, ratio = super().reduce(with_ratio, passes=passes)
+        if reductions[0] == "sum":
+            return result
+        return [t * ratio[0] for t in result]
+
+
 def _ef_problem(
     model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, name: str, **kwargs: Any
 ) -> _GradientProblem:
-    return _GradientProblem(model, loss_fn, data, params, name=name, scale=_sqrt_ef_scale, **kwargs)
+    return _EFProblem(model, loss_fn, data, params, name=name, **kwargs)
 
 
 @fill_argument_docs
