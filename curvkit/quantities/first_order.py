@@ -140,9 +140,9 @@ class _EFProblem(_GradientProblem):
     With :math:`S_b = \sum_{n \in b} \nabla \ell_n \nabla \ell_n^\top` and the data's
     :math:`R = \sum_b R_b`, :math:`Z = \sum_b Z_b`, the empirical Fisher of the data's loss is
     :math:`F = R S / Z^2`, :math:`S = \sum_b S_b`. A lone batch pushes back
-    :math:`\sqrt{R}\, \partial L / \partial f` (:math:`V V^	op = R S / Z^2` at once). Over
+    :math:`\sqrt{R}\, \partial L / \partial f` (:math:`V V^\top = R S / Z^2` at once). Over
     several batches (or ranks) each batch pushes back :math:`\sqrt{Z_b}\, \partial L_b /
-    \partial f` (:math:`V V^	op = S_b / Z_b`), whose reduce is :math:`S / Z`, and adds
+    \partial f` (:math:`V V^\top = S_b / Z_b`), whose reduce is :math:`S / Z`, and adds
     :math:`R_b / Z_b`, whose reduce is :math:`R / Z` (for a loss that averages; for one that
     sums :math:`R = Z = 1`); their product is :math:`F`. Averaging per-batch Fishers
     :math:`R_b S_b / Z_b^2` instead is wrong whenever :math:`R_b / Z_b` differs between
