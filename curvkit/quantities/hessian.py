@@ -35,7 +35,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit.core.data import Data
 from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
+from curvkit.core.validation import check_finite_outputs
 from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, iter_factors
+from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
@@ -111,8 +113,9 @@ def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int)
         refuse_sample_mixing(problem.model)
         # The fused attention kernels have no double backward; the math kernel computes the
         # same attention with differentiable operations.
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with model_guard(problem.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             outputs = output_tensor(call_model(problem.model, inputs))
+            check_finite_outputs(outputs)
             loss = problem.loss_fn(outputs, targets)
             products: list[Tensor] = []
             for group, group_blocks in zip(problem.groups, grouped, strict=True):
