@@ -206,7 +206,7 @@ def hessian_sqrt(
             generic loss that does not return a scalar or couples samples; ``columns`` that is not
             a slice of the exact columns.
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     check_mc_samples(mc_samples, generator)
     outputs = outputs.detach()
@@ -296,7 +296,7 @@ def hessian_product(
         ValueError: As :func:`hessian_sqrt`, or if ``vectors`` does not end with the outputs'
             shape.
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     if not isinstance(vectors, Tensor):
         raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
@@ -385,7 +385,7 @@ def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tenso
             loss that is neither the sum nor the mean of its single-sample values (or whose
             single-sample values are all zero, so that sum and mean cannot be told apart).
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     outputs = outputs.detach()
     if isinstance(loss_fn, NextTokenCrossEntropyLoss):
@@ -436,7 +436,7 @@ def sample_reduction(
             loss that is neither the sum nor the mean of its single-sample values, or
             single-sample values that are all zero (sum and mean cannot be told apart).
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     reduction = getattr(loss_fn, "reduction", None)
     if _is_torch_loss(loss_fn) or isinstance(loss_fn, NextTokenCrossEntropyLoss):
@@ -462,7 +462,17 @@ def _is_torch_loss(loss_fn: LossFunction) -> bool:
     return isinstance(loss_fn, nn.Module) and type(loss_fn).__module__.startswith("torch.nn.")
 
 
-def _check_loss(loss_fn: LossFunction) -> None:
+def check_loss(loss_fn: LossFunction) -> None:
+    """Refuse a loss whose curvature curvkit cannot compute, before any computation.
+
+    Args:
+        loss_fn: The loss ``loss_fn(outputs, targets)``.
+
+    Raises:
+        TypeError: If it is not callable.
+        ValueError: If it is linear in its input (its Hessian is zero), does not reduce to a
+            scalar, or has class weights (``weight``, ``pos_weight``) that hold NaN or inf.
+    """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(loss_fn, _LINEAR_IN_INPUT):
@@ -481,6 +491,14 @@ def _check_loss(loss_fn: LossFunction) -> None:
             f"{type(loss_fn).__name__}(reduction={reduction!r}) does not return a scalar batch "
             f"loss; use reduction='mean' or reduction='sum'."
         )
+    for name in ("weight", "pos_weight"):
+        weight = getattr(loss_fn, name, None) if isinstance(loss_fn, nn.Module) else None
+        if isinstance(weight, Tensor) and weight.is_floating_point():
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(
+                    f"{type(loss_fn).__name__}'s {name} holds NaN or inf, so the loss and its "
+                    "curvature are undefined; pass finite weights"
+                )
 
 
 def _check_outputs(outputs: Tensor) -> None:

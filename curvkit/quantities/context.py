@@ -209,6 +209,7 @@ class Problem:
             raise TypeError(
                 f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}"
             )
+        losses.check_loss(loss_fn)
         losses.check_mc_samples(mc_samples, generator)
         _check_type(
             progress, "progress", "True, False or None", lambda p: p is None or isinstance(p, bool)

@@ -44,7 +44,7 @@ from curvkit import losses
 from curvkit.core import data as data_utils
 from curvkit.core.data import BatchQuantity, Data, Inputs
 from curvkit.core.model_io import call_model, output_tensor, sample_layout
-from curvkit.engines import Factor, FactorChunk, KroneckerFactor, ZeroFactor, iter_factors
+from curvkit.engines import Factor, FactorChunk, iter_factors
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
@@ -101,12 +101,6 @@ class _GradientProblem(Problem):
         self, *args: Any, scale: Callable[[LossFunction, Tensor, Tensor], Tensor], **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        reduction = getattr(self.loss_fn, "reduction", None)
-        if isinstance(self.loss_fn, nn.Module) and reduction not in (None, "mean", "sum"):
-            raise ValueError(
-                f"{type(self.loss_fn).__name__}(reduction={reduction!r}) does not return a "
-                "scalar batch loss; use reduction='mean' or reduction='sum'."
-            )
         self.scale = scale
 
     def num_columns(self, outputs: Tensor, rows: int) -> int:
@@ -276,39 +270,6 @@ class EFOperator(CurvatureOperator):
 
 
 # -- per-sample quantities -------------------------------------------------------------------
-
-
-def _sample_square_norms(factor: Factor) -> Tensor:
-    r""":math:`\sum_k \lVert v_{k,n} \rVert^2` for every sample :math:`n`, shape ``[N]``.
-
-    A Kronecker factor uses :math:`\lVert \sum_t b_t \otimes x_t \rVert^2 = \sum_{t,s}
-    (b_t \cdot b_s)(x_t \cdot x_s)` where that is cheaper than forming the gradients, and
-    otherwise forms them; either way a chunk of samples at a time, whose intermediates stay
-    under the factor's ``max_chunk_bytes``.
-    """
-    if isinstance(factor, ZeroFactor):
-        return factor.diag().new_zeros(factor.num_samples)
-    if not isinstance(factor, KroneckerFactor):
-        dense = factor.dense()
-        return dense.reshape(*dense.shape[:2], -1).square().sum(dim=(0, 2))
-    b, x = factor.output_grads, factor.inputs
-    k, n, t, g, o = b.shape
-    i = x.shape[-1]
-    if t == 1:
-        return torch.einsum("kngo,ngi->n", b[:, :, 0].square(), x[:, 0].square())
-    pairwise = t * (o + i) < o * i
-    per_sample = t * t * g * (k + 1) if pairwise else k * g * o * i
-    step = max(1, factor.max_chunk_bytes // (b.element_size() * per_sample))
-    parts = []
-    for start in range(0, n, step):
-        bs, xs = b[:, start : start + step], x[start : start + step]
-        if pairwise:
-            bb = torch.einsum("kntgo,knsgo->ntsg", bs, bs)
-            parts.append(torch.einsum("ntsg,ntgi,nsgi->n", bb, xs, xs))
-        else:
-            per_sample_gradients = torch.einsum("kntgo,ntgi->kngoi", bs, xs)
-            parts.append(per_sample_gradients.square().sum(dim=(0, 2, 3, 4)))
-    return torch.cat(parts)
 
 
 def _gradient_sum(factor: Factor, param: Tensor) -> Tensor:
@@ -508,7 +469,7 @@ def batch_l2_norms(
         sample_chunk_size=sample_chunk_size,
     )
     sums = _SampleSums(problem)
-    parts = sums.run(lambda fs: [_sample_square_norms(f) for f in fs])
+    parts = sums.run(lambda fs: [f.sample_square_norms() for f in fs])
     return problem.per_group(_joined(parts, sums.gradient_scale**2))
 
 

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from curvkit.core.data import Data
 from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
 from curvkit.core.validation import check_finite_outputs
-from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, iter_factors
+from curvkit.engines import iter_factors
 from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
@@ -274,30 +274,6 @@ def hessian_matrix(
     return matrices if problem.grouped else matrices[0]
 
 
-def _weighted_diag(factor: Factor, weights: Tensor, max_bytes: int) -> Tensor:
-    r""":math:`\sum_{k,n} w_{k,n}\, v_{k,n} \odot v_{k,n}` for weights ``[K, N]`` of any sign.
-
-    A Kronecker factor at one position never forms :math:`v`: with
-    :math:`v_{k,n} = b_{k,n} \otimes x_n` the sum is one contraction over :math:`(k, n)`. Other
-    factors materialise their columns a chunk at a time.
-    """
-    if isinstance(factor, ZeroFactor):
-        return factor.diag()
-    if isinstance(factor, KroneckerFactor) and factor.output_grads.shape[2] == 1:
-        b, x = factor.output_grads[:, :, 0], factor.inputs[:, 0]
-        out = torch.einsum("kn,kngo,ngi->goi", weights.to(b.dtype), b.square(), x.square())
-        return out.reshape(factor.param_shape)
-    per_column = factor.num_samples * factor.param_shape.numel() * weights.element_size()
-    step = max(1, max_bytes // max(per_column, 1))
-    out = None
-    for start in range(0, factor.num_columns, step):
-        stop = min(start + step, factor.num_columns)
-        dense = factor.select(start, stop).dense()
-        part = torch.einsum("kn,kn...->...", weights[start:stop], dense.square())
-        out = part if out is None else out + part
-    return out
-
-
 class _PreActivation(nn.Module):
     """The model cut at the pre-activation of the smooth activation call at ``position``."""
 
@@ -336,7 +312,7 @@ def _residual_diag(problem: Problem, inputs: tuple, position: int, weight: Tenso
         max_chunk_bytes=problem.max_chunk_bytes,
     ):
         diag = [
-            _weighted_diag(f, weights[part.columns], problem.max_chunk_bytes) for f in part.factors
+            f.weighted_diag(weights[part.columns], problem.max_chunk_bytes) for f in part.factors
         ]
         total = diag if total is None else [a + b for a, b in zip(total, diag, strict=True)]
     assert total is not None
