@@ -677,18 +677,20 @@ def test_a_registered_rule_with_a_kronecker_factor_is_covered():
         )
         return {"weight": factor}
 
-    handle = register_rule(MyLinear, my_rule)
-    try:
-        torch.manual_seed(0)
-        custom = nn.Sequential(MyLinear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-        plain = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3))
-        plain.load_state_dict(custom.state_dict())
-        data = batch("mlp", 6)
-        ours = KFACOperator(custom, nn.CrossEntropyLoss(), data).to_dense()
-        expected = KFACOperator(plain, nn.CrossEntropyLoss(), data).to_dense()
-        assert torch.allclose(ours, expected)
-    finally:
-        handle.remove()
+    torch.manual_seed(0)
+    custom = nn.Sequential(MyLinear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    plain = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3))
+    plain.load_state_dict(custom.state_dict())
+    data = batch("mlp", 6)
+    expected = KFACOperator(plain, nn.CrossEntropyLoss(), data).to_dense()
+    for kronecker in (None, True):
+        with register_rule(MyLinear, my_rule, kronecker=kronecker):
+            ours = KFACOperator(custom, nn.CrossEntropyLoss(), data).to_dense()
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    # A rule that declares no Kronecker factor is refused before anything is computed.
+    with register_rule(MyLinear, my_rule, kronecker=False):
+        with pytest.raises(ValueError, match=r"'0.weight' of MyLinear has no Kronecker factor"):
+            KFACOperator(custom, nn.CrossEntropyLoss(), data)
 
 
 # ---------------------------------------------------------------------------------------------

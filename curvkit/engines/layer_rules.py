@@ -33,7 +33,14 @@ from curvkit.engines.factor import DenseFactor, Factor
 from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, BiasFactor, KroneckerFactor
 from curvkit.engines.registry import Decline, Rule, RuleCall
 
-__all__ = ["BUILTIN_RULES", "conv_rule", "embedding_rule", "linear_rule", "norm_rule"]
+__all__ = [
+    "BUILTIN_RULES",
+    "KRONECKER_RULES",
+    "conv_rule",
+    "embedding_rule",
+    "linear_rule",
+    "norm_rule",
+]
 
 
 def linear_rule(call: RuleCall) -> dict[str, Factor]:
@@ -269,3 +276,7 @@ BUILTIN_RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm2d: norm_rule,
     nn.BatchNorm3d: norm_rule,
 }
+
+#: The built-in rules whose weight factor has KFAC's form (registered with ``kronecker=True``;
+#: the others with ``kronecker=False``).
+KRONECKER_RULES: frozenset[Rule] = frozenset({linear_rule, conv_rule})

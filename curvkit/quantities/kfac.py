@@ -51,8 +51,8 @@ from torch import Tensor, nn
 
 from curvkit import losses
 from curvkit.core.data import Inputs, distributed_world, is_batch
-from curvkit.engines import Factor, ZeroFactor, rule_for
-from curvkit.engines.layer_rules import embedding_rule, norm_rule
+from curvkit.engines import Factor, ZeroFactor
+from curvkit.engines.registry import declares_kronecker
 from curvkit.quantities.context import Problem
 
 __all__ = [
@@ -85,9 +85,6 @@ FALLBACKS = ("diagonal", "block", "error")
 #: The modules whose ``bias`` adds to every output position, so that it shares the weight's
 #: output factor :math:`B`. A bias of any other module goes to the fallback.
 ADDITIVE_BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-#: The rules of a module class that certainly gives no Kronecker factor (``None``: no rule).
-_RULES_WITHOUT_KRONECKER_FACTORS = (None, embedding_rule, norm_rule)
 
 #: Largest exact square root of the loss Hessian (bytes) built without refusal.
 MAX_EXACT_COLUMN_BYTES = 2**31
@@ -309,10 +306,11 @@ def check_coverage(
 ) -> None:
     """Refuse, before any computation, parameters that certainly get no Kronecker factor.
 
-    Those are the parameters of modules without a registered rule or with a built-in rule
-    whose factors are never Kronecker factors (embeddings, normalisation layers), and those other
-    than a weight and an additive bias. (A module with a rule may still decline a call; that shows
-    only when the factors are computed.)
+    Those are the parameters of modules without a registered rule or whose rule declares that it
+    gives no Kronecker factor (:func:`curvkit.engines.registry.declares_kronecker`: embeddings,
+    normalisation layers), and those other than a weight and an additive bias. (A rule may
+    still decline a call, and an undeclared rule may give another factor; that shows only when
+    the factors are computed.)
 
     Raises:
         ValueError: As the computation would, naming the parameter and its module.
@@ -320,7 +318,7 @@ def check_coverage(
     for plan in plans:
         module = model.get_submodule(plan.module)
         uncovered = list(plan.others)
-        if rule_for(type(module)) in _RULES_WITHOUT_KRONECKER_FACTORS:
+        if declares_kronecker(type(module)) is False:
             for position, part in ((plan.weight, "weight"), (plan.bias, "bias")):
                 if position is not None and (part == "bias" or plan.weight_requested):
                     uncovered.append((position, f"{plan.module}.{part}".lstrip(".")))
