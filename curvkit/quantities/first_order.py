@@ -38,13 +38,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from curvkit import losses
 from curvkit.core import data as data_utils
 from curvkit.core.data import BatchQuantity, Data, Inputs
-from curvkit.core.model_io import call_model, output_tensor, sample_layout
-from curvkit.engines import Factor, FactorChunk, iter_factors
+from curvkit.core.model_io import sample_layout
+from curvkit.engines import Factor
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
@@ -278,82 +277,6 @@ def _gradient_sum(factor: Factor, param: Tensor) -> Tensor:
     return factor.mat(ones.to(param.device))[0]
 
 
-class _SampleSums:
-    r"""Per-batch results of the per-sample gradients of the sum of the loss's terms.
-
-    Iterates over the batches (in chunks of samples if asked), with the columns
-    :math:`Z_b\, \partial L_b / \partial f` (the gradients :math:`\nabla \ell_n` of the terms;
-    for a single batch :math:`\partial L / \partial f` itself), and totals the normalisation and
-    the sample count to rescale at the end.
-    """
-
-    def __init__(self, problem: Problem) -> None:
-        self.problem = problem
-        self.normalizer = 0.0
-        self.num_samples = 0
-        self.reduction: str | None = None
-
-    def run(self, quantity: Callable[[list[Factor]], list[Tensor]]) -> list[list[Tensor]]:
-        """Return ``quantity(factors)`` of every chunk of every batch, in order."""
-        problem = self.problem
-        results = []
-        total = data_utils.num_batches(problem.data)
-        show = data_utils.show_progress(problem.progress, total)
-        for inputs, targets in tqdm(
-            data_utils.batches(problem.data),
-            total=total,
-            desc=problem.name,
-            disable=not show,
-            leave=False,
-        ):
-            for chunk in iter_factors(
-                problem.model,
-                inputs,
-                problem.params,
-                lambda outputs, targets=targets: problem.columns(outputs, targets),
-                sample_chunk_size=problem.sample_chunk_size,
-                max_chunk_bytes=problem.max_chunk_bytes,
-            ):
-                if chunk.samples.start == 0:
-                    outputs = self._whole_outputs(chunk, inputs)
-                    self._count(outputs, targets, sample_layout(inputs, outputs)[0])
-                results.append(quantity(chunk.factors))
-        self._all_reduce()
-        return results
-
-    def _whole_outputs(self, chunk: FactorChunk, inputs: Inputs) -> Tensor:
-        if self.problem.sample_chunk_size is None:
-            return chunk.outputs
-        with torch.no_grad():
-            return output_tensor(call_model(self.problem.model, inputs))
-
-    def _count(self, outputs: Tensor, targets: Tensor, num_samples: int) -> None:
-        loss_fn = self.problem.loss_fn
-        self.normalizer += float(losses.normalization(loss_fn, outputs, targets))
-        self.num_samples += num_samples
-        if self.reduction is None:
-            self.reduction = losses.sample_reduction(loss_fn, outputs, targets)
-
-    def _all_reduce(self) -> None:
-        if data_utils.distributed_world() == 1:
-            return
-        totals = torch.tensor([self.normalizer, float(self.num_samples)], dtype=torch.float64)
-        data_utils.all_reduce_sum_([totals])
-        self.normalizer, self.num_samples = totals[0].item(), int(totals[1].item())
-
-    @property
-    def gradient_scale(self) -> float:
-        """The factor from the columns' gradients to the per-sample gradients of the data's loss."""
-        if self.reduction == "sum" or _single_batch(self.problem.data):
-            return 1.0
-        if self.normalizer == 0:
-            raise ValueError(
-                "the loss normalization of the data sums to zero (every target ignored?); "
-                "the dataset's loss is undefined"
-            )
-        return 1.0 / self.normalizer
-
-
 def _single_batch(data: Data) -> bool:
     return data_utils.is_batch(data) and data_utils.distributed_world() == 1
 
@@ -362,24 +285,15 @@ def _unit_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tens
     return torch.ones((), dtype=outputs.dtype, device=outputs.device)
 
 
-def _terms_problem(
+def _per_sample_problem(
     model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, name: str, **kwargs: Any
 ) -> _GradientProblem:
-    """The problem of the per-sample gradients of the terms (of the batch loss for one batch).
+    r"""The problem whose columns are each batch's loss gradient :math:`\partial L_b / \partial f`.
 
-    One batch needs no rescaling at the end: its columns are the batch loss's own gradient,
-    which saves a pass over the :math:`N D` per-sample gradients.
+    Its factors hold each batch's per-sample gradients; :meth:`Problem.reduce` rescales them to
+    those of the data's loss (:func:`curvkit.core.data.dataset_average`).
     """
-    scale = _unit_scale if _single_batch(data) else losses.normalization
-    return _GradientProblem(model, loss_fn, data, params, name=name, scale=scale, **kwargs)
-
-
-def _joined(parts: list[list[Tensor]], scale: float) -> list[Tensor]:
-    """The per-sample results of all chunks, one tensor per parameter, times ``scale``."""
-    joined = [
-        torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts, strict=True)
-    ]
-    return joined if scale == 1.0 else [t * scale for t in joined]
+    return _GradientProblem(model, loss_fn, data, params, name=name, scale=_unit_scale, **kwargs)
 
 
 @fill_argument_docs
@@ -415,7 +329,7 @@ def batch_gradients(
     Raises:
         TypeError, ValueError: As :func:`curvkit.quantities.ggn.diag_ggn`.
     """
-    problem = _terms_problem(
+    problem = _per_sample_problem(
         model,
         loss_fn,
         data,
@@ -424,9 +338,8 @@ def batch_gradients(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
     )
-    sums = _SampleSums(problem)
-    parts = sums.run(lambda fs: [f.dense()[0] for f in fs])
-    return problem.per_group(_joined(parts, sums.gradient_scale))
+    per_sample = problem.joined_over_chunks(lambda fs: [f.dense()[0] for f in fs])
+    return problem.per_group(problem.reduce(per_sample, concatenate=True))
 
 
 @fill_argument_docs
@@ -459,7 +372,7 @@ def batch_l2_norms(
     Raises:
         TypeError, ValueError: As :func:`curvkit.quantities.ggn.diag_ggn`.
     """
-    problem = _terms_problem(
+    problem = _per_sample_problem(
         model,
         loss_fn,
         data,
@@ -468,9 +381,9 @@ def batch_l2_norms(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
     )
-    sums = _SampleSums(problem)
-    parts = sums.run(lambda fs: [f.sample_square_norms() for f in fs])
-    return problem.per_group(_joined(parts, sums.gradient_scale**2))
+    per_sample = problem.joined_over_chunks(lambda fs: [f.sample_square_norms() for f in fs])
+    norms = problem.reduce(per_sample, powers=[2] * len(problem.params), concatenate=True)
+    return problem.per_group(norms)
 
 
 @fill_argument_docs
@@ -509,7 +422,7 @@ def gradient_variance(
     Raises:
         TypeError, ValueError: As :func:`curvkit.quantities.ggn.diag_ggn`.
     """
-    problem = _terms_problem(
+    problem = _per_sample_problem(
         model,
         loss_fn,
         data,
@@ -518,21 +431,27 @@ def gradient_variance(
         progress=progress,
         sample_chunk_size=sample_chunk_size,
     )
-    sums = _SampleSums(problem)
-    parts = sums.run(
+    sums = problem.summed_over_chunks(
         lambda fs: [
             t
             for f, p in zip(fs, problem.params, strict=True)
             for t in (f.diag(), _gradient_sum(f, p))
         ]
     )
-    totals = [sum(column[1:], column[0]) for column in zip(*parts, strict=True)]
-    if data_utils.distributed_world() > 1:
-        data_utils.all_reduce_sum_(totals)
-    num = sums.num_samples
-    scale = sums.gradient_scale * (num if sums.reduction == "mean" else 1)
-    variance = []
-    for square_sum, gradient_sum in zip(totals[::2], totals[1::2], strict=True):
-        mean = gradient_sum * (scale / num)
-        variance.append(square_sum * (scale**2 / num) - mean.square())
+    reductions: list[str] = []
+
+    def batch_sums(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        outputs, parts = sums(inputs, targets)
+        reductions.append(losses.sample_reduction(loss_fn, outputs, targets))
+        count = sample_layout(inputs, outputs)[0]
+        return outputs, [*parts, torch.tensor(float(count), dtype=torch.float64)]
+
+    # Squares scale with the loss squared, gradients linearly, the sample count not at all.
+    *totals, count = problem.reduce(batch_sums, powers=[2, 1] * len(problem.params) + [0])
+    num = count.item()
+    scale = num if reductions[0] == "mean" else 1.0
+    variance = [
+        square_sum * (scale**2 / num) - (gradient_sum * (scale / num)).square()
+        for square_sum, gradient_sum in zip(totals[::2], totals[1::2], strict=True)
+    ]
     return problem.per_group(variance)
