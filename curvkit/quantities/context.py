@@ -36,6 +36,7 @@ from curvkit.core import data as data_utils
 from curvkit.core.data import Batch, BatchQuantity, Data, Inputs
 from curvkit.core.groups import normalize_param_groups
 from curvkit.core.model_io import sample_layout
+from curvkit.core.validation import check_int
 from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, FactorChunk, iter_factors
 from curvkit.engines import memory as memory_plan
 from curvkit.losses import LossFunction
@@ -145,16 +146,9 @@ def _check_type(value: Any, name: str, expected: str, check: Callable[[Any], boo
         raise TypeError(f"{name} must be {expected}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_chunk_size(value: int | None, name: str) -> None:
-    if value is None:
-        return
-    _check_type(value, name, "a positive int or None", _is_int)
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value is not None:
+        check_int(value, name, minimum=1)
 
 
 _Value = TypeVar("_Value")
@@ -241,7 +235,6 @@ class Problem:
         self.column_chunk_size = column_chunk_size
         self.create_graph = create_graph
         self.name = name
-        self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
         self.memory = memory_plan.MemoryPlan(max_memory, mc_samples)
         self._cached_factors: tuple[Tensor, list[Factor]] | None = None
         self._first_pass: list[Tensor] | None = None
@@ -357,7 +350,7 @@ class Problem:
             columns or default_columns,
             column_chunk_size=self._plan(self.params[0].device, whole=True),
             create_graph=self.create_graph,
-            max_chunk_bytes=self.max_chunk_bytes,
+            max_chunk_bytes=DEFAULT_CHUNK_BYTES,
         )
         result = chunk.outputs, chunk.factors
         if reusable:
@@ -377,7 +370,7 @@ class Problem:
             column_chunk_size=self.column_chunk_size
             or self._plan(self.params[0].device, whole=False),
             create_graph=self.create_graph,
-            max_chunk_bytes=self.max_chunk_bytes,
+            max_chunk_bytes=DEFAULT_CHUNK_BYTES,
         )
         return memory_plan.progress_bar(chunks, self.progress, self.name)
 

@@ -56,13 +56,7 @@ def _output_gradient(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) ->
     r""":math:`\partial L / \partial f` of the batch loss, shape ``[1, *outputs.shape]``."""
     outputs = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(outputs, targets)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ValueError(
-                "loss_fn must return a scalar batch loss (use reduction='mean' or "
-                "reduction='sum'), got "
-                f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-            )
+        loss = losses.scalar_loss(loss_fn, outputs, targets)
         (gradient,) = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
     return gradient.unsqueeze(0)
 
