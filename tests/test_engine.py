@@ -21,6 +21,7 @@ from curvkit.engines import (
     compute,
     compute_factors,
 )
+from curvkit.engines.kronecker import BiasFactor
 from curvkit.engines.recording import record_forward
 from curvkit.testing.verify import reference_factor_columns, reference_ggn
 from curvkit.testing.zoo import CASES, Case, make_case
@@ -94,7 +95,7 @@ def test_structured_rules_are_used() -> None:
     _, factors = compute_factors(model, inputs, list(model.parameters()), lambda o: o[None])
     kinds = [type(f) for f in factors]
     assert kinds[0] is KroneckerFactor  # grouped conv weight
-    assert kinds[1] is DenseFactor  # its bias
+    assert kinds[1] is BiasFactor  # its bias: the columns summed over positions, kept per position
     assert kinds[-2] is KroneckerFactor  # linear weight
     case = make_case("shared_twice_direct_param", 3)
     model, inputs = case.model, case.inputs

@@ -30,7 +30,7 @@ A grouped convolution is one such layer per group :math:`g`. :class:`KroneckerFa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -368,19 +368,30 @@ class KroneckerFactor(Factor):
         the block of :math:`b`, much smaller) and one ``[N K, rows I]`` product with its
         transpose.
         """
+        k, n = self.num_columns, self.num_samples
+        out = self.output_grads.new_zeros(n * k, n * k)
+        for _, _, gradients in self._gradient_row_blocks():
+            out.addmm_(gradients, gradients.T)
+        return out.view(n, k, n, k).permute(1, 0, 3, 2)
+
+    def _gradient_row_blocks(self, *operands: Tensor) -> Iterator[tuple[int, slice, Tensor]]:
+        """``(group, rows, gradients)``: the per-sample gradients, a block of rows at a time.
+
+        ``gradients`` is ``[N K, rows I]`` (sample-major), one batched matmul
+        ``[N, K rows, T] @ [N, T, I]`` that reads the inputs in place; a block holds at most
+        ``max_chunk_bytes`` (and :data:`GRAM_BLOCK_BYTES`) and is overwritten by the next one
+        (``operands``: the other tensors of the caller, see :func:`_scratch`).
+        """
         k, n, t, g, _, i = self._sizes
         b, x = self.output_grads, self.inputs
-        out = b.new_zeros(n * k, n * k)
         row_bytes = b.element_size() * k * n * i
         blocks = self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES))
-        scratch = _scratch([b, x], (blocks[0].stop - blocks[0].start) * k * n * i)
+        scratch = _scratch([b, x, *operands], (blocks[0].stop - blocks[0].start) * k * n * i)
         for group in range(g):
             inputs = x[:, :, group]  # [N, T, I]
             for rows in blocks:
                 block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
-                gradients = _matmul(block, inputs, scratch).view(n * k, -1)
-                out.addmm_(gradients, gradients.T)
-        return out.view(n, k, n, k).permute(1, 0, 3, 2)
+                yield group, rows, _matmul(block, inputs, scratch).view(n * k, -1)
 
     def _through_inputs(self, num_directions: int) -> bool:
         r"""Whether products with :math:`J` directions are cheaper through the inputs.
@@ -417,16 +428,9 @@ class KroneckerFactor(Factor):
             return out.transpose(0, 1)
         # Per group and block of the weight's rows: the per-sample gradients, then their
         # products with the directions.
-        row_bytes = b.element_size() * k * n * i
-        blocks = self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES))
-        scratch = _scratch([b, x, mat], (blocks[0].stop - blocks[0].start) * k * n * i)
-        for group in range(g):
-            inputs = x[:, :, group]  # [N, T, I]
-            for rows in blocks:
-                block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
-                gradients = _matmul(block, inputs, scratch).view(n * k, -1)
-                directions = m[:, group, rows].reshape(j, -1)
-                out += (gradients @ directions.T).view(n, k, j)
+        for group, rows, gradients in self._gradient_row_blocks(mat):
+            directions = m[:, group, rows].reshape(j, -1)
+            out += (gradients @ directions.T).view(n, k, j)
         return out.transpose(0, 1)
 
     def mat(self, coefficients: Tensor) -> Tensor:  # noqa: D102
@@ -437,15 +441,8 @@ class KroneckerFactor(Factor):
             # Per group and block of the weight's rows: the per-sample gradients, combined.
             out = b.new_zeros(j, g, o, i)
             weights = coefficients.transpose(0, 1).reshape(n * k, j)
-            row_bytes = b.element_size() * k * n * i
-            blocks = self._row_blocks(row_bytes, min(self.max_chunk_bytes, GRAM_BLOCK_BYTES))
-            scratch = _scratch([b, x, coefficients], (blocks[0].stop - blocks[0].start) * k * n * i)
-            for group in range(g):
-                inputs = x[:, :, group]  # [N, T, I]
-                for rows in blocks:
-                    block = b[:, :, :, group, rows].permute(1, 0, 3, 2).reshape(n, -1, t)
-                    gradients = _matmul(block, inputs, scratch).view(n * k, -1)
-                    out[:, group, rows] = (weights.T @ gradients).view(j, -1, i)
+            for group, rows, gradients in self._gradient_row_blocks(coefficients):
+                out[:, group, rows] = (weights.T @ gradients).view(j, -1, i)
             return out.reshape(j, *self.param_shape)
         # Columns first (J K N T G O multiply-adds), then one product with the inputs, each in
         # the layout the inputs lie in.
