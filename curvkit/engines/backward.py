@@ -71,17 +71,16 @@ def backpropagate(
     """All columns pushed back from ``outputs`` to ``targets``.
 
     Returns, per target, ``[K, *target.shape]`` (``None`` where nothing flows back). Three ways,
-    chosen by measurement (CPU, torch 2.13):
+    chosen by measurement (figures in docs/benchmarks.md, "The engine's design measurements"):
 
     - by default: :func:`torch.func.vmap` over ``torch.autograd.grad``, one backward pass on
-      all columns (on an MLP 20% faster than a loop of backward passes and as fast as
-      ``is_grads_batched``; on a GPT language model with three columns 20-35% faster than the
-      loop, whose results are also copied into one buffer per target);
+      all columns (faster than a loop of backward passes, whose results would also be copied
+      into one buffer per target, and as fast as ``is_grads_batched``);
     - ``convolutional`` graphs (a convolution or pooling ran on the samples) with large
       recorded outputs (from :data:`PER_COLUMN_BACKWARD_ENTRIES` entries per column): one
-      backward pass per column, which is then cheap per operator (on a small CNN 1.8x faster
-      than ``vmap``, whose pooling rules copy the pooled input once per column, and 1.3x
-      faster than ``is_grads_batched``, which falls back to loops per operator);
+      backward pass per column, which is then cheap per operator (``vmap``'s pooling rules
+      copy the pooled input once per column, and ``is_grads_batched`` falls back to loops per
+      operator);
     - ``create_graph``: ``is_grads_batched``, whose results stay correctly differentiable.
 
     A backward pass that cannot be batched (data-dependent control flow in a custom

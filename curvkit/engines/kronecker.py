@@ -50,8 +50,9 @@ STALE_INPUT_MESSAGE = (
 DEFAULT_CHUNK_BYTES = 2**28
 
 #: Bytes of a block of per-sample products formed and used at once while in the cache (rows of
-#: per-sample gradients for the diagonal, :math:`y` for the pairwise Gram matrix): the two cores'
-#: L2 here; 1-2 MiB were slower on ResNet-18's layers, 8 MiB no faster.
+#: per-sample gradients for the diagonal, :math:`y` for the pairwise Gram matrix): about a core's
+#: L2 cache; smaller blocks pay more per-product overhead, larger ones leave the cache
+#: (docs/benchmarks.md, "The engine's design measurements").
 CACHE_BYTES = 2**22
 
 #: Bound on the bytes of the per-sample gradient rows the materialising Gram matrix forms at once.
@@ -79,9 +80,8 @@ def _scratch(tensors: Sequence[Tensor], numel: int) -> Tensor | None:
     """A buffer that the products of a method's loop are written into, or ``None``.
 
     Reusing one buffer spares a fresh allocation per product: with thousands of products of a
-    few MiB each, returning the memory to the system and faulting it in again cost more than the
-    products (ResNet-18's exact diagonal: 13-16 s instead of 9.4 s under the benchmarks'
-    ``MALLOC_MMAP_THRESHOLD_=65536``). When autograd records (a factor made with
+    few MiB each, returning the memory to the system and faulting it in again can cost more than
+    the products (docs/benchmarks.md, "The engine's design measurements"). When autograd records (a factor made with
     ``create_graph``) the products must be new tensors (``out=`` is not differentiable): then
     ``None``.
     """
@@ -288,8 +288,7 @@ class KroneckerFactor(Factor):
 
         Each block (``[rows, T] @ [T, I]``, at most :data:`CACHE_BYTES`) is squared into the
         sum while it is still in the cache: materialising whole per-sample gradients first and
-        squaring them afterwards ran at the speed of main memory (2-4x slower on ResNet-18's
-        8 x 8 and 4 x 4 stages).
+        squaring them afterwards would run at the speed of main memory.
         """
         k, n, _, g, o, i = self._sizes
         b = self.output_grads
@@ -331,8 +330,8 @@ class KroneckerFactor(Factor):
         :math:`y_{l,m,n,t,g} = \sum_s (x_{n,t,g}^\top x_{m,s,g})\, b_{l,m,s,g}`, for the pairs
         :math:`n \leq m` only (the others are their transposes): per group, sample :math:`m`
         and block of samples :math:`n` (sized by :data:`CACHE_BYTES`, so that :math:`y` is
-        used while in the cache: formed for all pairs at once it made the method memory-bound,
-        3-5x slower), one matmul for the inputs' products, one for :math:`y` and one batched
+        used while in the cache: formed for all pairs at once it makes the method memory-bound),
+        one matmul for the inputs' products, one for :math:`y` and one batched
         over :math:`n`. Cheaper than materialising when few positions meet large inputs
         (ResNet-18's 8 x 8 and 4 x 4 stages).
         """
@@ -400,8 +399,8 @@ class KroneckerFactor(Factor):
         :math:`J T O I` (plus :math:`K T O J` with the columns); materialising the per-sample
         gradients costs :math:`K T O I` (plus writing them, and :math:`K J O I` with the
         directions). So few directions go through the inputs, few columns through the per-sample
-        gradients (``einsum`` picked the former whatever the sizes: 20 times slower for ten
-        directions on a language-model head).
+        gradients (``einsum`` picks the former whatever the sizes, which is far slower for a
+        few directions on a language-model head).
         """
         k, _, t, _, o, i = self._sizes
         through_inputs = num_directions * t * o * i + k * t * o * num_directions

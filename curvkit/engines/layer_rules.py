@@ -86,7 +86,7 @@ def _patches(
     order of the weight's entries. The patches are a strided view of the (padded) input, copied
     once into memory laid out as ``[N, G, I, T]`` (where one group of one sample is a matrix a
     batched matmul reads in place) and returned as a permuted view. ``F.unfold`` would be
-    slower (measured 20x on CPU) and exists for 2d only.
+    much slower and exists for 2d only.
 
     Raises:
         RuntimeError: If ``x`` was changed in place since its version was ``version``.

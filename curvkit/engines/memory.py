@@ -152,7 +152,7 @@ class MemoryPlan:
 
         With ``needed``, a CPU budget from the free memory alone (one system call) is returned
         when it already covers ``needed`` bytes: reading ``MemAvailable``, which also counts the
-        reclaimable page cache, takes 0.2 ms, a twentieth of a small model's quantity.
+        reclaimable page cache, costs a file read, a noticeable share of a small model's call.
         """
         if self.max_memory is not None:
             return self.max_memory

@@ -92,9 +92,9 @@ Damping = float | Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 #: Gram matrices at least this large use a partial eigensolver for a :class:`TopK` criterion.
 PARTIAL_EIGH_MIN_SIZE = 256
-#: ... and only while the Gram matrix has at least this many rows per requested pair: measured
-#: on 2 CPU cores (one thread), the block Krylov solver beat ``torch.linalg.eigh`` by 1.4-4x at
-#: sizes 640-1408 with k <= size / 40, and lost by up to 1.8x for k = 20 at 640 or k = 50 at 1408.
+#: ... and only while the Gram matrix has at least this many rows per requested pair: with fewer,
+#: ``torch.linalg.eigh`` of the whole matrix is faster than the block Krylov solver
+#: (docs/benchmarks.md, "The engine's design measurements").
 PARTIAL_EIGH_ROWS_PER_PAIR = 40
 
 
