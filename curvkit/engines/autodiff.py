@@ -46,9 +46,10 @@ def ggn_product(
     backward pass gives :math:`J^\top (H J u)`. Two passes instead of one dual pass that also
     records the graph: a little more time for much less memory (the dual pass keeps more
     than the gradient's activations; the plain pass keeps the gradient's; figures in
-    docs/benchmarks.md, "The engine's design measurements"). Where an operation has no forward-mode rule, :math:`J u` is
-    tried again with attention computed by its math kernel (torch has no forward-mode rule for
-    CPU flash attention, nor a derivative of its backward), then by the double-vjp trick:
+    docs/benchmarks.md, "The engine's design measurements"). Where an operation has no
+    forward-mode rule, :math:`J u` is tried again with attention computed by its math kernel
+    (torch has no forward-mode rule for CPU flash attention, nor a derivative of its
+    backward), then by the double-vjp trick:
     :math:`J^\top w` is linear in :math:`w`, so its derivative with respect to :math:`w` along
     :math:`u` is :math:`J u`. The model runs as in the engine
     (:func:`curvkit.engines.guard.model_guard`).

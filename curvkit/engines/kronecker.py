@@ -81,9 +81,9 @@ def _scratch(tensors: Sequence[Tensor], numel: int) -> Tensor | None:
 
     Reusing one buffer spares a fresh allocation per product: with thousands of products of a
     few MiB each, returning the memory to the system and faulting it in again can cost more than
-    the products (docs/benchmarks.md, "The engine's design measurements"). When autograd records (a factor made with
-    ``create_graph``) the products must be new tensors (``out=`` is not differentiable): then
-    ``None``.
+    the products (docs/benchmarks.md, "The engine's design measurements"). When autograd
+    records (a factor made with ``create_graph``) the products must be new tensors (``out=``
+    is not differentiable): then ``None``.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
