@@ -284,7 +284,7 @@ def test_bad_input_gives_clear_errors():
         curvkit.batch_gradients(case.model, nn.CrossEntropyLoss(reduction="none"), batch)
     with pytest.raises(ValueError, match="is not a parameter of the model"):
         curvkit.diag_ef(case.model, case.loss_fn, batch, params=[torch.ones(2)])
-    with pytest.raises(ValueError, match="sample_chunk_size must be positive"):
+    with pytest.raises(ValueError, match="sample_chunk_size must be an integer >= 1"):
         curvkit.batch_l2_norms(case.model, case.loss_fn, batch, sample_chunk_size=0)
     operator = curvkit.EFOperator(case.model, case.loss_fn, batch)
     with pytest.raises(ValueError, match="dtype"):

@@ -656,7 +656,7 @@ def test_bad_monte_carlo_arguments_are_refused():
     with pytest.raises(ValueError, match="mc_samples must be 0"):
         hessian_sqrt(nn.MSELoss(), OUTPUTS, OUTPUTS, mc_samples=-1)
     for bad in (2.0, True):
-        with pytest.raises(TypeError, match="mc_samples must be an int"):
+        with pytest.raises(TypeError, match="mc_samples must be an integer"):
             hessian_sqrt(nn.MSELoss(), OUTPUTS, OUTPUTS, mc_samples=bad)
     with pytest.raises(TypeError, match=r"torch\.Generator"):
         hessian_sqrt(nn.MSELoss(), OUTPUTS, OUTPUTS, mc_samples=2, generator=0)

@@ -32,6 +32,7 @@ from curvkit.core.model_io import (
     select_samples,
 )
 from curvkit.engines.backward import backpropagate
+from curvkit.engines.columns import ColumnSource, FixedColumns
 from curvkit.engines.embedding import EmbeddingFactor, TiedEmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.guard import model_guard
@@ -51,10 +52,6 @@ from curvkit.ops.linalg import without_negligible
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
 BackpropColumns = Callable[[Tensor], Tensor]
-
-#: Maps the number of columns and the bytes the engine holds per column (twice the recorded
-#: outputs' bytes) to the columns per backward pass (:mod:`curvkit.engines.memory`).
-ColumnPlan = Callable[[int, int], int]
 
 
 @dataclass
@@ -195,7 +192,7 @@ def compute_factors(
     model: nn.Module,
     inputs: Inputs,
     params: Sequence[Tensor],
-    backprop_columns: BackpropColumns,
+    backprop_columns: ColumnSource | BackpropColumns,
     *,
     create_graph: bool = False,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -219,8 +216,9 @@ def compute_factors(
         model: Any module whose outputs for different samples are independent (in eval mode).
         inputs: The model's input: one tensor or a tuple of positional inputs.
         params: The parameters to compute factors for, each a parameter of ``model``.
-        backprop_columns: Maps the detached outputs ``[N, ...]`` to the columns
-            ``[K, N, ...]`` to backpropagate.
+        backprop_columns: The columns ``[K, N, ...]`` to backpropagate: a
+            :class:`~curvkit.engines.columns.ColumnSource`, or a function of the detached
+            outputs ``[N, ...]`` that returns them.
         create_graph: Keep the factors differentiable with respect to the parameters.
         max_chunk_bytes: Bound (bytes) on the intermediate per-sample tensors that factor
             methods and the generic rule materialise at once. The factors themselves, the
@@ -287,10 +285,10 @@ def iter_factors(
     model: nn.Module,
     inputs: Inputs,
     params: Sequence[Tensor],
-    backprop_columns: BackpropColumns,
+    backprop_columns: ColumnSource | BackpropColumns,
     *,
     sample_chunk_size: int | None = None,
-    column_chunk_size: int | ColumnPlan | None = None,
+    column_chunk_size: int | None = None,
     create_graph: bool = False,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[FactorChunk]:
@@ -311,13 +309,14 @@ def iter_factors(
         model: As in :func:`compute_factors`.
         inputs: As in :func:`compute_factors`.
         params: As in :func:`compute_factors`.
-        backprop_columns: As in :func:`compute_factors`; called once, on the whole batch. It may
-            also return an object with ``shape`` (``[K, *outputs.shape]``) whose
-            ``[columns, samples]`` (two slices) builds that chunk of columns only.
+        backprop_columns: As in :func:`compute_factors`; asked once, on the whole batch. A
+            :class:`~curvkit.engines.columns.ColumnSource` checks its columns against its
+            memory plan before building them, may build them a slice at a time, and gives the
+            columns per backward pass (asked once per chunk of samples, after its forward pass,
+            with the bytes the engine holds per column).
         sample_chunk_size: Samples per chunk (``None``: all at once).
-        column_chunk_size: Columns per chunk (``None``: all at once), or a plan
-            ``plan(K, bytes_per_column)`` asked once per chunk of samples, after its forward
-            pass and before its backward passes, with the bytes the engine holds per column.
+        column_chunk_size: Columns per chunk; ``None``: the source's plan (all at once for a
+            function).
         create_graph: As in :func:`compute_factors`.
         max_chunk_bytes: As in :func:`compute_factors`.
 
@@ -340,7 +339,12 @@ def iter_factors(
             outputs = output_tensor(call_model(model, inputs))
     num_samples, rows = sample_layout(inputs, outputs)
     probes = probe_first_sample(model, inputs, params, outputs, num_samples)
-    columns = _checked(backprop_columns(outputs.detach()), outputs)
+    source = (
+        backprop_columns
+        if isinstance(backprop_columns, ColumnSource)
+        else FixedColumns(backprop_columns)
+    )
+    columns = _checked(source.columns(outputs.detach(), num_samples), outputs)
     if sample_chunk_size is None:
         sample_slices = [slice(0, num_samples)]
     else:
@@ -356,9 +360,9 @@ def iter_factors(
             chunk_inputs = select_samples(inputs, samples, num_samples)
             recording = record_forward(model, chunk_inputs, params)
         attach_probes(recording, probes)
-        chunk_size = column_chunk_size
-        if callable(chunk_size):
-            chunk_size = chunk_size(columns.shape[0], 2 * _recorded_bytes(recording))
+        chunk_size = column_chunk_size or source.chunk_size(
+            columns.shape[0], 2 * _recorded_bytes(recording), outputs.device
+        )
         column_slices = _slices(columns.shape[0], chunk_size)
         chunk_outputs = output_tensor(recording.outputs)
         output_rows = slice(samples.start * rows, samples.stop * rows)

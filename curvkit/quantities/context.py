@@ -5,8 +5,9 @@ Every public quantity (:mod:`curvkit.quantities.ggn`, :mod:`curvkit.operators.gg
 problem validates them once (model, loss, data, parameters and their groups, Monte-Carlo settings,
 chunking, progress) and owns the steps every quantity shares:
 
-- :meth:`Problem.columns`: the columns to push back through the network (the loss Hessian's
-  square root, exact or Monte-Carlo, :func:`curvkit.losses.hessian_sqrt`);
+- :meth:`Problem.column_source`: the columns to push back through the network
+  (:mod:`curvkit.engines.columns`: the loss Hessian's square root, exact or Monte-Carlo, unless
+  the call pushes back other columns), handed to the engine with their memory plan;
 - :meth:`Problem.factors` and :meth:`Problem.summed_over_chunks`: the engine's square-root factors
   of one batch, whole or in chunks of samples and columns;
 - :meth:`Problem.reduce`: the one reduce loop over the data (batch weights, sums over
@@ -35,10 +36,10 @@ from curvkit import losses
 from curvkit.core import data as data_utils
 from curvkit.core.data import Batch, BatchQuantity, Data, Inputs
 from curvkit.core.groups import normalize_param_groups
-from curvkit.core.model_io import sample_layout
 from curvkit.core.validation import check_int
 from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, FactorChunk, iter_factors
 from curvkit.engines import memory as memory_plan
+from curvkit.engines.columns import ColumnSource, FixedColumns, LossHessianSqrt
 from curvkit.losses import LossFunction
 
 __all__ = ["ARGUMENT_DOCS", "Params", "Problem", "fill_argument_docs"]
@@ -173,6 +174,8 @@ class Problem:
         name: The quantity's name, for progress bars.
         param_groups: The deprecated spelling of ``params``.
         max_memory: Memory budget in bytes (:class:`curvkit.engines.memory.MemoryPlan`).
+        columns: Maps a batch's targets to the columns to push back
+            (:mod:`curvkit.engines.columns`); ``None`` for the loss Hessian's square root.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -197,6 +200,7 @@ class Problem:
         name: str = "batches",
         param_groups: Params = None,
         max_memory: int | None = None,
+        columns: Callable[[Tensor], ColumnSource] | None = None,
     ) -> None:
         _check_type(model, "model", "a torch.nn.Module", lambda m: isinstance(m, nn.Module))
         if not callable(loss_fn):
@@ -236,91 +240,46 @@ class Problem:
         self.create_graph = create_graph
         self.name = name
         self.memory = memory_plan.MemoryPlan(max_memory, mc_samples)
+        self.column_factory = columns
         self._cached_factors: tuple[Tensor, list[Factor]] | None = None
         self._first_pass: list[Tensor] | None = None
 
     # -- the engine ----------------------------------------------------------------------------
 
-    def columns(self, outputs: Tensor, targets: Tensor, num_samples: int | None = None) -> Tensor:
-        r"""The loss Hessian's square root ``[K, *outputs.shape]`` with the problem's settings.
+    def column_source(self, targets: Tensor, *, whole: bool = True) -> ColumnSource:
+        """What this call pushes back for a batch, with the call's memory plan.
 
-        For outputs that hold each of the ``num_samples`` samples in :math:`T > 1` consecutive
-        rows (:mod:`curvkit.core.model_io`), the engine reads a column's restriction to a sample's
-        rows as one column of that sample. Monte-Carlo columns are independent across rows, so
-        one column covers all positions of a sequence at once. Exact columns are not: each row's
-        columns are kept apart (:math:`K T` columns, each nonzero at one position per sample).
+        The loss Hessian's square root (exact or Monte-Carlo, with the problem's settings),
+        unless the call was made with other ``columns``.
+
+        Args:
+            targets: The batch's targets.
+            whole: Whether all columns are needed at once (else a sum over chunks).
+        """
+        if self.column_factory is not None:
+            return self.column_factory(targets)
+        return LossHessianSqrt(
+            self.loss_fn,
+            targets,
+            mc_samples=self.mc_samples,
+            generator=self.generator,
+            memory=self.memory,
+            whole=whole,
+        )
+
+    def columns(self, outputs: Tensor, targets: Tensor, num_samples: int | None = None) -> Tensor:
+        """The columns of :meth:`column_source` for a batch, all at once, ``[K, *outputs.shape]``.
 
         Raises:
             curvkit.engines.memory.MemoryPlanError: Before building columns beyond the memory plan.
         """
-        rows = outputs.shape[0] // num_samples if num_samples else 1
-        self.memory.check_columns(outputs, self.num_columns(outputs, rows), whole=True)
-        return self.build_columns(outputs, targets, rows, None)
-
-    def num_columns(self, outputs: Tensor, rows: int) -> int:
-        """How many columns :meth:`build_columns` makes for outputs with ``rows`` rows a sample.
-
-        With :meth:`build_columns`, the override point of a problem that pushes back other
-        columns than the loss Hessian's square root.
-        """
-        count = losses.num_sqrt_columns(outputs, self.mc_samples)
-        return count if self.mc_samples > 0 else count * rows
-
-    def build_columns(
-        self, outputs: Tensor, targets: Tensor, rows: int, columns: slice | None
-    ) -> Tensor:
-        """The columns ``columns`` (all for ``None``) of :meth:`columns`, ``[K', *outputs.shape]``.
-
-        Args:
-            outputs: The batch's outputs.
-            targets: The batch's targets.
-            rows: The outputs' rows per sample.
-            columns: Which of the :meth:`num_columns` columns to build; ``None`` for all.
-        """
-        if self.mc_samples > 0:
-            return losses.hessian_sqrt(
-                self.loss_fn, outputs, targets, mc_samples=self.mc_samples, generator=self.generator
-            )
-        if rows == 1:
-            return losses.hessian_sqrt(self.loss_fn, outputs, targets, columns=columns)
-        total = self.num_columns(outputs, rows)
-        start, stop, _ = (columns or slice(None)).indices(total)
-        first, last = start // rows, (stop - 1) // rows + 1
-        sqrt = losses.hessian_sqrt(self.loss_fn, outputs, targets, columns=slice(first, last))
-        per_position = sqrt.reshape(sqrt.shape[0], -1, rows, *outputs.shape[1:])
-        separate = sqrt.new_zeros(sqrt.shape[0], rows, *per_position.shape[1:])
-        separate.diagonal(dim1=1, dim2=3).copy_(per_position.movedim(2, -1))
-        offset = first * rows
-        return separate.reshape(-1, *outputs.shape)[start - offset : stop - offset]
-
-    def _column_slices(
-        self, outputs: Tensor, targets: Tensor, num_samples: int
-    ) -> Tensor | memory_plan.ColumnSlices:
-        """The square root for sums over chunks: exact columns are built a chunk at a time."""
-        if self.mc_samples > 0:
-            return self.columns(outputs, targets, num_samples)
-        rows = outputs.shape[0] // num_samples
-        num_columns = self.num_columns(outputs, rows)
-        self.memory.check_columns(outputs, num_columns, whole=False)
-
-        def build(columns: slice) -> Tensor:
-            return self.build_columns(outputs, targets, rows, columns)
-
-        return memory_plan.ColumnSlices(build, num_columns, outputs)
-
-    def _plan(self, device: torch.device, *, whole: bool) -> Callable[[int, int], int]:
-        """The column chunks of :func:`~curvkit.engines.iter_factors` under the memory plan."""
-
-        def plan(num_columns: int, bytes_per_column: int) -> int:
-            return self.memory.column_chunk_size(num_columns, bytes_per_column, device, whole=whole)
-
-        return plan
+        return self.column_source(targets).columns(outputs, num_samples or outputs.shape[0])
 
     def factors(
         self,
         inputs: Inputs,
         targets: Tensor,
-        columns: Callable[[Tensor], Tensor] | None = None,
+        columns: ColumnSource | Callable[[Tensor], Tensor] | None = None,
         *,
         reuse: bool = False,
     ) -> tuple[Tensor, list[Factor]]:
@@ -329,7 +288,8 @@ class Problem:
         Args:
             inputs: The batch's inputs.
             targets: The batch's targets.
-            columns: Maps the outputs to the columns to push back; :meth:`columns` by default.
+            columns: What to push back: a column source, or a function of the outputs (under
+                the call's memory plan); :meth:`column_source` by default.
             reuse: Keep the factors of a lone batch with the default columns and hand them to
                 the next call that asks for reuse (several products on one batch).
 
@@ -340,15 +300,15 @@ class Problem:
         if reusable and self._cached_factors is not None:
             return self._cached_factors
 
-        def default_columns(outputs: Tensor) -> Tensor:
-            return self.columns(outputs, targets, sample_layout(inputs, outputs)[0])
-
+        if columns is None:
+            columns = self.column_source(targets)
+        elif not isinstance(columns, ColumnSource):
+            columns = FixedColumns(columns, memory=self.memory)
         (chunk,) = iter_factors(
             self.model,
             inputs,
             self.params,
-            columns or default_columns,
-            column_chunk_size=self._plan(self.params[0].device, whole=True),
+            columns,
             create_graph=self.create_graph,
             max_chunk_bytes=DEFAULT_CHUNK_BYTES,
         )
@@ -363,12 +323,9 @@ class Problem:
             self.model,
             inputs,
             self.params,
-            lambda outputs: self._column_slices(
-                outputs, targets, sample_layout(inputs, outputs)[0]
-            ),
+            self.column_source(targets, whole=False),
             sample_chunk_size=self.sample_chunk_size,
-            column_chunk_size=self.column_chunk_size
-            or self._plan(self.params[0].device, whole=False),
+            column_chunk_size=self.column_chunk_size,
             create_graph=self.create_graph,
             max_chunk_bytes=DEFAULT_CHUNK_BYTES,
         )
@@ -396,8 +353,8 @@ class Problem:
     def joined_over_chunks(self, quantity: Callable[[list[Factor]], list[Tensor]]) -> BatchQuantity:
         """The per-batch function: per-sample ``quantity`` of a batch's factors, chunks joined.
 
-        For columns that are one per sample (:meth:`num_columns` 1): ``quantity`` gives a row per
-        sample of the chunk, and the chunks of samples are joined in order.
+        For one column per sample (:class:`~curvkit.engines.columns.LossGradient`):
+        ``quantity`` gives a row per sample of the chunk, and the chunks are joined in order.
         """
 
         def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:

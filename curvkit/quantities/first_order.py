@@ -33,7 +33,6 @@ batch, in order).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,21 +43,13 @@ from curvkit.core import data as data_utils
 from curvkit.core.data import BatchQuantity, Data, Inputs
 from curvkit.core.model_io import sample_layout
 from curvkit.engines import Factor
+from curvkit.engines.columns import LossGradient
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
 from curvkit.quantities.factor_products import block_diagonal_matmul
 
 __all__ = ["EFOperator", "batch_gradients", "batch_l2_norms", "diag_ef", "gradient_variance"]
-
-
-def _output_gradient(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
-    r""":math:`\partial L / \partial f` of the batch loss, shape ``[1, *outputs.shape]``."""
-    outputs = outputs.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = losses.scalar_loss(loss_fn, outputs, targets)
-        (gradient,) = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
-    return gradient.unsqueeze(0)
 
 
 def ef_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -83,36 +74,6 @@ def ef_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
     return losses.normalization(loss_fn, outputs, targets)
 
 
-class _GradientProblem(Problem):
-    """A problem whose columns are the loss gradient at the outputs, times a scale.
-
-    ``scale(loss_fn, outputs, targets)``: :func:`ef_scale`'s square root for the empirical
-    Fisher, :func:`curvkit.losses.normalization` for the gradients of the sum of the terms.
-    """
-
-    def __init__(
-        self, *args: Any, scale: Callable[[LossFunction, Tensor, Tensor], Tensor], **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.scale = scale
-
-    def num_columns(self, outputs: Tensor, rows: int) -> int:
-        """One column, whatever the output layout (see :meth:`build_columns`)."""
-        return 1
-
-    def build_columns(
-        self, outputs: Tensor, targets: Tensor, rows: int, columns: slice | None
-    ) -> Tensor:
-        """The scaled gradient column, ``[1, *outputs.shape]``.
-
-        One column serves every output layout: for outputs holding each sample in several rows,
-        the engine reads its restriction to a sample's rows as that sample's column, whose
-        pull-back is the sample's whole gradient.
-        """
-        scale = self.scale(self.loss_fn, outputs, targets)
-        return (_output_gradient(self.loss_fn, outputs, targets) * scale)[columns or slice(None)]
-
-
 def _sqrt_ef_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
     return ef_scale(loss_fn, outputs, targets).sqrt()
 
@@ -121,7 +82,7 @@ def _sqrt_normalization(loss_fn: LossFunction, outputs: Tensor, targets: Tensor)
     return losses.normalization(loss_fn, outputs, targets).sqrt()
 
 
-class _EFProblem(_GradientProblem):
+class _EFProblem(Problem):
     r"""The empirical Fisher's problem: :math:`R` is that of all the data, not of each batch.
 
     With :math:`S_b = \sum_{n \in b} \nabla \ell_n \nabla \ell_n^\top` and the data's
@@ -137,9 +98,11 @@ class _EFProblem(_GradientProblem):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, scale=_sqrt_ef_scale, **kwargs)
-        if not _single_batch(self.data):
-            self.scale = _sqrt_normalization
+        super().__init__(*args, columns=self._gradient, **kwargs)
+
+    def _gradient(self, targets: Tensor) -> LossGradient:
+        scale = _sqrt_ef_scale if _single_batch(self.data) else _sqrt_normalization
+        return LossGradient(self.loss_fn, targets, scale)
 
     def reduce(self, batch_quantity: BatchQuantity, *, passes: int = 1) -> list[Tensor]:
         """:meth:`Problem.reduce`, with the data's scale :math:`R / Z` applied at the end."""
@@ -163,7 +126,7 @@ class _EFProblem(_GradientProblem):
 
 def _ef_problem(
     model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, name: str, **kwargs: Any
-) -> _GradientProblem:
+) -> _EFProblem:
     return _EFProblem(model, loss_fn, data, params, name=name, **kwargs)
 
 
@@ -275,19 +238,19 @@ def _single_batch(data: Data) -> bool:
     return data_utils.is_batch(data) and data_utils.distributed_world() == 1
 
 
-def _unit_scale(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
-    return torch.ones((), dtype=outputs.dtype, device=outputs.device)
-
-
 def _per_sample_problem(
     model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, name: str, **kwargs: Any
-) -> _GradientProblem:
+) -> Problem:
     r"""The problem whose columns are each batch's loss gradient :math:`\partial L_b / \partial f`.
 
     Its factors hold each batch's per-sample gradients; :meth:`Problem.reduce` rescales them to
     those of the data's loss (:func:`curvkit.core.data.dataset_average`).
     """
-    return _GradientProblem(model, loss_fn, data, params, name=name, scale=_unit_scale, **kwargs)
+
+    def gradient(targets: Tensor) -> LossGradient:
+        return LossGradient(loss_fn, targets)
+
+    return Problem(model, loss_fn, data, params, name=name, columns=gradient, **kwargs)
 
 
 @fill_argument_docs

@@ -373,7 +373,7 @@ def _check_indices(indices: Iterable[int] | Tensor | None, dim: int) -> Tensor:
     else:
         values = list(indices)
     for value in values:
-        check_int(value, "indices")
+        check_int(value, "each index")
         if not 0 <= value < dim:
             raise ValueError(f"index {value} is out of range: the GGN has {dim} columns [0, {dim})")
     return torch.tensor(values, dtype=torch.long)

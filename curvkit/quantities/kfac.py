@@ -42,7 +42,6 @@ gradients :math:`g_{k,n} = \sum_t b_{k,n,t} x_{n,t}^\top` in that basis,
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +51,7 @@ from torch import Tensor, nn
 from curvkit import losses
 from curvkit.core.data import Inputs, distributed_world, is_batch
 from curvkit.engines import Factor, ZeroFactor
+from curvkit.engines.columns import ColumnSource, FixedColumns, LossGradient, ZeroColumns
 from curvkit.engines.registry import declares_kronecker
 from curvkit.quantities.context import Problem
 
@@ -191,36 +191,27 @@ def plan_layers(model: nn.Module, params: list[Tensor]) -> tuple[list[LayerPlan]
     return plans, engine_params
 
 
-def empirical_columns(loss_fn: losses.LossFunction, targets: Tensor) -> Callable[[Tensor], Tensor]:
-    r"""The loss gradient at the observed targets as one column, scaled like a square root.
+def _sqrt_normalization(loss_fn: losses.LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
+    return losses.normalization(loss_fn, outputs, targets).sqrt()
 
-    The batch loss :math:`L = r \sum_n \ell_n` has output gradients :math:`r \nabla \ell_n`;
-    the column :math:`\sqrt r\, \nabla \ell_n = \nabla_{f_n} L / \sqrt r` (with
-    :math:`r = 1 / Z`, :func:`curvkit.losses.normalization`) makes :math:`b b^\top` carry
-    :math:`r` once, like the loss Hessian's square root does.
+
+def column_source(problem: Problem, fisher_type: str, targets: Tensor) -> ColumnSource:
+    r"""What KFAC pushes back for a batch, by ``fisher_type``.
+
+    ``"exact"`` and ``"mc"``: the loss Hessian's square root (:meth:`Problem.column_source`);
+    ``"empirical"``: the loss gradient at the observed targets as one column, scaled like a
+    square root (the batch loss :math:`L = r \sum_n \ell_n` has output gradients
+    :math:`r \nabla \ell_n`; the column :math:`\sqrt r\, \nabla \ell_n = \nabla_{f_n} L /
+    \sqrt r` with :math:`r = 1 / Z` makes :math:`b b^\top` carry :math:`r` once, like the
+    square root does); ``"forward-only"``: one zero column (the output factor is the identity).
     """
-
-    def columns(outputs: Tensor) -> Tensor:
-        outputs = outputs.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(outputs, targets)
-        (grad,) = torch.autograd.grad(loss, outputs)
-        scale = losses.normalization(loss_fn, outputs.detach(), targets).sqrt()
-        return (grad * scale).unsqueeze(0)
-
-    return columns
-
-
-def _columns_for(
-    problem: Problem, fisher_type: str, targets: Tensor
-) -> Callable[[Tensor], Tensor] | None:
     if fisher_type == "empirical":
-        return empirical_columns(problem.loss_fn, targets)
+        return LossGradient(problem.loss_fn, targets, _sqrt_normalization)
     if fisher_type == "forward-only":
-        # The output factor is the identity: one zero column keeps the backward pass trivial.
-        return lambda outputs: outputs.new_zeros(1, *outputs.shape)
+        return ZeroColumns()
+    source = problem.column_source(targets)
     if fisher_type == "mc":
-        return None
+        return source
 
     def exact_columns(outputs: Tensor) -> Tensor:
         # The closed-form square roots have one column per output entry of a sample.
@@ -232,9 +223,9 @@ def _columns_for(
                 f"{needed / 2**30:.1f} GiB for this batch before they are pushed back through "
                 "the model; use fisher_type='mc' (mc_samples columns) or smaller batches"
             )
-        return problem.columns(outputs, targets)
+        return source.columns(outputs, outputs.shape[0])  # every output row alike
 
-    return exact_columns
+    return FixedColumns(exact_columns, memory=problem.memory)
 
 
 def _grouped(tensor: Tensor) -> Tensor:
@@ -415,7 +406,7 @@ def compute_kfac_blocks(
     layouts: list[_Layout] = []
 
     def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        columns = _columns_for(problem, fisher_type, targets)
+        columns = column_source(problem, fisher_type, targets)
         outputs, factors = problem.factors(inputs, targets, columns)
         if not layouts:
             layouts.append(
@@ -504,7 +495,7 @@ def eigenvalue_corrections(
     """
 
     def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        columns = _columns_for(problem, fisher_type, targets)
+        columns = column_source(problem, fisher_type, targets)
         outputs, factors = problem.factors(inputs, targets, columns)
         out: list[Tensor] = []
         for block, weight, (qa, qb) in zip(blocks, weights, eigenvectors, strict=True):
