@@ -64,7 +64,7 @@ model = nn.Sequential(
 ).double()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 map_prior_precision = 1.0
-for epoch in range(60):
+for _ in range(60):
     for batch in torch.randperm(num_train, generator=generator).split(64):
         squared_norm = sum(p.square().sum() for p in model.parameters())
         loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
