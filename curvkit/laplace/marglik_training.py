@@ -87,6 +87,28 @@ def _train_epoch(
     return total
 
 
+def _hyper_steps(
+    la: ParametricLaplace,
+    hypers: tuple[Tensor, Tensor | None],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    margliks: list[float],
+) -> tuple[Tensor, Tensor | None]:
+    """Adam steps on the negative log marginal likelihood; returns the hyperparameters at which
+    the last recorded value was evaluated (those a best model is saved with)."""
+    log_prior, log_sigma = hypers
+    prior_prec, noise = torch.exp(log_prior), None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        prior_prec = torch.exp(log_prior)
+        noise = None if log_sigma is None else torch.exp(log_sigma)
+        neg = -la.log_marginal_likelihood(prior_prec, noise)
+        neg.backward()
+        optimizer.step()
+        margliks.append(neg.item())
+    return prior_prec.detach(), None if noise is None else noise.detach()
+
+
 def marglik_training(
     model: nn.Module,
     train_loader: Iterable[Any],
@@ -161,63 +183,42 @@ def marglik_training(
     n_data = dataset_size(train_loader, 0) or sum(1 for _ in train_loader)
     options = {"criterion": criterion, "dict_key_y": dict_key_y, "device": device}
     learn_sigma = likelihood == "regression" and not fix_sigma_noise
-    best = (float("inf"), None, None, 1.0)
+    fixed_noise = sigma_noise_init if likelihood == "regression" else 1.0
+    laplace_options = {
+        "hessian_structure": hessian_structure,
+        "temperature": temperature,
+        "backend": backend,
+        "dict_key_x": dict_key_x,
+        "dict_key_y": dict_key_y,
+    }
+    best: tuple[float, Any, Any, Any] = (float("inf"), None, None, None)
     margliks: list[float] = []
     losses: list[float] = []
     for epoch in trange(1, n_epochs + 1, disable=not progress_bar, desc="[Training]"):
         sigma = torch.exp(log_sigma).detach() if learn_sigma else sigma_noise_init
         crit_factor = temperature / (2 * sigma**2) if likelihood == "regression" else temperature
         penalty = (torch.exp(log_prior).detach(), crit_factor, n_data)
-        losses.append(
-            _train_epoch(model, train_loader, optimizer, scheduler, penalty, options) / n_data
-        )
+        epoch_loss = _train_epoch(model, train_loader, optimizer, scheduler, penalty, options)
+        losses.append(epoch_loss / n_data)
         if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
             continue
-        sigma = (
-            torch.exp(log_sigma)
-            if learn_sigma
-            else (sigma_noise_init if likelihood == "regression" else 1.0)
-        )
+        noise = torch.exp(log_sigma).detach() if learn_sigma else fixed_noise
         la = Laplace(
             model,
             likelihood,
             subset_of_weights="all",
-            hessian_structure=hessian_structure,
-            sigma_noise=sigma.detach() if isinstance(sigma, Tensor) else sigma,
+            sigma_noise=noise,
             prior_precision=torch.exp(log_prior).detach(),
-            temperature=temperature,
-            backend=backend,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
+            **laplace_options,
         )
         la.fit(train_loader)
-        for _ in range(n_hypersteps):
-            hyper.zero_grad()
-            noise = torch.exp(log_sigma) if learn_sigma else None
-            neg = -la.log_marginal_likelihood(torch.exp(log_prior), noise)
-            neg.backward()
-            hyper.step()
-            margliks.append(neg.item())
+        hypers = (log_prior, log_sigma if learn_sigma else None)
+        prior_prec, noise = _hyper_steps(la, hypers, hyper, n_hypersteps, margliks)
         if margliks[-1] < best[0]:
-            noise = torch.exp(log_sigma).detach() if learn_sigma else best[3]
-            if likelihood == "regression" and not learn_sigma:
-                noise = sigma_noise_init
-            best = (
-                margliks[-1],
-                deepcopy(model.state_dict()),
-                torch.exp(log_prior).detach(),
-                noise,
-            )
-    prior_prec, sigma_noise = (
-        torch.exp(log_prior).detach(),
-        (
-            torch.exp(log_sigma).detach()
-            if learn_sigma
-            else sigma_noise_init
-            if likelihood == "regression"
-            else 1.0
-        ),
-    )
+            noise = fixed_noise if noise is None else noise
+            best = (margliks[-1], deepcopy(model.state_dict()), prior_prec, noise)
+    prior_prec = torch.exp(log_prior).detach()
+    sigma_noise = torch.exp(log_sigma).detach() if learn_sigma else fixed_noise
     if best[1] is not None:
         model.load_state_dict(best[1])
         prior_prec, sigma_noise = best[2], best[3]
@@ -225,14 +226,10 @@ def marglik_training(
         model,
         likelihood,
         subset_of_weights="all",
-        hessian_structure=hessian_structure,
         sigma_noise=sigma_noise,
         prior_precision=prior_prec,
-        temperature=temperature,
-        backend=backend,
         enable_backprop=enable_backprop,
-        dict_key_x=dict_key_x,
-        dict_key_y=dict_key_y,
+        **laplace_options,
     )
     la.fit(train_loader)
     return la, model, margliks, losses
