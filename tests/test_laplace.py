@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-
 from laplace_models import assert_close, cnn, loader, mlp, query_inputs
 
 laplace = pytest.importorskip("laplace")
@@ -177,7 +176,7 @@ def test_kron_per_layer_prior_matches():
 
 
 def test_kron_damping_is_applied():
-    """laplace-torch drops ``damping`` when it scales the factors (a defect): compare with the
+    r"""laplace-torch drops ``damping`` when it scales the factors (a defect): compare with the
     damped precision built by hand from the factors, per entry
     :math:`(B + \sqrt{\delta} I) \otimes (A + \sqrt{\delta} I)`."""
     prior = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)

@@ -196,7 +196,7 @@ class ParametricLaplace:
         raise NotImplementedError
 
     def _check_H_init(self) -> None:
-        if getattr(self, "H", None) is None:
+        if not getattr(self, "_fitted", False):
             raise AttributeError("Laplace not fitted. Run fit() first.")
 
     def _curvature(self, model: nn.Module, progress: bool | None) -> Curvature:
@@ -257,6 +257,7 @@ class ParametricLaplace:
             new = self._fit_curvature(curvature, batches)
         n_new = dataset_size(train_loader, count)
         self._store_curvature(new, override, self.n_data, n_new)
+        self._fitted = True
         self.loss = self.loss + loss
         self.n_data += n_new
         self.mean = parameters_to_vector(self.params)
@@ -676,6 +677,7 @@ class ParametricLaplace:
         self.prior_mean = state_dict["prior_mean"]
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]
+        self._fitted = True
 
 
 BaseLaplace = ParametricLaplace

@@ -94,8 +94,11 @@ def _hyper_steps(
     steps: int,
     margliks: list[float],
 ) -> tuple[Tensor, Tensor | None]:
-    """Adam steps on the negative log marginal likelihood; returns the hyperparameters at which
-    the last recorded value was evaluated (those a best model is saved with)."""
+    """Adam steps on the negative log marginal likelihood.
+
+    Returns the hyperparameters at which the last recorded value was evaluated (those a best
+    model is saved with).
+    """
     log_prior, log_sigma = hypers
     prior_prec, noise = torch.exp(log_prior), None
     for _ in range(steps):

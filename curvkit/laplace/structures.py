@@ -180,10 +180,6 @@ class KronLaplace(ParametricLaplace):
     def _init_H(self) -> None:
         self.H = Kron.init_from_model(self.params, self._device, self._dtype)
 
-    def _check_H_init(self) -> None:
-        if self.H_facs is None:
-            raise AttributeError("Laplace not fitted. Run fit() first.")
-
     def _fit_curvature(self, curvature: Curvature, batches: Any) -> Kron:
         return curvature.kron(batches)
 
