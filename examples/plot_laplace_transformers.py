@@ -221,14 +221,14 @@ for hook in hooks:
     hook.remove()
 probs_train = logits.softmax(dim=1)
 hessians = torch.diag_embed(probs_train) - probs_train[:, :, None] * probs_train[:, None, :]
-pooler_inputs = recorded["pooler"][0][:, 0]  # the pooler reads the first token's hidden state
+pooler_inputs = recorded["pooler"][0]  # the first token's hidden state
 pooler_outputs = recorded["pooler"][1]
 # logits = W_c tanh(z) + b_c, so d logits / d z = W_c diag(1 - tanh(z)^2)
 jacobian_z = classifier.weight * (1 - pooler_outputs.tanh().square())[:, None, :]
 num_train = len(train["labels"])
 factors = {
     "pooler": (
-        torch.einsum("nci,ncd,ndj->ij", jacobian_z, hessians, jacobian_z),
+        torch.einsum("nci,ncd,ndj->ij", jacobian_z, hessians, jacobian_z).contiguous(),
         pooler_inputs.T @ pooler_inputs / num_train,
     ),
     "classifier": (
