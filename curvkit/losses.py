@@ -67,7 +67,7 @@ class NextTokenCrossEntropyLoss(nn.Module):
     ``cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())``, averaged over the
     labels that are not ``ignore_index`` (or summed). This is the one line of adapter code a
     Hugging Face causal LM needs: its batches (dicts with ``labels``) and its ``ModelOutput``
-    are read as they are (:mod:`curvkit.model_io`), and its curvature is the closed-form
+    are read as they are (:mod:`curvkit.core.model_io`), and its curvature is the closed-form
     cross-entropy one, position by position.
 
     Args:

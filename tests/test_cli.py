@@ -13,7 +13,7 @@ import torch
 
 import curvkit
 from curvkit.cli import calibration, demo, main, verify
-from curvkit.zoo import make_case
+from curvkit.testing.zoo import make_case
 
 SUBCOMMANDS = ["demo", "verify", "bench"]
 

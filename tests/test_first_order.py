@@ -1,4 +1,5 @@
-"""Per-sample gradients and the empirical Fisher (curvkit.first_order) against torch.func.vmap."""
+"""Per-sample gradients and the empirical Fisher (curvkit.quantities.first_order) against
+torch.func.vmap."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from zoo_params import case_params
 
 import curvkit
-from curvkit.zoo import make_case, make_targets
+from curvkit.testing.zoo import make_case, make_targets
 
 #: Importing curvlinops and running its products uses forward-mode AD, whose decompositions
 #: torch compiles with torch.jit.script on first use, which warns that it is deprecated.
@@ -197,7 +198,7 @@ class Positions(nn.Module):
 @pytest.mark.parametrize("chunk_bytes", [None, 64])
 def test_per_sample_norms_of_a_weight_used_at_several_positions(monkeypatch, chunk_bytes):
     if chunk_bytes is not None:
-        monkeypatch.setattr(curvkit.problem, "DEFAULT_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(curvkit.quantities.context, "DEFAULT_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     model = Positions().double()
     inputs = torch.randn(7, 2, 8, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""The Hessian (curvkit.hessian) against torch.func.hessian of the loss in the flat parameters."""
+"""The Hessian (curvkit.quantities.hessian) against torch.func.hessian of the loss in the flat
+parameters."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from zoo_params import case_params
 
 import curvkit
-from curvkit.elementwise import NotElementwiseError
-from curvkit.zoo import CASES, CheckedScaling, make_case, make_targets
+from curvkit.quantities.elementwise import NotElementwiseError
+from curvkit.testing.zoo import CASES, CheckedScaling, make_case, make_targets
 
 #: torch.func.hessian (the reference) runs forward-mode AD, whose decompositions torch compiles
 #: with torch.jit.script on first use, which warns that it is deprecated: torch's internals.

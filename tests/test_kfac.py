@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
-import curvkit.kfac
 import curvkit.ops.linalg
+import curvkit.quantities.kfac
 from curvkit import EKFACOperator, KFACOperator
 from curvkit.engines import Decline, Factor, KroneckerFactor, RuleCall, register_rule
 
@@ -504,7 +504,7 @@ def test_fallback_is_the_exact_diagonal_or_block(fallback: str):
 
 
 def test_an_infeasible_exact_square_root_is_refused_before_it_is_built(monkeypatch):
-    monkeypatch.setattr(curvkit.kfac, "MAX_EXACT_COLUMN_BYTES", 1000)
+    monkeypatch.setattr(curvkit.quantities.kfac, "MAX_EXACT_COLUMN_BYTES", 1000)
     op = KFACOperator(mlp(), nn.CrossEntropyLoss(), batch("mlp", 64))
     with pytest.raises(ValueError, match=r"3 columns per sample.*fisher_type='mc'"):
         op.to_dense()

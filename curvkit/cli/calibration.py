@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from curvkit import verify
+from curvkit.testing import verify
 from curvkit.laplace import Laplace
 
 #: Confidence bins of the expected calibration error and the reliability diagram.

@@ -4,7 +4,7 @@ The demo
 
 1. computes the exact GGN diagonal over the training set and the GGN spectrum of a batch;
 2. checks the diagonal, some GGN columns, the top eigenvalues and one directionally damped Newton
-   step against dense references built from plain autograd (:mod:`curvkit.verify`);
+   step against dense references built from plain autograd (:mod:`curvkit.testing.verify`);
 3. trains the MLP with damped Newton steps along the top GGN eigendirections
    (:class:`curvkit.optim.DampedNewton`) and, from the same initialisation, with Adam;
 4. prints a report with timings and writes figures and ``report.json`` into ``--out``.
@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import curvkit
-from curvkit import verify
 from curvkit.cli import calibration, figures
 from curvkit.cli._common import (
     CommandError,
@@ -41,9 +40,10 @@ from curvkit.cli._common import (
     positive_int,
     stopwatch,
 )
-from curvkit.directional import damped_newton_step, ggn_eigh, top_k
-from curvkit.ggn import diag_ggn, ggn_columns
 from curvkit.optim import DampedNewton
+from curvkit.quantities.directional import damped_newton_step, ggn_eigh, top_k
+from curvkit.quantities.ggn import diag_ggn, ggn_columns
+from curvkit.testing import verify
 
 #: Relative tolerance of the checks (error relative to the largest reference entry) per dtype.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}

@@ -5,7 +5,7 @@ The engine calls these around its forward and backward pass: modules known to mi
 mixing and the sample axes of recorded tensors (:func:`probe_first_sample`), the shape of the
 columns the caller hands over (:func:`check_columns`) and parameter uses the recording did not
 see (:func:`check_no_unseen_uses`). Quantities that do not use the engine
-(:mod:`curvkit.autodiff`) call them too.
+(:mod:`curvkit.engines.autodiff`) call them too.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
+from curvkit.core.model_io import Inputs, input_tensors, output_tensor
 from curvkit.engines.guard import has_forward_hooks
 from curvkit.engines.recording import ModuleCall, Recording, record_forward
-from curvkit.model_io import Inputs, input_tensors, output_tensor
 from curvkit.ops.linalg import all_finite
 
 __all__ = [
