@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from curvkit.laplace import Laplace
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)

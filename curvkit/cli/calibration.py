@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from curvkit.testing import verify
 from curvkit.laplace import Laplace
+from curvkit.testing import verify
 
 #: Confidence bins of the expected calibration error and the reliability diagram.
 NUM_BINS = 10
