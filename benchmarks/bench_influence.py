@@ -291,7 +291,8 @@ def pairwise_table(problems: list[str], repeats: int, threads: int, memory: bool
         for method, (wall, cpu) in timings.items():
             peak = ""
             if memory:
-                peak = f"{in_subprocess(['--memory-child', name, method], threads)['extra_kib'] / 1024:9.1f}"
+                child = in_subprocess(["--memory-child", name, method], threads)
+                peak = f"{child['extra_kib'] / 1024:9.1f}"
             shown = f"{ratio:6.2f}" if method == "curvkit" else ""
             print(f"{name:8} {method:12} {wall:8.2f} {cpu:8.2f} {shown:>6} {peak}", flush=True)
         print(f"{name:8} empirical-Fisher scores differ by {agreement(problem):.1e} (relative)")
