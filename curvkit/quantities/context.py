@@ -40,6 +40,7 @@ from curvkit.core.validation import check_int
 from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, FactorChunk, iter_factors
 from curvkit.engines import memory as memory_plan
 from curvkit.losses import LossFunction
+from curvkit.ops.linalg import without_negligible
 
 __all__ = ["ARGUMENT_DOCS", "Params", "Problem", "fill_argument_docs"]
 
@@ -276,7 +277,18 @@ class Problem:
             targets: The batch's targets.
             rows: The outputs' rows per sample.
             columns: Which of the :meth:`num_columns` columns to build; ``None`` for all.
+
+        Entries too small to matter are set to zero
+        (:func:`curvkit.ops.linalg.without_negligible`): these columns only enter quantities
+        as sums of squares. A subclass that pushes back first-order columns overrides this
+        method and keeps every entry.
         """
+        num_samples = outputs.shape[0] // rows
+        return without_negligible(self._square_root(outputs, targets, rows, columns), num_samples)
+
+    def _square_root(
+        self, outputs: Tensor, targets: Tensor, rows: int, columns: slice | None
+    ) -> Tensor:
         if self.mc_samples > 0:
             return losses.hessian_sqrt(
                 self.loss_fn, outputs, targets, mc_samples=self.mc_samples, generator=self.generator
