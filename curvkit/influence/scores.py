@@ -128,9 +128,12 @@ class _Setup:
         return out
 
 
-def _gradients(setup: _Setup, factors: list[Factor]) -> list[Tensor]:
-    """Per block, the chunk's per-example columns ``[K, n, *block.shape]``."""
-    return [block_gradients(b, block_factor(b, factors)) for b in setup.blocks]
+def _factors(setup: _Setup, factors: list[Factor]) -> list[Factor]:
+    """Per block, the factor of the chunk's columns in the preconditioner's basis."""
+    return [
+        setup.preconditioner.train_factor(i, block_factor(block, factors))
+        for i, block in enumerate(setup.blocks)
+    ]
 
 
 def _columns(loss: QueryLoss) -> Callable[[Any], Callable[[Tensor], Tensor]]:
@@ -150,8 +153,8 @@ def _train_scores(setup: _Setup, queries: list[Tensor]) -> list[Tensor]:
         description="influence: training",
     )
     for factors in chunks:
-        for part, block, query in zip(parts, setup.blocks, queries, strict=True):
-            part.append(block_products(block_factor(block, factors), query)[0].T)
+        for part, factor, query in zip(parts, _factors(setup, factors), queries, strict=True):
+            part.append(block_products(factor, query)[0].T)
     return [gather_examples(torch.cat(part, dim=1)) for part in parts]
 
 
@@ -296,8 +299,11 @@ def pairwise_scores(
         description="influence: queries",
     )
     for chunk in chunks:
-        gradients = [g[0] for g in _gradients(setup, chunk)]
-        for part, g in zip(held, setup.preconditioner.apply(gradients), strict=True):
+        gradients = [
+            block_gradients(b, f)[0]
+            for b, f in zip(setup.blocks, _factors(setup, chunk), strict=True)
+        ]
+        for part, g in zip(held, setup.preconditioner.queries(gradients), strict=True):
             part.append(g)
         count += gradients[0].shape[0]
         if count >= setup.chunks.query_chunk:
@@ -384,7 +390,9 @@ def self_scores(
         description="influence: self-scores",
     )
     for chunk in chunks:
-        gradients = _gradients(setup, chunk)
+        gradients = [
+            block_gradients(b, f) for b, f in zip(setup.blocks, _factors(setup, chunk), strict=True)
+        ]
         right = [g[0] for g in gradients]
         left = [g[1] for g in gradients] if measured else right
         for part, value in zip(parts, setup.preconditioner.quadratic(left, right), strict=True):
