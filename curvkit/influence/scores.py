@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.data import Data
+from curvkit.data import Data, concatenate, distributed_world
 from curvkit.engines import Factor
 from curvkit.groups import normalize_param_groups
 from curvkit.influence.factors import InfluenceFactors, check_damping
@@ -158,6 +158,34 @@ def _train_scores(setup: _Setup, queries: list[Tensor]) -> list[Tensor]:
     return [gather_examples(torch.cat(part, dim=1)) for part in parts]
 
 
+def _quadratic_forms(
+    setup: _Setup, data: Data, columns: Callable[[Any], Callable[[Tensor], Tensor]]
+) -> list[list[Tensor]]:
+    r"""Per block, the chunks' :math:`m_t^\top (C + \delta I)^{-1} g_t` (``[n]`` each).
+
+    ``columns`` pushes back :math:`g_t` and, as a second column if it gives one, :math:`m_t`.
+    """
+    parts: list[list[Tensor]] = [[] for _ in setup.blocks]
+    chunks = example_chunks(
+        setup.model,
+        data,
+        setup.params,
+        columns,
+        setup.chunks.train_chunk,
+        progress=setup.progress,
+        description="influence: self-scores",
+    )
+    for chunk in chunks:
+        gradients = [
+            block_gradients(b, f) for b, f in zip(setup.blocks, _factors(setup, chunk), strict=True)
+        ]
+        right = [g[0] for g in gradients]
+        left = [g[1] for g in gradients] if gradients[0].shape[0] > 1 else right
+        for part, value in zip(parts, setup.preconditioner.quadratic(left, right), strict=True):
+            part.append(value)
+    return parts
+
+
 def _concat(scores: list[Scores]) -> Scores:
     if isinstance(scores[0], Tensor):
         return torch.cat(scores)  # type: ignore[arg-type]
@@ -173,7 +201,8 @@ _ARGUMENTS = r"""
         train_data: The training examples: a batch ``(inputs, targets)``, a list of batches or
             a DataLoader (Hugging Face dict batches too), read in order (no shuffling). Split
             over ``torch.distributed`` ranks, the scores cover all ranks' examples in rank
-            order, on every rank.
+            order, on every rank (exact self-scores join the ranks' examples on every rank,
+            since each solve is a collective).
         curvature: ``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"identity"`` (the plain dot
             product, ``damping`` ignored), or the exact ``"ggn"`` and ``"ef"`` (empirical
             Fisher), solved through :class:`curvkit.GGNOperator` / :class:`curvkit.EFOperator`'s
@@ -379,22 +408,9 @@ def self_scores(
         measurement = gradient_columns(setup.query_loss, targets)
         return lambda outputs: torch.cat([loss(outputs), measurement(outputs)])
 
-    parts: list[list[Tensor]] = [[] for _ in setup.blocks]
-    chunks = example_chunks(
-        model,
-        train_data,
-        setup.params,
-        columns,
-        setup.chunks.train_chunk,
-        progress=progress,
-        description="influence: self-scores",
-    )
-    for chunk in chunks:
-        gradients = [
-            block_gradients(b, f) for b, f in zip(setup.blocks, _factors(setup, chunk), strict=True)
-        ]
-        right = [g[0] for g in gradients]
-        left = [g[1] for g in gradients] if measured else right
-        for part, value in zip(parts, setup.preconditioner.quadratic(left, right), strict=True):
-            part.append(value)
-    return setup.combine([gather_examples(torch.cat(part)) for part in parts])
+    # An exact solve is a collective over the ranks' data: every rank solves for all examples
+    # (the ranks' batches joined), so that the solves run in step.
+    joined = curvature in EXACT_CURVATURES and distributed_world() > 1
+    parts = _quadratic_forms(setup, concatenate(train_data) if joined else train_data, columns)
+    gather = (lambda scores: scores) if joined else gather_examples
+    return setup.combine([gather(torch.cat(part)) for part in parts])
