@@ -110,9 +110,10 @@ class BlockCurvature:
 class InfluenceFactors:
     """The fitted curvature of every block, reusable across score calls.
 
-    Made by :func:`curvkit.influence.fit_factors`; pass it as ``factors=`` to
-    :func:`~curvkit.influence.pairwise_scores` and :func:`~curvkit.influence.self_scores` to skip
-    the fit. It belongs to the parameters' values at fitting time.
+    Made by :func:`curvkit.influence.fit.fit_factors`; pass it as ``factors=`` to
+    :func:`~curvkit.influence.scores.pairwise_scores` and
+    :func:`~curvkit.influence.scores.self_scores` to skip the fit. It belongs to the
+    parameters' values at fitting time.
 
     Attributes:
         curvature: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``.

@@ -190,7 +190,8 @@ def fit_factors(
     r"""Fit the curvature :math:`C` of the training data, block by block (kronfluence's factors).
 
     See :mod:`curvkit.influence.fit` for the formulas; they are kronfluence's, so that
-    :func:`~curvkit.influence.pairwise_scores` with these factors equals kronfluence's scores.
+    :func:`~curvkit.influence.scores.pairwise_scores` with these factors equals kronfluence's
+    scores.
     The model is only evaluated: its parameters, buffers, hooks and modes are left as they are.
 
     Args:

@@ -1,7 +1,8 @@
 r"""The damped inverse :math:`(C + \delta I)^{-1}` applied to gradients given block by block.
 
-:class:`BlockPreconditioner` uses fitted :class:`~curvkit.influence.InfluenceFactors`, one block
-at a time with each block's own damping. :class:`ExactPreconditioner` solves with the exact GGN
+:class:`BlockPreconditioner` uses fitted
+:class:`~curvkit.influence.factors.InfluenceFactors`, one block at a time with each block's own
+damping. :class:`ExactPreconditioner` solves with the exact GGN
 or empirical Fisher of the training data through the operators' inverses
 (:meth:`curvkit.GGNOperator.inverse`: Woodbury through the Gram matrix when it is small, else
 conjugate gradients), never forming :math:`C`.

@@ -222,8 +222,8 @@ _ARGUMENTS = r"""
             given of a measurement (a logit margin, a log-probability), whose gradient replaces
             the query's loss gradient (kronfluence's ``compute_measurement``); ``None``: the
             training loss.
-        factors: Factors from :func:`curvkit.influence.fit_factors` (or loaded with
-            :meth:`~curvkit.influence.InfluenceFactors.load_state_dict`), fitted with this
+        factors: Factors from :func:`curvkit.influence.fit.fit_factors` (or loaded with
+            :meth:`~curvkit.influence.factors.InfluenceFactors.load_state_dict`), fitted with this
             ``curvature`` and ``params``; ``None`` fits them on ``train_data``.
         per_module: Return a dict of module name (``""`` for the model's own parameters) to
             that module's part of the scores, which add up to the scores.
@@ -245,7 +245,9 @@ _CONVENTIONS = r"""
     - EKFAC's eigenvalues are averaged over examples, each example's gradient summed over its
       positions first, in the eigenbases of :math:`A` and :math:`B`;
     - ``damping=None``: :math:`\delta = 0.1` times the mean eigenvalue, per block;
-    - training gradients use the observed targets; only the curvature uses sampled ones.
+    - training gradients use the observed targets; only the curvature uses sampled ones
+      (with ``fisher_type="mc"``, EKFAC's second pass reuses the first pass's samples where
+      kronfluence draws new ones, so Monte-Carlo scores agree in distribution only).
 """
 
 
