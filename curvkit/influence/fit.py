@@ -221,7 +221,9 @@ def fit_factors(
             or ``"exact"`` (the generalised Gauss-Newton's square root, one column per output).
         mc_samples: Monte-Carlo samples per example for ``fisher_type="mc"``.
         generator: Random number generator for the samples (the global one for ``None``).
-        max_memory: Budget in bytes for the statistics (``None``: a fraction of the free memory).
+        max_memory: Budget in bytes for the statistics and the loss Hessian's columns
+            (``None``: a fraction of the free memory). One batch's activations and output
+            gradients are held at once: pass smaller batches for a larger model.
         progress: Progress bars over the batches (``None``: automatic).
 
     Returns:

@@ -115,9 +115,6 @@ class _Setup:
     def blocks(self) -> list[Block]:
         return self.preconditioner.blocks
 
-    def modules(self) -> list[str]:
-        return list(dict.fromkeys(block.module for block in self.blocks))
-
     def combine(self, per_block: list[Tensor]) -> Scores:
         """Sum block scores into the total, or into a dict by module with ``per_module``."""
         if not self.per_module:
@@ -218,6 +215,8 @@ _ARGUMENTS = r"""
             ``use_empirical_fisher=True``) or ``"exact"`` (the GGN's square root).
         mc_samples: Monte-Carlo samples per example for ``fisher_type="mc"``.
         generator: Random number generator of the samples (the global one for ``None``).
+            ``fisher_type``, ``mc_samples`` and ``generator`` only serve the fit: with
+            ``factors=`` the factors' own settings hold.
         query_loss_fn: ``query_loss_fn(outputs, targets)``, the sum over the examples it is
             given of a measurement (a logit margin, a log-probability), whose gradient replaces
             the query's loss gradient (kronfluence's ``compute_measurement``); ``None``: the
