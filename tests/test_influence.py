@@ -24,7 +24,7 @@ from influence_reference import (
 from torch import Tensor, nn
 
 from curvkit.influence import InfluenceFactors, fit_factors, pairwise_scores, self_scores
-from curvkit.memory import MemoryPlanError
+from curvkit.engines.memory import MemoryPlanError
 
 RTOL = 1e-10
 FLOAT = torch.float64
