@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from curvkit import estimators
+from curvkit import estimators, influence
 from curvkit.directional import (
     damped_newton_step,
     default_criterion,
@@ -76,6 +76,7 @@ __all__ = [
     "gradient_variance",
     "hessian_matrix",
     "hessian_vector_product",
+    "influence",
     "lanczos_top_eigenpairs",
     "spectral_density",
     "top_k",
