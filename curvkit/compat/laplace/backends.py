@@ -1,4 +1,4 @@
-r"""``CurvkitGGN``, ``CurvkitEF``, ``CurvkitHessian``: laplace-torch's curvature interfaces on curvkit.
+r"""CurvkitGGN, CurvkitEF, CurvkitHessian: laplace-torch's curvature backends on curvkit.
 
 laplace-torch asks its backend, per batch ``(x, y)`` of :math:`M` of the :math:`N` data points,
 for ``(loss, H)`` with the loss summed over the batch and both multiplied by its likelihood
