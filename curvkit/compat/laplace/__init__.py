@@ -11,15 +11,22 @@ and the Jacobians of its GLM predictive. The constructors are those of laplace-t
 - :class:`CurvkitHessian`: the Hessian (``full`` and ``diag``).
 - :class:`CurvkitKron`: laplace-torch's ``Kron`` that also holds one dense block for a parameter
   without Kronecker factors (LayerNorm, Embedding, ...).
+- :class:`LowRankLaplace`: laplace-torch's ``LowRankLaplace`` without its ``asdfghjkl`` check.
 
 This module needs laplace-torch (``pip install "curvkit[laplace]"``, then ``pip uninstall -y
 torchvision`` where torchvision does not import beside your torch: see the README). ``import
 curvkit`` never imports it.
 
 laplace-torch's ``LowRankLaplace`` refuses to start unless a module named ``asdfghjkl`` imports,
-although these backends do not use it. laplace-torch 0.3 depends on ``asdfghjkl==0.1a4``, so
-installing it with its dependencies satisfies the check; where it was installed without them,
-``pip install --no-deps asdfghjkl==0.1a4`` does (it pulls nothing else).
+although these backends do not use it, and the ``asdfghjkl==0.1a4`` it depends on installs a
+module named ``asdl``: the check fails on every plain install. :class:`LowRankLaplace` here is
+laplace-torch's class without that check, with ``CurvkitGGN`` as its default backend::
+
+    from curvkit.compat.laplace import CurvkitGGN, LowRankLaplace
+
+    la = LowRankLaplace(model, "classification", backend=CurvkitGGN,
+                        backend_kwargs={"low_rank": 20})
+    la.fit(train_loader)
 """
 
 from __future__ import annotations
@@ -44,5 +51,6 @@ except RuntimeError as error:
 
 from curvkit.compat.laplace.backends import CurvkitEF, CurvkitGGN, CurvkitHessian  # noqa: E402
 from curvkit.compat.laplace.kron import CurvkitKron  # noqa: E402
+from curvkit.compat.laplace.low_rank import LowRankLaplace  # noqa: E402
 
-__all__ = ["CurvkitEF", "CurvkitGGN", "CurvkitHessian", "CurvkitKron"]
+__all__ = ["CurvkitEF", "CurvkitGGN", "CurvkitHessian", "CurvkitKron", "LowRankLaplace"]
