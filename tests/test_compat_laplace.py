@@ -10,6 +10,7 @@ float32 identity, so it is only accurate to about 1e-8: ``full`` is checked agai
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,3 +377,17 @@ def test_import_curvkit_does_not_import_laplace_and_a_missing_laplace_names_the_
         "    raise SystemExit('no ImportError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_laplace_extra_and_ci_remove_torchvision_after_installing() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert extras["laplace"] == ["laplace-torch==0.3"]
+    for extra in ("test", "bench"):
+        assert {"laplace-torch==0.3", "kronfluence==1.0.1"} <= set(extras[extra])
+    script = (root / ".ci" / "run").read_text()
+    install = script.index('-e ".[test]"')
+    assert script.index("python -m pip uninstall -y torchvision") > install

@@ -187,7 +187,8 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         dict_key_y: The targets' key in a dict batch.
         stochastic: Monte-Carlo Fisher (``num_samples`` targets per input) instead of the GGN.
         low_rank: The number of eigenpairs of ``eig_lowrank`` (for ``LowRankLaplace``).
-        max_memory: Budget in bytes of the Jacobians (``None``: half the available memory).
+        max_memory: Budget in bytes of the Jacobians, the diagonal, the dense GGN and the
+            eigenpairs (``None``: half the available memory, :mod:`curvkit.memory`).
     """
 
     def __init__(
@@ -232,7 +233,9 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         elif self.subnetwork_indices is not None:
             ggn = self._dense_subnetwork(x, y)
         else:
-            ggn = curvkit.ggn_matrix(self.model, self.lossfunc, batch, params=self.params)
+            ggn = curvkit.ggn_matrix(
+                self.model, self.lossfunc, batch, params=self.params, max_memory=self.max_memory
+            )
         return self._loss(x, y), self.factor * ggn
 
     def diag(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -243,6 +246,7 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
             self._batch(x, y),
             params=self.params,
             mc_samples=self._mc_samples,
+            max_memory=self.max_memory,
         )
         return self._loss(x, y), self.factor * self._select(_flat(diagonal))
 
@@ -270,7 +274,12 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         batches = [(x.to(device), y.to(device)) for x, y in data_loader]
         groups = [{"params": self.params, "criterion": curvkit.top_k(self.low_rank)}]
         ((values, vectors),) = curvkit.ggn_eigh(
-            self.model, self.lossfunc, batches, groups, mc_samples=self._mc_samples
+            self.model,
+            self.lossfunc,
+            batches,
+            groups,
+            mc_samples=self._mc_samples,
+            max_memory=self.max_memory,
         )
         keep = values > LOW_RANK_EPS
         vectors = _flat(vectors, leading=1).T[:, keep]
