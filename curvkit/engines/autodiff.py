@@ -76,9 +76,12 @@ def ggn_product(
                 loss_fn, outputs.detach(), targets, jacobian_vector
             )
             # A saturated softmax leaves entries that only drive the backward pass into
-            # subnormal arithmetic (see curvkit.ops.linalg.without_negligible).
+            # subnormal arithmetic; a relative threshold alone keeps the product homogeneous
+            # in the vector (see curvkit.ops.linalg.without_negligible).
             num_samples = sample_layout(inputs, outputs)[0]
-            output_product = without_negligible(output_product[None], num_samples)[0]
+            output_product = without_negligible(output_product[None], num_samples, absolute=False)[
+                0
+            ]
             product = torch.autograd.grad(
                 outputs, params, output_product, allow_unused=True, materialize_grads=True
             )

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from curvkit import losses
 from curvkit.engines.memory import ColumnSlices, MemoryPlan
+from curvkit.ops.linalg import without_negligible
 
 __all__ = [
     "ColumnSource",
@@ -140,7 +141,18 @@ class LossHessianSqrt(ColumnSource):
         count = losses.num_sqrt_columns(outputs, self.mc_samples)
         return count if self.mc_samples > 0 else count * rows
 
-    def build(self, outputs: Tensor, rows: int, columns: slice | None) -> Tensor:  # noqa: D102
+    def build(self, outputs: Tensor, rows: int, columns: slice | None) -> Tensor:
+        """The columns, entries too small to matter set to zero.
+
+        These columns only enter quantities as sums of squares, so
+        :func:`curvkit.ops.linalg.without_negligible` applies (first-order columns keep every
+        entry).
+        """
+        return without_negligible(
+            self._square_root(outputs, rows, columns), outputs.shape[0] // rows
+        )
+
+    def _square_root(self, outputs: Tensor, rows: int, columns: slice | None) -> Tensor:
         loss_fn, targets = self.loss_fn, self.targets
         if self.mc_samples > 0:
             return losses.hessian_sqrt(

@@ -47,7 +47,6 @@ from curvkit.engines.safety import (
     refuse_sample_mixing,
 )
 from curvkit.engines.shared import batched_shared, shared_factors
-from curvkit.ops.linalg import without_negligible
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
@@ -119,7 +118,6 @@ def _factors(
 ) -> list[Factor]:
     outputs = output_tensor(recording.outputs)
     num_columns = columns.shape[0]
-    columns = without_negligible(columns, num_samples)
     targets: dict[int, Tensor] = {}
     site_outputs = [_output_tensors(site.output) for site in recording.sites]
     # Shared tensors expanded over the batch: the batched backward pass separates the samples.
