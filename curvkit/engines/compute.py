@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,6 +52,10 @@ from curvkit.engines.shared import batched_shared, shared_factors
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
 BackpropColumns = Callable[[Tensor], Tensor]
+
+#: Maps the number of columns and the bytes the engine holds per column (twice the recorded
+#: outputs' bytes) to the columns per backward pass (:mod:`curvkit.engines.memory`).
+ColumnPlan = Callable[[int, int], int]
 
 
 @dataclass
@@ -286,7 +291,7 @@ def iter_factors(
     backprop_columns: ColumnSource | BackpropColumns,
     *,
     sample_chunk_size: int | None = None,
-    column_chunk_size: int | None = None,
+    column_chunk_size: int | ColumnPlan | None = None,
     create_graph: bool = False,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[FactorChunk]:
@@ -313,8 +318,8 @@ def iter_factors(
             columns per backward pass (asked once per chunk of samples, after its forward pass,
             with the bytes the engine holds per column).
         sample_chunk_size: Samples per chunk (``None``: all at once).
-        column_chunk_size: Columns per chunk; ``None``: the source's plan (all at once for a
-            function).
+        column_chunk_size: Columns per chunk, or a plan ``plan(K, bytes_per_column)`` asked
+            like the source's; ``None``: the source's plan (all at once for a function).
         create_graph: As in :func:`compute_factors`.
         max_chunk_bytes: As in :func:`compute_factors`.
 
@@ -358,9 +363,10 @@ def iter_factors(
             chunk_inputs = select_samples(inputs, samples, num_samples)
             recording = record_forward(model, chunk_inputs, params)
         attach_probes(recording, probes)
-        chunk_size = column_chunk_size or source.chunk_size(
-            columns.shape[0], 2 * _recorded_bytes(recording), outputs.device
-        )
+        chunk_size = column_chunk_size
+        if chunk_size is None or callable(chunk_size):
+            plan = chunk_size or partial(source.chunk_size, device=outputs.device)
+            chunk_size = plan(columns.shape[0], 2 * _recorded_bytes(recording))
         column_slices = _slices(columns.shape[0], chunk_size)
         chunk_outputs = output_tensor(recording.outputs)
         output_rows = slice(samples.start * rows, samples.stop * rows)
