@@ -6,6 +6,8 @@ import importlib
 from typing import Any
 
 from curvkit import _moved
+from curvkit.operators.ef import EFOperator
+from curvkit.operators.hessian import HessianOperator
 from curvkit.operators.kfac import EKFACOperator, KFACOperator
 from curvkit.quantities.directional import (
     damped_newton_step,
@@ -15,7 +17,6 @@ from curvkit.quantities.directional import (
     top_k,
 )
 from curvkit.quantities.first_order import (
-    EFOperator,
     batch_gradients,
     batch_l2_norms,
     diag_ef,
@@ -30,7 +31,6 @@ from curvkit.quantities.ggn import (
     ggn_vector_product,
 )
 from curvkit.quantities.hessian import (
-    HessianOperator,
     diag_hessian,
     hessian_matrix,
     hessian_vector_product,

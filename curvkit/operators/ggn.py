@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data, Inputs
+from curvkit.core.validation import check_damping
 from curvkit.losses import LossFunction
-from curvkit.operators.base import CurvatureOperator
+from curvkit.operators.base import CurvatureOperator, DataOperator
 from curvkit.operators.inverse import WoodburyInverse
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
 from curvkit.quantities.factor_products import block_diagonal_matmul
@@ -32,7 +33,7 @@ DEFAULT_MAX_GRAM_SIZE = 4096
 
 
 @fill_argument_docs
-class GGNOperator(CurvatureOperator):
+class GGNOperator(DataOperator):
     r"""The GGN as a linear operator on flat vectors, :math:`u \mapsto G u`.
 
     ``op @ v`` (``v`` of shape ``[D]``), ``op @ M`` (``M`` of shape ``[D, J]``) and ``op @ [...]``
@@ -81,7 +82,7 @@ class GGNOperator(CurvatureOperator):
         progress: bool | None = None,
         max_memory: int | None = None,
     ) -> None:
-        self._problem = Problem(
+        problem = Problem(
             model,
             loss_fn,
             data,
@@ -92,52 +93,27 @@ class GGNOperator(CurvatureOperator):
             max_memory=max_memory,
             name="GGNOperator",
         )
-        self._set_domain(self._problem.params)
-        if mc_samples > 0:
-            self._fix_random_state(generator)
+        self._set_problem(problem, generator=generator)
 
     def __repr__(self) -> str:
         mc_samples = self._problem.mc_samples
         kind = "exact" if mc_samples == 0 else f"Monte-Carlo ({mc_samples} samples)"
         return f"GGNOperator(shape={self.shape}, dtype={self.dtype}, device={self.device}, {kind})"
 
-    def _replay_generator(self) -> None:
-        """Give the problem a generator in the state taken at construction."""
-        generator = self._replayed_generator()
-        if generator is not None:
-            self._problem.generator = generator
+    def _batch_product(
+        self, inputs: Inputs, targets: Tensor, blocks: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        problem = self._problem
+        outputs, factors = problem.factors(inputs, targets, reuse=True)
+        return outputs, block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))
 
-    def _param_blocks(self, matrix: Tensor) -> list[Tensor]:
-        """Split ``[D, J]`` into one ``[J, *param.shape]`` block per parameter."""
-        params = self._problem.params
-        sizes = [p.numel() for p in params]
-        return [
-            block.T.reshape(-1, *p.shape)
-            for block, p in zip(matrix.split(sizes), params, strict=True)
-        ]
-
-    def quadratic_forms(self, matrix: Tensor) -> Tensor:
-        r"""Return the forms :math:`u_j^\top G u_j = \lVert V^\top u_j \rVert^2` of the columns.
+    def _quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r"""The forms :math:`u_j^\top G u_j = \lVert V^\top u_j \rVert^2` of the columns.
 
         Half the work of a product: only :math:`V^\top U`, summed over the groups' blocks.
-
-        Args:
-            matrix: ``[D, J]``, of the operator's dtype and device.
-
-        Returns:
-            ``[J]``.
-
-        Raises:
-            ValueError: For an operand of another shape, dtype or device.
         """
-        if matrix.dim() != 2 or matrix.shape[0] != self.shape[1]:
-            raise ValueError(
-                f"quadratic_forms takes a [{self.shape[1]}, J] matrix, got {tuple(matrix.shape)}"
-            )
-        self._check_operand(matrix)
         problem = self._problem
         blocks = self._param_blocks(matrix)
-        self._replay_generator()
 
         def batch_forms(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
             outputs, factors = problem.factors(inputs, targets, reuse=True)
@@ -151,20 +127,7 @@ class GGNOperator(CurvatureOperator):
                 forms = forms + coefficients.square().sum((0, 1))
             return outputs, [forms]
 
-        return problem.reduce(batch_forms, passes=2)[0]
-
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        problem = self._problem
-        blocks = self._param_blocks(matrix)
-        self._replay_generator()
-
-        def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-            outputs, factors = problem.factors(inputs, targets, reuse=True)
-            product = block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))
-            return outputs, product
-
-        product = problem.reduce(batch_product, passes=2)
-        return torch.cat([p.reshape(p.shape[0], -1) for p in product], dim=1).T
+        return self._reduce(batch_forms)[0]
 
     def inverse(
         self, damping: float, *, method: str | None = None, **options: Any
@@ -218,8 +181,17 @@ class GGNOperator(CurvatureOperator):
                 f"takes only max_gram_size, got {sorted(options)}; pass method='cg' for "
                 "conjugate gradients with these options"
             )
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-            raise ValueError(f"the Woodbury inverse needs a damping > 0, got {damping!r}")
+        damping = check_damping(
+            damping,
+            positive=True,
+            why=(
+                "the GGN is singular whenever D > N C' (its rank is at most the number of "
+                "columns of its square root), so its inverse needs a damping; pass damping > 0"
+                if method is None
+                else "the Woodbury inverse divides by it; pass damping > 0, or method='cg' "
+                "for a positive definite GGN"
+            ),
+        )
         if not one_batch and problem.mc_samples > 0:
             raise ValueError(
                 "method='woodbury' joins the batches into one, which would draw other "
