@@ -219,9 +219,21 @@ def test_inputs_are_not_modified():
     [
         (lambda: estimators.hutchinson_trace(object(), 3), TypeError, "`shape` and `@`"),
         (lambda: estimators.xtrace(torch.ones(3, 4), 2), ValueError, "square"),
-        (lambda: estimators.hutchinson_diag(torch.eye(3), 0), ValueError, "num_matvecs >= 1"),
-        (lambda: estimators.hutchpp_trace(torch.eye(5), 2), ValueError, "num_matvecs >= 3"),
-        (lambda: estimators.xdiag(torch.eye(5), 1), ValueError, "num_matvecs >= 2"),
+        (
+            lambda: estimators.hutchinson_diag(torch.eye(3), 0),
+            ValueError,
+            "num_matvecs must be an integer >= 1",
+        ),
+        (
+            lambda: estimators.hutchpp_trace(torch.eye(5), 2),
+            ValueError,
+            "num_matvecs must be an integer >= 3",
+        ),
+        (
+            lambda: estimators.xdiag(torch.eye(5), 1),
+            ValueError,
+            "num_matvecs must be an integer >= 2",
+        ),
         (lambda: estimators.xtrace(torch.eye(5), 2.0), TypeError, "must be an int"),
         (
             lambda: estimators.hutchinson_trace(torch.eye(3), 2, distribution="uniform"),

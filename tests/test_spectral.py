@@ -132,13 +132,13 @@ def test_repeats_share_batched_products():
     ("options", "message"),
     [
         ({"num_iters": 31}, "exceeds the dimension"),
-        ({"num_iters": 1}, "num_iters must be an int >= 2"),
+        ({"num_iters": 1}, "num_iters must be an integer >= 2"),
         ({"kappa": 1.0}, "kappa must be > 1"),
         ({"margin": -0.1}, "margin must be >= 0"),
         ({"num_points": 10, "grid": torch.zeros(3)}, "grid or num_points"),
         ({"boundaries": (1.0, 0.0)}, "lambda_min, lambda_max"),
         ({"log_spectrum": True, "epsilon": 0.0}, "epsilon must be > 0"),
-        ({"num_repeats": 0}, "num_repeats must be a positive int"),
+        ({"num_repeats": 0}, "num_repeats must be an integer >= 1"),
         ({"distribution": "uniform"}, "'rademacher' or 'normal'"),
     ],
 )
