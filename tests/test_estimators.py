@@ -334,7 +334,7 @@ def test_ggn_quadratic_forms_match_the_dense_matrix(params):
     dense = operator.to_dense()
     vectors = torch.randn(dense.shape[0], 5, generator=torch.Generator().manual_seed(3)).double()
     expected = (vectors * (dense @ vectors)).sum(0)
-    torch.testing.assert_close(operator.quadratic_forms(vectors), expected)
+    torch.testing.assert_close(operator.quadratic_forms(vectors), expected, rtol=1e-10, atol=0)
     case = make_case("mlp", 7)
     batches = [(case.inputs[0][:3], case.targets[:3]), (case.inputs[0][3:], case.targets[3:])]
     parameters = list(case.model.parameters())
@@ -342,9 +342,20 @@ def test_ggn_quadratic_forms_match_the_dense_matrix(params):
     joined = curvkit.GGNOperator(
         case.model, case.loss_fn, batches, params=groups if params == "groups" else None
     )
-    torch.testing.assert_close(joined.quadratic_forms(vectors), expected)
+    torch.testing.assert_close(joined.quadratic_forms(vectors), expected, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="takes a"):
         operator.quadratic_forms(vectors[:-1])
+
+
+@pytest.mark.parametrize("name", ["EFOperator", "HessianOperator"])
+def test_quadratic_forms_of_every_operator_match_its_dense_matrix(name):
+    """EF's from ||V^T u||^2 (its gradient columns), the Hessian's from products."""
+    case = make_case("mlp", 7)
+    operator = getattr(curvkit, name)(case.model, case.loss_fn, (case.inputs[0], case.targets))
+    vectors = torch.randn(operator.shape[0], 5, generator=torch.Generator().manual_seed(3))
+    vectors = vectors.double()
+    expected = (vectors * (operator.to_dense() @ vectors)).sum(0)
+    torch.testing.assert_close(operator.quadratic_forms(vectors), expected, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("name", ["HessianOperator", "EFOperator"])

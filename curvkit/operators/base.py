@@ -28,8 +28,9 @@ from torch import Tensor
 
 from curvkit.core.data import Inputs
 from curvkit.quantities.context import Problem
+from curvkit.quantities.factor_products import block_diagonal_matmul
 
-__all__ = ["CurvatureOperator", "DataOperator"]
+__all__ = ["CurvatureOperator", "DataOperator", "FactorOperator"]
 
 #: Builds :math:`(A + \delta I)^{-1}` by an iterative method:
 #: :func:`curvkit.operators.inverse.inverse`, which hands itself over when it is imported (its
@@ -340,3 +341,43 @@ class DataOperator(CurvatureOperator):
         blocks = self._param_blocks(matrix)
         product = self._reduce(lambda inputs, targets: self._batch_product(inputs, targets, blocks))
         return torch.cat([p.reshape(p.shape[0], -1) for p in product], dim=1).T
+
+
+class FactorOperator(DataOperator):
+    r"""An operator :math:`V V^\top` of the call context's square-root factors, per group.
+
+    The GGN (columns: the loss Hessian's square root) and the empirical Fisher (columns: the
+    scaled gradients) differ only in the columns their call context pushes back; one batch's
+    product is :math:`V (V^\top u)` and its quadratic forms are :math:`\lVert V^\top u \rVert^2`,
+    block-diagonal over the parameter groups. For one batch the factors are kept after the first
+    product (:meth:`curvkit.quantities.context.Problem.factors` with ``reuse``).
+    """
+
+    def _batch_product(
+        self, inputs: Inputs, targets: Tensor, blocks: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        problem = self._problem
+        outputs, factors = problem.factors(inputs, targets, reuse=True)
+        return outputs, block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))
+
+    def _quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r"""The forms :math:`u_j^\top V V^\top u_j = \lVert V^\top u_j \rVert^2` of the columns.
+
+        Half the work of a product: only :math:`V^\top U`, summed over the groups' blocks.
+        """
+        problem = self._problem
+        blocks = self._param_blocks(matrix)
+
+        def batch_forms(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+            outputs, factors = problem.factors(inputs, targets, reuse=True)
+            forms = matrix.new_zeros(matrix.shape[1])
+            for group_factors, group_blocks in zip(
+                problem.by_group(factors), problem.by_group(blocks), strict=True
+            ):
+                coefficients = sum(
+                    f.t_mat(b) for f, b in zip(group_factors, group_blocks, strict=True)
+                )
+                forms = forms + coefficients.square().sum((0, 1))
+            return outputs, [forms]
+
+        return self._reduce(batch_forms)[0]

@@ -6,20 +6,19 @@ curvlinops' ``EFLinearOperator``: :math:`F u = R \sum_n g_n (g_n^\top u) = V (V^
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from curvkit.core.data import Data, Inputs
+from curvkit.core.data import Data
 from curvkit.losses import LossFunction
-from curvkit.operators.base import DataOperator
+from curvkit.operators.base import FactorOperator
 from curvkit.quantities.context import Params, fill_argument_docs
-from curvkit.quantities.factor_products import block_diagonal_matmul
 from curvkit.quantities.first_order import ef_problem
 
 __all__ = ["EFOperator"]
 
 
 @fill_argument_docs
-class EFOperator(DataOperator):
+class EFOperator(FactorOperator):
     r"""The empirical Fisher as a linear operator, :math:`u \mapsto R \sum_n g_n g_n^\top u`.
 
     Scaled as curvlinops' ``EFLinearOperator`` (:mod:`curvkit.quantities.first_order`), with
@@ -51,10 +50,3 @@ class EFOperator(DataOperator):
         progress: bool | None = None,
     ) -> None:
         self._set_problem(ef_problem(model, loss_fn, data, params, "EFOperator", progress=progress))
-
-    def _batch_product(
-        self, inputs: Inputs, targets: Tensor, blocks: list[Tensor]
-    ) -> tuple[Tensor, list[Tensor]]:
-        problem = self._problem
-        outputs, factors = problem.factors(inputs, targets, reuse=True)
-        return outputs, block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))

@@ -13,16 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from curvkit.core import data as data_utils
-from curvkit.core.data import Data, Inputs
+from curvkit.core.data import Data
 from curvkit.core.validation import check_damping
 from curvkit.losses import LossFunction
-from curvkit.operators.base import CurvatureOperator, DataOperator
+from curvkit.operators.base import CurvatureOperator, FactorOperator
 from curvkit.operators.inverse import WoodburyInverse
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
-from curvkit.quantities.factor_products import block_diagonal_matmul
 
 __all__ = ["DEFAULT_MAX_GRAM_SIZE", "GGNOperator"]
 
@@ -33,7 +32,7 @@ DEFAULT_MAX_GRAM_SIZE = 4096
 
 
 @fill_argument_docs
-class GGNOperator(DataOperator):
+class GGNOperator(FactorOperator):
     r"""The GGN as a linear operator on flat vectors, :math:`u \mapsto G u`.
 
     ``op @ v`` (``v`` of shape ``[D]``), ``op @ M`` (``M`` of shape ``[D, J]``) and ``op @ [...]``
@@ -99,35 +98,6 @@ class GGNOperator(DataOperator):
         mc_samples = self._problem.mc_samples
         kind = "exact" if mc_samples == 0 else f"Monte-Carlo ({mc_samples} samples)"
         return f"GGNOperator(shape={self.shape}, dtype={self.dtype}, device={self.device}, {kind})"
-
-    def _batch_product(
-        self, inputs: Inputs, targets: Tensor, blocks: list[Tensor]
-    ) -> tuple[Tensor, list[Tensor]]:
-        problem = self._problem
-        outputs, factors = problem.factors(inputs, targets, reuse=True)
-        return outputs, block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))
-
-    def _quadratic_forms(self, matrix: Tensor) -> Tensor:
-        r"""The forms :math:`u_j^\top G u_j = \lVert V^\top u_j \rVert^2` of the columns.
-
-        Half the work of a product: only :math:`V^\top U`, summed over the groups' blocks.
-        """
-        problem = self._problem
-        blocks = self._param_blocks(matrix)
-
-        def batch_forms(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-            outputs, factors = problem.factors(inputs, targets, reuse=True)
-            forms = matrix.new_zeros(matrix.shape[1])
-            for group_factors, group_blocks in zip(
-                problem.by_group(factors), problem.by_group(blocks), strict=True
-            ):
-                coefficients = sum(
-                    f.t_mat(b) for f, b in zip(group_factors, group_blocks, strict=True)
-                )
-                forms = forms + coefficients.square().sum((0, 1))
-            return outputs, [forms]
-
-        return self._reduce(batch_forms)[0]
 
     def inverse(
         self, damping: float, *, method: str | None = None, **options: Any

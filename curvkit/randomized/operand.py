@@ -15,7 +15,7 @@ from torch import Tensor
 
 from curvkit.ops.linalg import all_finite
 
-__all__ = ["DISTRIBUTIONS", "MatrixLike", "Operand"]
+__all__ = ["DISTRIBUTIONS", "MatrixLike", "Operand", "check_distribution"]
 
 #: The distributions of the random vectors' entries.
 DISTRIBUTIONS = ("rademacher", "normal")
