@@ -17,7 +17,7 @@ from torch import nn
 
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data
-from curvkit.core.validation import check_damping
+from curvkit.core.validation import check_damping, check_int
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator, FactorOperator
 from curvkit.operators.inverse import WoodburyInverse
@@ -140,7 +140,9 @@ class GGNOperator(FactorOperator):
         """
         if method not in (None, "woodbury"):
             return super().inverse(damping, method=method, **options)
-        max_gram_size = options.pop("max_gram_size", DEFAULT_MAX_GRAM_SIZE)
+        max_gram_size = check_int(
+            options.pop("max_gram_size", DEFAULT_MAX_GRAM_SIZE), "max_gram_size", minimum=1
+        )
         problem = self._problem
         one_batch = data_utils.is_batch(problem.data) and data_utils.distributed_world() == 1
         if method is None and not one_batch:
