@@ -7,6 +7,7 @@ from typing import Any
 
 from curvkit import _moved
 from curvkit.operators.ef import EFOperator
+from curvkit.operators.ggn import GGNOperator
 from curvkit.operators.hessian import HessianOperator
 from curvkit.operators.kfac import EKFACOperator, KFACOperator
 from curvkit.quantities.directional import (
@@ -23,7 +24,6 @@ from curvkit.quantities.first_order import (
     gradient_variance,
 )
 from curvkit.quantities.ggn import (
-    GGNOperator,
     diag_ggn,
     gauss_newton_diagonal,
     ggn_columns,

@@ -55,6 +55,7 @@ MOVED: dict[str, str] = {
 #: the layer above it.
 MOVED_ATTRIBUTES: dict[str, dict[str, str]] = {
     "curvkit.quantities.first_order": {"EFOperator": "curvkit.operators.ef"},
+    "curvkit.quantities.ggn": {"GGNOperator": "curvkit.operators.ggn"},
     "curvkit.quantities.hessian": {"HessianOperator": "curvkit.operators.hessian"},
 }
 

@@ -7,7 +7,10 @@ state loaded into the wrong operator.
 
 from __future__ import annotations
 
+import ast
+import importlib
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +65,7 @@ def test_an_inverse_refuses_a_non_finite_right_hand_side(method, value):
 
 def test_cg_refuses_the_undamped_inverse_of_a_singular_operator(singular):
     rhs = torch.linspace(-1, 1, 12, dtype=torch.float64)
-    with pytest.raises(ValueError, match="singular or not positive definite.*damping > 0"):
+    with pytest.raises(ValueError, match=r"singular or not positive definite.*damping > 0"):
         singular.inverse(0.0, method="cg") @ rhs
     # With a damping, the same operator is solved to the tolerance.
     solution = singular.inverse(0.1, method="cg", tol=1e-12) @ rhs
@@ -163,7 +166,7 @@ def test_ekfac_refuses_a_kfac_state_and_stays_whole():
 
 def test_a_state_of_another_dtype_is_refused_at_load():
     state = _kfac(dtype=torch.float32).state_dict()
-    with pytest.raises(ValueError, match="dtype torch.float32, this operator torch.float64"):
+    with pytest.raises(ValueError, match=r"dtype torch\.float32, this operator torch\.float64"):
         _kfac().load_state_dict(state)
 
 
@@ -203,7 +206,7 @@ def test_the_estimators_dtype_applies_only_to_an_operator_without_one():
     operator = DenseOperator(torch.eye(5, dtype=torch.float64))
     same = estimators.hutchinson_diag(operator, 3, dtype=torch.float64)
     torch.testing.assert_close(same, torch.ones(5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="differs from the operator's dtype.*leave dtype=None"):
+    with pytest.raises(ValueError, match=r"differs from the operator's dtype.*leave dtype=None"):
         estimators.hutchinson_diag(operator, 3, dtype=torch.float32)
 
 
@@ -225,3 +228,43 @@ def test_hutchinson_of_the_hessian_in_inference_mode_says_what_to_do():
     operator = HessianOperator(_mlp(), nn.CrossEntropyLoss(), _data())
     with torch.inference_mode(), pytest.raises(ValueError, match="outside it"):
         estimators.hutchinson_trace(operator, 2)
+
+
+# -- layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "place"),
+    [
+        ("curvkit.quantities.first_order", "EFOperator", "curvkit.operators.ef"),
+        ("curvkit.quantities.hessian", "HessianOperator", "curvkit.operators.hessian"),
+        ("curvkit.quantities.ggn", "GGNOperator", "curvkit.operators.ggn"),
+        ("curvkit.first_order", "EFOperator", "curvkit.operators.ef"),
+        ("curvkit.hessian", "HessianOperator", "curvkit.operators.hessian"),
+    ],
+)
+def test_operators_keep_their_old_import_paths(module, name, place):
+    old = getattr(importlib.import_module(module), name)
+    assert old is getattr(importlib.import_module(place), name) is getattr(curvkit, name)
+    with pytest.raises(AttributeError):
+        _ = importlib.import_module(module).NoSuchOperator
+
+
+def test_the_layers_below_the_operators_do_not_import_them():
+    """Quantities, engines, core and the randomized methods import no operator module."""
+    root = Path(curvkit.__file__).parent
+    below = [*root.glob("quantities/*.py"), *root.glob("engines/*.py"), *root.glob("core/*.py")]
+    for path in [*below, *root.glob("randomized/*.py"), root / "losses.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("curvkit.operators"), path
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("curvkit.operators") for a in node.names), path
+
+
+def test_base_does_not_import_the_inverses():
+    """The inverses subclass the base; the base reaches them through the package, not an import."""
+    source = (Path(curvkit.__file__).parent / "operators" / "base.py").read_text()
+    assert "curvkit.operators.inverse" not in {
+        node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+    }

@@ -48,12 +48,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from curvkit import _moved
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data, Inputs
 from curvkit.engines import Factor
 from curvkit.engines.autodiff import ggn_product
 from curvkit.losses import LossFunction
-from curvkit.operators.ggn import GGNOperator as GGNOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
 from curvkit.quantities.factor_products import (
     CHUNK_ELEMENTS,
@@ -388,3 +388,8 @@ def _check_columns_chunk_size(chunk_size: int | None, dim: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return chunk_size
+
+
+def __getattr__(name: str) -> object:
+    """``GGNOperator`` lives in :mod:`curvkit.operators.ggn`; its old path keeps working."""
+    return _moved.moved_attribute(__name__, name)
