@@ -25,7 +25,7 @@ def close(actual: Tensor, expected: Tensor) -> bool:
 
     The products, inverses and determinants here are a few small factorisations deep.
     """
-    return torch.allclose(actual, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+    return torch.allclose(actual, expected, rtol=1e-10, atol=1e-12 * float(expected.detach().abs().max()))
 
 
 @pytest.fixture(autouse=True)
