@@ -264,23 +264,16 @@ class DataOperator(CurvatureOperator):
 
     _problem: Problem
 
-    def _set_problem(
-        self,
-        problem: Problem,
-        *,
-        generator: torch.Generator | None = None,
-        params: Sequence[Tensor] | None = None,
-    ) -> None:
+    def _set_problem(self, problem: Problem, *, generator: torch.Generator | None = None) -> None:
         """Act on ``problem``'s parameters; fix the random state if it draws Monte-Carlo samples.
 
         Args:
             problem: The call context.
             generator: The user's generator, whose current state seeds the Monte-Carlo samples
                 (a seed is drawn from the global generator if ``None``).
-            params: The parameters of the operator's domain, if not all of ``problem``'s.
         """
         self._problem = problem
-        self._set_domain(problem.params if params is None else params)
+        self._set_domain(problem.params)
         self._random_state: Tensor | None = None
         if problem.mc_samples > 0:
             if generator is None:

@@ -233,13 +233,11 @@ class KFACOperator(DataOperator):
         )
         if fisher_type == "mc" and problem.mc_samples == 0:
             raise ValueError("fisher_type='mc' needs mc_samples >= 1 (samples per data point)")
-        user_params = problem.params
-        self._plans, engine_params = plan_layers(model, user_params)
+        # The engine's parameters are the user's: a bias alone gets its output factor from its
+        # own factor (plan_layers).
+        self._plans, _ = plan_layers(model, problem.params)
         check_coverage(model, self._plans, fallback=fallback, fisher_type=fisher_type)
-        # The engine also differentiates the weight of a layer whose bias alone was asked for:
-        # the bias's block is the weight's output factor B.
-        problem.params = engine_params
-        self._set_problem(problem, generator=generator, params=user_params)
+        self._set_problem(problem, generator=generator)
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.kfac_approx = kfac_approx
@@ -633,7 +631,7 @@ class KFACOperator(DataOperator):
     def _param_names(self) -> list[str]:
         """The qualified names of the operator's parameters, in order."""
         names = {id(p): name for name, p in self._problem.model.named_parameters()}
-        return [names[id(p)] for p in self._problem.params[: len(self.param_shapes)]]
+        return [names[id(p)] for p in self._problem.params]
 
     def _check_block_shapes(self, block: KroneckerBlock) -> None:
         b = grouped(block.B)
