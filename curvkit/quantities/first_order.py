@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 from curvkit import losses
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data, Inputs
-from curvkit.core.model_io import call_model, output_tensor, sample_layout
+from curvkit.core.model_io import output_tensor, sample_layout
 from curvkit.engines import Factor, FactorChunk, KroneckerFactor, ZeroFactor, iter_factors
+from curvkit.engines.guard import guarded_call
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
@@ -320,7 +321,7 @@ class _SampleSums:
         if self.problem.sample_chunk_size is None:
             return chunk.outputs
         with torch.no_grad():
-            return output_tensor(call_model(self.problem.model, inputs))
+            return output_tensor(guarded_call(self.problem.model, inputs))
 
     def _count(self, outputs: Tensor, targets: Tensor, num_samples: int) -> None:
         loss_fn = self.problem.loss_fn

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit.core.data import Data
-from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
+from curvkit.core.model_io import Inputs, output_tensor, sample_layout
 from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, iter_factors
+from curvkit.engines.guard import guarded_call
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
@@ -112,7 +113,7 @@ def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int)
         # The fused attention kernels have no double backward; the math kernel computes the
         # same attention with differentiable operations.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            outputs = output_tensor(call_model(problem.model, inputs))
+            outputs = output_tensor(guarded_call(problem.model, inputs))
             loss = problem.loss_fn(outputs, targets)
             products: list[Tensor] = []
             for group, group_blocks in zip(problem.groups, grouped, strict=True):
@@ -393,7 +394,7 @@ def diag_hessian(
 
     def batch_diag(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         with torch.enable_grad(), elementwise.record_activations() as calls:
-            outputs = output_tensor(call_model(model, inputs))
+            outputs = output_tensor(guarded_call(model, inputs))
         elementwise.check_diagonal_is_exact(outputs, calls)
         num_samples = sample_layout(inputs, outputs)[0]
         for call in calls:

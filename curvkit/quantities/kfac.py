@@ -186,8 +186,10 @@ def plan_layers(model: nn.Module, params: list[Tensor]) -> tuple[list[LayerPlan]
             else:
                 plan.others.append((position, f"{module_name}.{name}".lstrip(".")))
         if plan.bias is not None and plan.weight is None:
-            weight = module.weight
-            if weight.requires_grad and id(weight) not in positions:
+            # Not `module.weight`: a parametrized weight is computed on access (spectral_norm's
+            # power iteration then updates its buffers); only a plain parameter has a factor.
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.requires_grad and id(weight) not in positions:
                 plan.weight = len(engine_params)
                 engine_params.append(weight)
             else:
