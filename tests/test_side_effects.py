@@ -66,8 +66,9 @@ FAMILIES: dict[str, Callable[[nn.Module, tuple], object]] = {
     "ggn_vector_product": lambda m, d: curvkit.ggn_vector_product(m, LOSS, d, vector=_vector(m)),
     "GGNOperator": lambda m, d: curvkit.GGNOperator(m, LOSS, d) @ _ones(m),
     "KFACOperator": lambda m, d: curvkit.KFACOperator(m, LOSS, d) @ _ones(m),
-    "KFACOperator block": lambda m, d: curvkit.KFACOperator(m, LOSS, d, fallback="block")
-    @ _ones(m),
+    "KFACOperator block": lambda m, d: (
+        curvkit.KFACOperator(m, LOSS, d, fallback="block") @ _ones(m)
+    ),
     "EKFACOperator": lambda m, d: curvkit.EKFACOperator(m, LOSS, d, fallback="block") @ _ones(m),
     "hessian_matrix": lambda m, d: curvkit.hessian_matrix(m, LOSS, d),
     "hessian_vector_product": lambda m, d: curvkit.hessian_vector_product(m, LOSS, d, _vector(m)),
@@ -133,6 +134,6 @@ def test_batch_norm_running_statistics_are_restored_although_their_versions_stay
     model(x)
     assert running_mean._version == version  # the premise: no bump
     before = _state(model)
-    with pytest.raises(ValueError, match="running_mean|running_var|num_batches_tracked"):
+    with pytest.raises(ValueError, match=r"running_mean|running_var|num_batches_tracked"):
         curvkit.diag_hessian(model, LOSS, (x, targets))
     _assert_same_state(before, _state(model))

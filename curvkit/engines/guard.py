@@ -270,7 +270,9 @@ def guarded_call(model: nn.Module, inputs: Any) -> Any:
 
     Raises:
         RuntimeError: Inside ``torch.inference_mode()``.
-        ValueError: If a training-mode module updated a buffer (restored first).
+        ValueError: If an input or parameter is an inference tensor, or a training-mode module
+            updated a buffer (restored first).
     """
+    refuse_inference_tensors(inputs, list(model.parameters()))
     with model_guard(model):
         return call_model(model, inputs)
