@@ -29,6 +29,7 @@ PAIRS = {
     "pyro-newton": ["mode", "cov"],
     "pyro-optim": ["x"],
     "secorder-diagonal": ["diagonal"],
+    "kronfluence-scores": ["scores", "self_influence"],
 }
 
 

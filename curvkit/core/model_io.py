@@ -29,6 +29,7 @@ __all__ = [
     "describe_inputs",
     "input_tensors",
     "mapping_call",
+    "num_input_samples",
     "output_tensor",
     "sample_layout",
     "select_samples",
@@ -146,6 +147,14 @@ def output_tensor(outputs: Any) -> Tensor:
 def input_tensors(inputs: Inputs) -> list[Tensor]:
     """The tensors among the inputs, in order."""
     return [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, Tensor)]
+
+
+def num_input_samples(inputs: Inputs) -> int | None:
+    """:math:`N`: the first axis of the first input tensor with one, ``None`` without any."""
+    for tensor in input_tensors(inputs):
+        if tensor.dim() > 0:
+            return tensor.shape[0]
+    return None
 
 
 def sample_layout(inputs: Inputs, outputs: Tensor) -> tuple[int, int]:

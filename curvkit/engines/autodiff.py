@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from curvkit import losses
 from curvkit.core.groups import parameter_names
 from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
+from curvkit.core.validation import check_finite_outputs
 from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
@@ -69,13 +70,17 @@ def ggn_product(
                 outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
             else:
                 outputs = output_tensor(call_model(model, inputs))
+            check_finite_outputs(outputs)
             output_product = losses.hessian_product(
                 loss_fn, outputs.detach(), targets, jacobian_vector
             )
             # A saturated softmax leaves entries that only drive the backward pass into
-            # subnormal arithmetic (see curvkit.ops.linalg.without_negligible).
+            # subnormal arithmetic; a relative threshold alone keeps the product homogeneous
+            # in the vector (see curvkit.ops.linalg.without_negligible).
             num_samples = sample_layout(inputs, outputs)[0]
-            output_product = without_negligible(output_product[None], num_samples)[0]
+            output_product = without_negligible(output_product[None], num_samples, absolute=False)[
+                0
+            ]
             product = torch.autograd.grad(
                 outputs, params, output_product, allow_unused=True, materialize_grads=True
             )
