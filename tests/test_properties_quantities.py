@@ -46,6 +46,16 @@ class Example:
     elementwise: bool  # only Linear layers and elementwise activations: diag_hessian is exact
 
 
+def _loss(draw: st.DrawFn, num_samples: int) -> tuple[nn.Module, Tensor]:
+    """Cross-entropy or squared error, mean or sum, with targets for ``num_samples``."""
+    reduction = draw(st.sampled_from(["mean", "sum"]))
+    if draw(st.booleans()):
+        targets = torch.randint(0, CLASSES, (num_samples,))
+        return nn.CrossEntropyLoss(reduction=reduction), targets
+    targets = torch.randn(num_samples, CLASSES, dtype=torch.float64)
+    return nn.MSELoss(reduction=reduction), targets
+
+
 @st.composite
 def examples(draw: st.DrawFn) -> Example:
     torch.manual_seed(draw(st.integers(0, 2**16)))
@@ -67,13 +77,7 @@ def examples(draw: st.DrawFn) -> Example:
     model = nn.Sequential(*layers, nn.Linear(width, CLASSES)).double().eval()
     if inputs.is_floating_point():
         inputs = inputs.double()
-    reduction = draw(st.sampled_from(["mean", "sum"]))
-    if draw(st.booleans()):
-        loss_fn: nn.Module = nn.CrossEntropyLoss(reduction=reduction)
-        targets = torch.randint(0, CLASSES, (num_samples,))
-    else:
-        loss_fn = nn.MSELoss(reduction=reduction)
-        targets = torch.randn(num_samples, CLASSES, dtype=torch.float64)
+    loss_fn, targets = _loss(draw, num_samples)
     return Example(model, loss_fn, inputs, targets, family == "linear")
 
 
@@ -163,13 +167,7 @@ def one_layer(draw: st.DrawFn) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     model = nn.Sequential(nn.Linear(draw(st.sampled_from([2, 4])), CLASSES, bias=False))
     model = model.double().eval()
     inputs = torch.randn(1, model[0].in_features, dtype=torch.float64).expand(num_samples, -1)
-    reduction = draw(st.sampled_from(["mean", "sum"]))
-    if draw(st.booleans()):
-        loss_fn: nn.Module = nn.CrossEntropyLoss(reduction=reduction)
-        targets = torch.randint(0, CLASSES, (num_samples,))
-    else:
-        loss_fn = nn.MSELoss(reduction=reduction)
-        targets = torch.randn(num_samples, CLASSES, dtype=torch.float64)
+    loss_fn, targets = _loss(draw, num_samples)
     return model, loss_fn, inputs.contiguous(), targets
 
 
