@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_properties import PROFILE as BASE_PROFILE
 from torch import Tensor, nn
 
 import curvkit
@@ -113,13 +114,8 @@ def _ef_scale(example: Example) -> float:
     return float(example.targets.shape[0])
 
 
-PROFILE = settings(
-    max_examples=12,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
+# The budget of the other property tests, smaller: each example runs several references.
+PROFILE = settings(BASE_PROFILE, max_examples=12)
 
 
 def _check_first_order(example: Example) -> None:
