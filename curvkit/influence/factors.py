@@ -22,8 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from curvkit.engines import Factor, KroneckerFactor
 from curvkit.influence.layout import Block
 
 __all__ = ["HEURISTIC_DAMPING", "BlockCurvature", "InfluenceFactors", "check_damping"]
@@ -75,41 +77,43 @@ class BlockCurvature:
             return 0.0 if damping is None else damping
         return HEURISTIC_DAMPING * self.tensors["values"].mean()
 
-    def apply(self, gradients: Tensor, damping: float | Tensor) -> Tensor:
-        r"""The damped inverse times each of ``gradients`` ``[J, *block.shape]``."""
-        if self.kind == "identity":
-            return gradients
-        inverse = 1.0 / (self.tensors["values"] + damping)
-        if self.kind == "diagonal":
-            return gradients * inverse
-        rotated = self.rotate(gradients) * inverse
-        if self.kind == "dense":
-            return rotated @ self.tensors["q"].T
+    def basis_factor(self, factor: Factor) -> Factor:
+        r"""The factor of per-example columns in the basis the block is scaled in.
+
+        That is the eigenbasis of a Kronecker block, whose inputs and output gradients are
+        rotated so that a
+        column :math:`\sum_t b_t x_t^\top` becomes :math:`\sum_t (Q_B^\top b_t)(Q_A^\top
+        x_t)^\top` without ever being formed.
+        """
+        if self.kind != "kronecker":
+            return factor
+        assert isinstance(factor, KroneckerFactor)
         qa, qb = self.tensors["qa"], self.tensors["qb"]
-        return qb @ rotated @ qa.mT
+        return KroneckerFactor(
+            torch.einsum("kntgo,gop->kntgp", factor.output_grads, qb),
+            torch.einsum("ntgi,gij->ntgj", factor.inputs, qa),
+            factor.param_shape,
+            max_chunk_bytes=factor.max_chunk_bytes,
+        )
 
-    def rotate(self, gradients: Tensor) -> Tensor:
-        """``gradients`` in the block's eigenbasis (for ``"kronecker"`` and ``"dense"``)."""
-        if self.kind == "dense":
-            return gradients @ self.tensors["q"]
-        return self.tensors["qb"].mT @ gradients @ self.tensors["qa"]
-
-    def quadratic(self, left: Tensor, right: Tensor, damping: float | Tensor) -> Tensor:
-        r""":math:`l_j^\top (C + \delta I)^{-1} r_j` for each pair of rows, ``[J]``."""
-        if self.kind in ("identity", "diagonal"):
-            return (left * self.apply(right, damping)).flatten(1).sum(1)
+    def scale(self, vectors: Tensor, damping: float | Tensor) -> Tensor:
+        """The damped inverse times ``vectors`` ``[J, *block.shape]`` in the block's basis."""
+        if self.kind == "identity":
+            return vectors
         inverse = 1.0 / (self.tensors["values"] + damping)
-        rotated = self.rotate(right)
-        other = rotated if left is right else self.rotate(left)
-        return (other * rotated * inverse).flatten(1).sum(1)
+        if self.kind == "dense":
+            q = self.tensors["q"]
+            return ((vectors @ q) * inverse) @ q.T
+        return vectors * inverse
 
 
 class InfluenceFactors:
     """The fitted curvature of every block, reusable across score calls.
 
-    Made by :func:`curvkit.influence.fit_factors`; pass it as ``factors=`` to
-    :func:`~curvkit.influence.pairwise_scores` and :func:`~curvkit.influence.self_scores` to skip
-    the fit. It belongs to the parameters' values at fitting time.
+    Made by :func:`curvkit.influence.fit.fit_factors`; pass it as ``factors=`` to
+    :func:`~curvkit.influence.scores.pairwise_scores` and
+    :func:`~curvkit.influence.scores.self_scores` to skip the fit. It belongs to the
+    parameters' values at fitting time.
 
     Attributes:
         curvature: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``.

@@ -40,7 +40,6 @@ from curvkit.influence.layout import Block, block_factor, plan_blocks
 from curvkit.influence.objectives import gradient_columns, summed_loss
 from curvkit.losses import LossFunction
 from curvkit.quantities.context import Params, Problem
-from curvkit.quantities.kfac import KroneckerBlock, eigenvalue_corrections
 
 __all__ = ["CURVATURES", "FISHER_TYPES", "MAX_DENSE_BLOCK", "fit_factors"]
 
@@ -151,27 +150,40 @@ class _Fit:
         self.replay()
         return self.problem.reduce(batch_quantity, passes=2 if self.curvature == "ekfac" else 1)
 
-    def corrections(self, bases: list[tuple[Block, Tensor, Tensor]]) -> list[Tensor]:
+    def corrections(self, layers: list[BlockCurvature]) -> list[Tensor]:
         """Pass 2 (EKFAC): the summed squares of the gradients in the Kronecker eigenbases."""
-        layers = [
-            KroneckerBlock(
-                block.name,
-                dict(zip(("weight", "bias"), block.positions, strict=False)),
-                None,
-                qb,
-                block.joint,
-            )
-            for block, _, qb in bases
-        ]
+
+        def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+            outputs, factors = self.problem.factors(inputs, targets, self.columns(targets))
+            squares = [
+                _squared_gradients(layer.basis_factor(block_factor(layer.block, factors)))
+                for layer in layers
+            ]
+            return outputs, squares
+
         self.replay()
-        found = eigenvalue_corrections(
-            self.problem,
-            layers,
-            [block.positions[0] for block, _, _ in bases],
-            [(qa, qb) for _, qa, qb in bases],
-            fisher_type=self.fisher_type,
-        )
-        return [next(iter(values.values())) for values in found]
+        return self.problem.reduce(batch_quantity, passes=2)
+
+
+def _squared_gradients(factor: Factor) -> Tensor:
+    r""":math:`\sum_{k,n} g_{k,n}^{\odot 2}` of a layer's per-example gradients ``[G, O, I]``.
+
+    With one position per example this is the factor's diagonal (one matrix product); with
+    several, the gradients :math:`\sum_t b_{k,n,t} x_{n,t}^\top` are formed for a chunk of
+    examples at a time (at most the factor's ``max_chunk_bytes``) in one batched product.
+    """
+    b, x = factor.output_grads, factor.inputs  # type: ignore[attr-defined]
+    columns, samples, positions, groups, outputs = b.shape
+    if positions == 1:
+        return factor.diag().reshape(groups, outputs, -1)
+    per_sample = columns * groups * outputs * x.shape[-1] * b.element_size()
+    step = max(1, factor.max_chunk_bytes // per_sample)  # type: ignore[attr-defined]
+    total = b.new_zeros(groups, outputs, x.shape[-1])
+    for start in range(0, samples, step):
+        chunk = slice(start, start + step)
+        gradients = torch.einsum("kntgo,ntgi->kngoi", b[:, chunk], x[chunk])
+        total += gradients.square().sum(dim=(0, 1))
+    return total
 
 
 def fit_factors(
@@ -190,7 +202,8 @@ def fit_factors(
     r"""Fit the curvature :math:`C` of the training data, block by block (kronfluence's factors).
 
     See :mod:`curvkit.influence.fit` for the formulas; they are kronfluence's, so that
-    :func:`~curvkit.influence.pairwise_scores` with these factors equals kronfluence's scores.
+    :func:`~curvkit.influence.scores.pairwise_scores` with these factors equals kronfluence's
+    scores.
     The model is only evaluated: its parameters, buffers, hooks and modes are left as they are.
 
     Args:
@@ -208,7 +221,9 @@ def fit_factors(
             or ``"exact"`` (the generalised Gauss-Newton's square root, one column per output).
         mc_samples: Monte-Carlo samples per example for ``fisher_type="mc"``.
         generator: Random number generator for the samples (the global one for ``None``).
-        max_memory: Budget in bytes for the statistics (``None``: a fraction of the free memory).
+        max_memory: Budget in bytes for the statistics and the loss Hessian's columns
+            (``None``: a fraction of the free memory). One batch's activations and output
+            gradients are held at once: pass smaller batches for a larger model.
         progress: Progress bars over the batches (``None``: automatic).
 
     Returns:
@@ -253,7 +268,6 @@ def _finish(fit: _Fit, sums: Iterator[Tensor], mc_samples: int) -> InfluenceFact
     """Turn the sums of pass 1 into curvatures (with pass 2 for EKFAC)."""
     count = float(next(sums))
     curvatures: list[BlockCurvature] = []
-    bases: list[tuple[Block, Tensor, Tensor]] = []
     for block in fit.blocks:
         kind = _kind(block, fit.curvature)
         if kind == "kronecker":
@@ -261,16 +275,14 @@ def _finish(fit: _Fit, sums: Iterator[Tensor], mc_samples: int) -> InfluenceFact
             la, qa = _eigen(a / rows)
             lb, qb = _eigen(b / rows)
             tensors = {"qa": qa, "qb": qb, "values": lb.unsqueeze(-1) * la.unsqueeze(-2)}
-            bases.append((block, qa, qb))
         elif kind == "dense":
             values, vectors = _eigen(next(sums) / count)
             tensors = {"q": vectors, "values": values}
         else:
             tensors = {"values": next(sums).reshape(block.shape) / count}
         curvatures.append(BlockCurvature(block, kind, tensors))
-    if fit.curvature == "ekfac" and bases:
-        corrected = iter(fit.corrections(bases))
-        for entry in curvatures:
-            if entry.kind == "kronecker":
-                entry.tensors["values"] = next(corrected).reshape(entry.block.shape) / count
+    layers = [entry for entry in curvatures if entry.kind == "kronecker"]
+    if fit.curvature == "ekfac" and layers:
+        for entry, squares in zip(layers, fit.corrections(layers), strict=True):
+            entry.tensors["values"] = squares / count
     return InfluenceFactors(fit.curvature, fit.fisher_type, mc_samples, int(count), curvatures)

@@ -1,7 +1,8 @@
 r"""The damped inverse :math:`(C + \delta I)^{-1}` applied to gradients given block by block.
 
-:class:`BlockPreconditioner` uses fitted :class:`~curvkit.influence.InfluenceFactors`, one block
-at a time with each block's own damping. :class:`ExactPreconditioner` solves with the exact GGN
+:class:`BlockPreconditioner` uses fitted
+:class:`~curvkit.influence.factors.InfluenceFactors`, one block at a time with each block's own
+damping. :class:`ExactPreconditioner` solves with the exact GGN
 or empirical Fisher of the training data through the operators' inverses
 (:meth:`curvkit.GGNOperator.inverse`: Woodbury through the Gram matrix when it is small, else
 conjugate gradients), never forming :math:`C`.
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data
 from curvkit.core.model_io import num_input_samples
+from curvkit.engines import Factor
 from curvkit.influence.factors import HEURISTIC_DAMPING, InfluenceFactors
 from curvkit.influence.layout import Block, join_flat, split_flat
 from curvkit.losses import LossFunction
@@ -35,16 +37,20 @@ class BlockPreconditioner:
         self.blocks = [c.block for c in factors.blocks]
         self.dampings = [c.damping(damping) for c in factors.blocks]
 
-    def apply(self, gradients: list[Tensor]) -> list[Tensor]:
-        """``[J, *block.shape]`` per block: the preconditioned gradients."""
+    def queries(self, gradients: list[Tensor]) -> list[Tensor]:
+        """Per block, the preconditioned gradients ``[J, *block.shape]``, given in the basis."""
         return [
-            c.apply(g, d) for c, g, d in zip(self.curvatures, gradients, self.dampings, strict=True)
+            c.scale(g, d) for c, g, d in zip(self.curvatures, gradients, self.dampings, strict=True)
         ]
 
+    def train_factor(self, index: int, factor: Factor) -> Factor:
+        """Block ``index``'s columns in the basis its curvature is scaled in."""
+        return self.curvatures[index].basis_factor(factor)
+
     def quadratic(self, left: list[Tensor], right: list[Tensor]) -> list[Tensor]:
-        r""":math:`l_j^\top (C + \delta I)^{-1} r_j` per block, each ``[J]``."""
+        r""":math:`l_j^\top (C + \delta I)^{-1} r_j` per block, each ``[J]``, both in the basis."""
         return [
-            c.quadratic(a, b, d)
+            (a * c.scale(b, d)).flatten(1).sum(1)
             for c, a, b, d in zip(self.curvatures, left, right, self.dampings, strict=True)
         ]
 
@@ -102,13 +108,17 @@ class ExactPreconditioner:
         self.inverse = operator.inverse(count * damping, **options)
         self.scale = float(count)
 
-    def apply(self, gradients: list[Tensor]) -> list[Tensor]:
+    def queries(self, gradients: list[Tensor]) -> list[Tensor]:
         """``[J, *block.shape]`` per block: the preconditioned gradients."""
         flat = join_flat(self.blocks, self.params, gradients)
         solved = (self.inverse @ flat.T.contiguous()).T * self.scale
         return split_flat(self.blocks, self.params, solved)
 
+    def train_factor(self, index: int, factor: Factor) -> Factor:
+        """The training columns as they are (the solve works in the parameters' basis)."""
+        return factor
+
     def quadratic(self, left: list[Tensor], right: list[Tensor]) -> list[Tensor]:
         r""":math:`l_j^\top (C + \delta I)^{-1} r_j`, split over the blocks, each ``[J]``."""
-        solved = self.apply(right)
+        solved = self.queries(right)
         return [(a * s).flatten(1).sum(1) for a, s in zip(left, solved, strict=True)]

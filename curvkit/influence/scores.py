@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.core.data import Data
+from curvkit.core.data import Data, concatenate, distributed_world
 from curvkit.core.groups import normalize_param_groups
 from curvkit.engines import Factor
 from curvkit.influence.factors import InfluenceFactors, check_damping
@@ -115,9 +115,6 @@ class _Setup:
     def blocks(self) -> list[Block]:
         return self.preconditioner.blocks
 
-    def modules(self) -> list[str]:
-        return list(dict.fromkeys(block.module for block in self.blocks))
-
     def combine(self, per_block: list[Tensor]) -> Scores:
         """Sum block scores into the total, or into a dict by module with ``per_module``."""
         if not self.per_module:
@@ -128,9 +125,12 @@ class _Setup:
         return out
 
 
-def _gradients(setup: _Setup, factors: list[Factor]) -> list[Tensor]:
-    """Per block, the chunk's per-example columns ``[K, n, *block.shape]``."""
-    return [block_gradients(b, block_factor(b, factors)) for b in setup.blocks]
+def _factors(setup: _Setup, factors: list[Factor]) -> list[Factor]:
+    """Per block, the factor of the chunk's columns in the preconditioner's basis."""
+    return [
+        setup.preconditioner.train_factor(i, block_factor(block, factors))
+        for i, block in enumerate(setup.blocks)
+    ]
 
 
 def _columns(loss: QueryLoss) -> Callable[[Any], Callable[[Tensor], Tensor]]:
@@ -150,9 +150,37 @@ def _train_scores(setup: _Setup, queries: list[Tensor]) -> list[Tensor]:
         description="influence: training",
     )
     for factors in chunks:
-        for part, block, query in zip(parts, setup.blocks, queries, strict=True):
-            part.append(block_products(block_factor(block, factors), query)[0].T)
+        for part, factor, query in zip(parts, _factors(setup, factors), queries, strict=True):
+            part.append(block_products(factor, query)[0].T)
     return [gather_examples(torch.cat(part, dim=1)) for part in parts]
+
+
+def _quadratic_forms(
+    setup: _Setup, data: Data, columns: Callable[[Any], Callable[[Tensor], Tensor]]
+) -> list[list[Tensor]]:
+    r"""Per block, the chunks' :math:`m_t^\top (C + \delta I)^{-1} g_t` (``[n]`` each).
+
+    ``columns`` pushes back :math:`g_t` and, as a second column if it gives one, :math:`m_t`.
+    """
+    parts: list[list[Tensor]] = [[] for _ in setup.blocks]
+    chunks = example_chunks(
+        setup.model,
+        data,
+        setup.params,
+        columns,
+        setup.chunks.train_chunk,
+        progress=setup.progress,
+        description="influence: self-scores",
+    )
+    for chunk in chunks:
+        gradients = [
+            block_gradients(b, f) for b, f in zip(setup.blocks, _factors(setup, chunk), strict=True)
+        ]
+        right = [g[0] for g in gradients]
+        left = [g[1] for g in gradients] if gradients[0].shape[0] > 1 else right
+        for part, value in zip(parts, setup.preconditioner.quadratic(left, right), strict=True):
+            part.append(value)
+    return parts
 
 
 def _concat(scores: list[Scores]) -> Scores:
@@ -170,7 +198,8 @@ _ARGUMENTS = r"""
         train_data: The training examples: a batch ``(inputs, targets)``, a list of batches or
             a DataLoader (Hugging Face dict batches too), read in order (no shuffling). Split
             over ``torch.distributed`` ranks, the scores cover all ranks' examples in rank
-            order, on every rank.
+            order, on every rank (exact self-scores join the ranks' examples on every rank,
+            since each solve is a collective).
         curvature: ``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"identity"`` (the plain dot
             product, ``damping`` ignored), or the exact ``"ggn"`` and ``"ef"`` (empirical
             Fisher), solved through :class:`curvkit.GGNOperator` / :class:`curvkit.EFOperator`'s
@@ -186,12 +215,14 @@ _ARGUMENTS = r"""
             ``use_empirical_fisher=True``) or ``"exact"`` (the GGN's square root).
         mc_samples: Monte-Carlo samples per example for ``fisher_type="mc"``.
         generator: Random number generator of the samples (the global one for ``None``).
+            ``fisher_type``, ``mc_samples`` and ``generator`` only serve the fit: with
+            ``factors=`` the factors' own settings hold.
         query_loss_fn: ``query_loss_fn(outputs, targets)``, the sum over the examples it is
             given of a measurement (a logit margin, a log-probability), whose gradient replaces
             the query's loss gradient (kronfluence's ``compute_measurement``); ``None``: the
             training loss.
-        factors: Factors from :func:`curvkit.influence.fit_factors` (or loaded with
-            :meth:`~curvkit.influence.InfluenceFactors.load_state_dict`), fitted with this
+        factors: Factors from :func:`curvkit.influence.fit.fit_factors` (or loaded with
+            :meth:`~curvkit.influence.factors.InfluenceFactors.load_state_dict`), fitted with this
             ``curvature`` and ``params``; ``None`` fits them on ``train_data``.
         per_module: Return a dict of module name (``""`` for the model's own parameters) to
             that module's part of the scores, which add up to the scores.
@@ -213,7 +244,9 @@ _CONVENTIONS = r"""
     - EKFAC's eigenvalues are averaged over examples, each example's gradient summed over its
       positions first, in the eigenbases of :math:`A` and :math:`B`;
     - ``damping=None``: :math:`\delta = 0.1` times the mean eigenvalue, per block;
-    - training gradients use the observed targets; only the curvature uses sampled ones.
+    - training gradients use the observed targets; only the curvature uses sampled ones
+      (with ``fisher_type="mc"``, EKFAC's second pass reuses the first pass's samples where
+      kronfluence draws new ones, so Monte-Carlo scores agree in distribution only).
 """
 
 
@@ -296,8 +329,11 @@ def pairwise_scores(
         description="influence: queries",
     )
     for chunk in chunks:
-        gradients = [g[0] for g in _gradients(setup, chunk)]
-        for part, g in zip(held, setup.preconditioner.apply(gradients), strict=True):
+        gradients = [
+            block_gradients(b, f)[0]
+            for b, f in zip(setup.blocks, _factors(setup, chunk), strict=True)
+        ]
+        for part, g in zip(held, setup.preconditioner.queries(gradients), strict=True):
             part.append(g)
         count += gradients[0].shape[0]
         if count >= setup.chunks.query_chunk:
@@ -373,20 +409,9 @@ def self_scores(
         measurement = gradient_columns(setup.query_loss, targets)
         return lambda outputs: torch.cat([loss(outputs), measurement(outputs)])
 
-    parts: list[list[Tensor]] = [[] for _ in setup.blocks]
-    chunks = example_chunks(
-        model,
-        train_data,
-        setup.params,
-        columns,
-        setup.chunks.train_chunk,
-        progress=progress,
-        description="influence: self-scores",
-    )
-    for chunk in chunks:
-        gradients = _gradients(setup, chunk)
-        right = [g[0] for g in gradients]
-        left = [g[1] for g in gradients] if measured else right
-        for part, value in zip(parts, setup.preconditioner.quadratic(left, right), strict=True):
-            part.append(value)
-    return setup.combine([gather_examples(torch.cat(part)) for part in parts])
+    # An exact solve is a collective over the ranks' data: every rank solves for all examples
+    # (the ranks' batches joined), so that the solves run in step.
+    joined = curvature in EXACT_CURVATURES and distributed_world() > 1
+    parts = _quadratic_forms(setup, concatenate(train_data) if joined else train_data, columns)
+    gather = (lambda scores: scores) if joined else gather_examples
+    return setup.combine([gather(torch.cat(part)) for part in parts])
