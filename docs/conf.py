@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -61,4 +62,26 @@ sphinx_gallery_conf = {
 
 html_theme = "furo"
 html_title = f"curvkit {release}"
-html_static_path: list[str] = []
+
+
+def _vendored_mathjax() -> Path:
+    """MathJax's single-file SVG build from the installed ``django-static-mathjax`` package.
+
+    The site then carries its own copy (``_static/tex-svg.js``): formulas render without a
+    network connection, and the build needs none either. No fallback to a CDN: a missing
+    package is an error, not a site whose formulas silently need the internet.
+    """
+    spec = importlib.util.find_spec("mathjax")
+    locations = [] if spec is None else list(spec.submodule_search_locations or [])
+    for location in locations:
+        script = Path(location) / "static" / "mathjax" / "es5" / "tex-svg.js"
+        if script.is_file():
+            return script
+    raise RuntimeError(
+        "the documentation bundles MathJax from the django-static-mathjax package; install "
+        "the docs extra: pip install -e '.[docs]'"
+    )
+
+
+html_static_path = [str(_vendored_mathjax())]
+mathjax_path = "tex-svg.js"

@@ -155,3 +155,20 @@ def test_sphinx_build_without_warnings(tmp_path):
     assert result.returncode == 0, result.stderr[-5000:]
     for page in ("index", "mathematics", "migrating", "benchmarks", "getting_started"):
         assert (tmp_path / "html" / f"{page}.html").exists()
+    _assert_math_renders_offline(tmp_path / "html")
+
+
+def _assert_math_renders_offline(html: Path) -> None:
+    """Every page's MathJax is the bundled copy, none comes from the network."""
+    bundled = html / "_static" / "tex-svg.js"
+    assert bundled.stat().st_size > 100_000  # MathJax itself, not a stub
+    pages = sorted(html.rglob("*.html"))
+    with_math = 0
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        remote = re.findall(r"<script[^>]*src=\"((?:https?:)?//[^\"]*)\"", text)
+        assert not [url for url in remote if "mathjax" in url.lower()], page.name
+        if "tex-svg.js" in text:
+            with_math += 1
+            assert re.search(r"<script[^>]*src=\"(\.\./)*_static/tex-svg\.js", text), page.name
+    assert with_math >= 1

@@ -297,13 +297,12 @@ def test_saturated_softmax_gives_the_curvature_without_subnormal_slowdown() -> N
     ggn = reference_ggn(copy.deepcopy(model).double(), loss_fn, inputs.double(), targets)
     expected = ggn.diagonal().float()
     actual = torch.cat([d.flatten() for d in curvkit.diag_ggn(model, loss_fn, (inputs, targets))])
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    # Every entry to float32's accuracy (a sum of positive terms: a few eps each), without an
+    # absolute floor that would hide entries set to zero.
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0.0)
     vector = torch.randn(ggn.shape[0], dtype=torch.float64)
     product = curvkit.ggn_vector_product(model, loss_fn, (inputs, targets), vector.float())
-    expected_product = (ggn @ vector).float()
-    torch.testing.assert_close(
-        torch.cat([p.flatten() for p in product]),
-        expected_product,
-        rtol=1e-4,
-        atol=1e-5 * expected_product.abs().max(),
-    )
+    product = torch.cat([p.flatten() for p in product]).double()
+    # A product's entry may cancel: its error is bounded by eps times (|G| |u|) of its row.
+    row_scale = ggn.abs() @ vector.abs()
+    assert ((product - ggn @ vector).abs() <= 1e-5 * row_scale).all()

@@ -55,9 +55,11 @@ def test_no_mutation_and_repeatable(name: str) -> None:
     for x, x_before in zip(inputs, inputs_before, strict=True):
         assert torch.equal(x, x_before)
     second = compute_factors(model, inputs, params, lambda out: out[None].expand(2, *out.shape))
-    assert torch.equal(first[0], second[0])
+    # Repeatable to rounding: a BLAS need not give the same bits for the same product twice
+    # (its blocking may follow the memory alignment), so no bit-for-bit equality here.
+    torch.testing.assert_close(first[0], second[0], rtol=1e-12, atol=0.0)
     for a, b in zip(first[1], second[1], strict=True):
-        assert torch.equal(a.dense(), b.dense())
+        torch.testing.assert_close(a.dense(), b.dense(), rtol=1e-12, atol=1e-300)
 
 
 class _Boom(Exception):

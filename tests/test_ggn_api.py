@@ -175,9 +175,9 @@ def test_calls_leave_model_parameters_and_grads_untouched():
         assert torch.equal(g, torch.full_like(p, 0.5))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
-    # repeated calls give the same numbers, bit for bit
+    # repeated calls give the same numbers (to rounding: a BLAS promises no bit patterns)
     for a, b in zip(first, run_all(), strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-300)
 
 
 def test_batchnorm_in_training_mode_is_refused():

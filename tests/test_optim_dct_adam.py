@@ -16,8 +16,11 @@ from curvkit.optim.dct_adam import (
 
 def test_next_fast_len():
     assert [next_fast_len(n) for n in (1, 6, 7, 11, 13, 17, 97)] == [1, 6, 8, 12, 15, 18, 100]
-    for bad in (0, -3, 2.0, True):
-        with pytest.raises(ValueError, match="positive integer"):
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=r"size must be an integer >= 1"):
+            next_fast_len(bad)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match="size must be an integer"):
             next_fast_len(bad)
 
 

@@ -1,8 +1,10 @@
 r"""How curvkit calls a model and reads its outputs, and what a sample is.
 
 - **Inputs** are one tensor (``model(x)``), a tuple of positional inputs (``model(*inputs)``) or
-  a mapping of keyword inputs (``model(**inputs)``: a tokenizer's ``input_ids`` and
-  ``attention_mask``).
+  a mapping: of keyword inputs (``model(**inputs)``: a tokenizer's ``input_ids`` and
+  ``attention_mask``, Hugging Face's convention) or handed over whole (``model(inputs)`` for a
+  ``forward(self, batch)``, curvlinops' convention), as the signature of ``forward`` says
+  (:func:`mapping_call`).
 - **Outputs** are one tensor, or an object with ``logits`` (a Hugging Face ``ModelOutput``):
   curvkit takes its logits.
 - A **sample** is a row of the input batch: the input tensors hold the :math:`N` samples along
@@ -14,6 +16,7 @@ r"""How curvkit calls a model and reads its outputs, and what a sample is.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
@@ -23,7 +26,9 @@ from torch.utils import _pytree as pytree
 __all__ = [
     "Inputs",
     "call_model",
+    "describe_inputs",
     "input_tensors",
+    "mapping_call",
     "num_input_samples",
     "output_tensor",
     "sample_layout",
@@ -34,12 +39,87 @@ Inputs: TypeAlias = Tensor | tuple[Any, ...] | Mapping[str, Any]
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """``model(inputs)``, ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a mapping."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
+    """``model(inputs)``, ``model(*inputs)`` for a tuple; a mapping as :func:`mapping_call` says.
+
+    An error the model raises on the inputs (a wrong width or dtype: torch's bare ``mat1 and
+    mat2 shapes cannot be multiplied``) is raised again, of the same type, with a message that
+    says it came from running the model on the batch and describes the inputs; the original is
+    chained (``__cause__``).
+    """
+    try:
+        if isinstance(inputs, Mapping):
+            if mapping_call(model, inputs) == "keywords":
+                return model(**inputs)
+            return model(inputs)
+        if isinstance(inputs, tuple):
+            return model(*inputs)
+        return model(inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        raise _in_model(error, inputs) from error
+
+
+def describe_inputs(inputs: Inputs) -> str:
+    """The inputs' structure with each tensor's shape and dtype, for error messages."""
+
+    def describe(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor):
+            return f"<tensor {list(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}>"
+        return type(leaf).__name__
+
+    return str(pytree.tree_map(describe, inputs)).replace("'<", "<").replace(">'", ">")
+
+
+def _in_model(error: Exception, inputs: Inputs) -> Exception:
+    """``error`` again, its message prefixed with where it was raised (unless already done)."""
+    message = str(error)
+    if message.startswith(_IN_MODEL):
+        return error
+    try:
+        return type(error)(f"{_IN_MODEL} with inputs {describe_inputs(inputs)}: {message}")
+    except Exception:  # an exception type that does not take one message
+        return error
+
+
+_IN_MODEL = "raised while running the model on the batch"
+
+
+def mapping_call(model: nn.Module, inputs: Mapping[str, Any]) -> str:
+    """How a mapping of inputs is passed: ``"keywords"`` or ``"whole"``, from the signature.
+
+    ``model(**inputs)`` (``"keywords"``: Hugging Face's convention) when ``forward`` takes
+    ``**kwargs`` or has a parameter named after every key; else ``model(inputs)`` (``"whole"``:
+    curvlinops' ``forward(self, batch)``) when ``forward`` takes one positional argument; a
+    ``forward`` whose signature cannot be read gets keywords.
+
+    Raises:
+        TypeError: If ``forward`` takes neither, naming both conventions and the keys.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "keywords"
+    parameters = signature.parameters.values()
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {p.name for p in parameters if p.kind in keyword_kinds}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) or set(inputs) <= names:
+        return "keywords"
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    required = [p for p in parameters if p.default is p.empty and p.kind in keyword_kinds]
+    takes_one = bool(positional) or any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters
+    )
+    if takes_one and len(required) <= 1:
+        return "whole"
+    raise TypeError(
+        f"{type(model).__name__}.forward{signature} takes the batch's keys {sorted(inputs)} "
+        "neither as keyword arguments (Hugging Face's convention, `model(**batch)`) nor the "
+        "batch as its one argument (curvlinops' convention, `model(batch)`); give forward "
+        "parameters named after the keys, or one parameter for the whole dict"
+    )
 
 
 def output_tensor(outputs: Any) -> Tensor:

@@ -35,9 +35,19 @@ from typing import Any
 
 import torch
 import torch.nn.modules.module as torch_module
-from torch import nn
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-__all__ = ["check_autograd", "has_forward_hooks", "model_guard"]
+from curvkit.core.model_io import call_model
+
+__all__ = [
+    "check_autograd",
+    "guarded_call",
+    "has_forward_hooks",
+    "model_guard",
+    "model_state_key",
+    "refuse_inference_tensors",
+]
 
 _BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
@@ -54,6 +64,32 @@ def check_autograd() -> None:
             "curvkit needs autograd, which torch.inference_mode() turns off; call curvkit "
             "outside `with torch.inference_mode():`"
         )
+
+
+def refuse_inference_tensors(inputs: Any, params: list[Tensor]) -> None:
+    """Raise if an input or a parameter was made inside ``torch.inference_mode()``.
+
+    Such tensors have no version counter (which curvkit reads to notice in-place changes) and
+    cannot be saved for a backward pass.
+
+    Raises:
+        ValueError: Naming the tensor and saying what to do.
+    """
+    leaves = pytree.tree_leaves(inputs)
+    if any(isinstance(leaf, Tensor) and leaf.is_inference() for leaf in leaves):
+        raise ValueError(
+            "the inputs are inference tensors (made inside `torch.inference_mode()`), which "
+            "autograd, and so curvkit, cannot differentiate through; make them outside "
+            "`torch.inference_mode()`, or pass copies made outside it (`x.clone()`)"
+        )
+    for position, param in enumerate(params):
+        if param.is_inference():
+            raise ValueError(
+                f"parameter {position} is an inference tensor (made inside "
+                "`torch.inference_mode()`), which autograd, and so curvkit, cannot "
+                "differentiate through; build or load the model outside "
+                "`torch.inference_mode()`"
+            )
 
 
 def _eager() -> Any:
@@ -97,6 +133,12 @@ def has_forward_hooks(model: nn.Module) -> bool:
     )
 
 
+def _same_values(tensor: Tensor, copy: Tensor) -> bool:
+    if tensor.is_floating_point() or tensor.is_complex():
+        return torch.allclose(tensor, copy, rtol=0.0, atol=0.0, equal_nan=True)
+    return torch.equal(tensor, copy)
+
+
 @contextmanager
 def _buffers_unchanged(model: nn.Module) -> Iterator[None]:
     """Restore, and refuse, buffers that training-mode modules change during the pass."""
@@ -110,11 +152,15 @@ def _buffers_unchanged(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        changed = [name for name, buffer, version, _ in saved if buffer._version != version]
+        # BatchNorm's kernel updates its running statistics without bumping their versions.
+        changed = [
+            name
+            for name, buffer, version, copy in saved
+            if buffer._version != version or not _same_values(buffer, copy)
+        ]
         with torch.no_grad():
-            for _, buffer, version, copy in saved:
-                if buffer._version != version:
-                    buffer.copy_(copy)
+            for _, buffer, _, copy in saved:
+                buffer.copy_(copy)
     if changed:
         raise ValueError(
             f"the model's forward pass in training mode updates the buffer `{changed[0]}` "
@@ -139,3 +185,94 @@ def model_guard(model: nn.Module, *, forward_hooks: bool = True) -> Iterator[Non
     names = _BACKWARD_HOOKS if forward_hooks else _BACKWARD_HOOKS + _FORWARD_HOOKS
     with _eager(), _without_hooks(model, names), _buffers_unchanged(model):
         yield
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _tensor_state(tensor: Tensor) -> tuple[Any, ...]:
+    """What a cached verdict may depend on in a tensor: identity, version, layout, dtype."""
+    return (
+        id(tensor),
+        tensor._version,
+        tuple(tensor.shape),
+        tensor.dtype,
+        tensor.device,
+        tensor.requires_grad,
+    )
+
+
+def _module_state(module: nn.Module) -> tuple[Any, ...]:
+    state = module.__dict__
+    return (
+        id(module),
+        type(module),
+        module.training,
+        id(state.get("forward")),
+        tuple(
+            (name, None if p is None else _tensor_state(p))
+            for name, p in state["_parameters"].items()
+        ),
+        tuple(
+            (name, None if b is None else _tensor_state(b)) for name, b in state["_buffers"].items()
+        ),
+        tuple(tuple(state[name]) for name in _FORWARD_HOOKS + _BACKWARD_HOOKS),
+        # Plain settings (a dropout's p, a normalisation's eps) change the function too.
+        tuple((key, value) for key, value in state.items() if isinstance(value, _PLAIN)),
+    )
+
+
+def model_state_key(model: nn.Module, inputs: Any, params: list[Tensor]) -> tuple[Any, ...] | None:
+    """A key that changes whenever a model's forward pass on ``inputs`` may behave differently.
+
+    It holds the module tree (each module's identity, class, training mode, an instance-level
+    ``forward``, its plain settings such as a dropout's ``p``), every parameter's and buffer's
+    identity, version counter (bumped by every in-place change, an optimizer's step included),
+    shape, dtype, device and ``requires_grad``, the hooks of every module and the global ones,
+    the requested parameters, the inputs' structure, shapes, dtypes and devices (their values
+    are not part of it), and the global modes that change a forward pass (gradient mode,
+    autocast, the default dtype). Verdicts of checks that depend only on these (a probe pass's
+    sample axes, which calls change their inputs in place) can be cached under it.
+
+    Returns:
+        The key, or ``None`` when the state cannot be read (inference tensors have no version
+        counter; an input leaf that is neither a tensor nor a plain value): nothing is cached.
+    """
+    leaves, spec = pytree.tree_flatten(inputs)
+    if not all(isinstance(leaf, (Tensor, *_PLAIN)) for leaf in leaves):
+        return None
+    input_state = tuple(
+        (tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad)
+        if isinstance(leaf, Tensor)
+        else (type(leaf), leaf)
+        for leaf in leaves
+    )
+    try:
+        return (
+            tuple(_module_state(module) for module in model.modules()),
+            tuple(id(p) for p in params),
+            str(spec),
+            input_state,
+            tuple(
+                tuple(getattr(torch_module, "_global" + name))
+                for name in _FORWARD_HOOKS + _BACKWARD_HOOKS
+            ),
+            torch.is_grad_enabled(),
+            torch.is_autocast_enabled(),
+            torch.get_default_dtype(),
+        )
+    except RuntimeError:  # an inference tensor's version counter
+        return None
+
+
+def guarded_call(model: nn.Module, inputs: Any) -> Any:
+    """``call_model(model, inputs)`` under :func:`model_guard`: for paths outside the engine.
+
+    Raises:
+        RuntimeError: Inside ``torch.inference_mode()``.
+        ValueError: If an input or parameter is an inference tensor, or a training-mode module
+            updated a buffer (restored first).
+    """
+    refuse_inference_tensors(inputs, list(model.parameters()))
+    with model_guard(model):
+        return call_model(model, inputs)

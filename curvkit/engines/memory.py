@@ -139,8 +139,8 @@ class MemoryPlan:
         mc_samples: The call's Monte-Carlo samples (``0``: exact), for the messages.
 
     Raises:
-        TypeError: If ``max_memory`` is not a positive int or ``None``.
-        ValueError: If it is not positive.
+        TypeError: If ``max_memory`` is not a number or ``None``.
+        ValueError: If it is not a positive whole number of bytes (``2e9`` is one).
     """
 
     def __init__(self, max_memory: int | None, mc_samples: int) -> None:

@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from curvkit.core.model_io import Inputs, call_model
-from curvkit.engines.guard import model_guard
+from curvkit.engines.guard import model_guard, model_state_key, refuse_inference_tensors
 
 __all__ = ["ModuleCall", "Recording", "SharedSite", "record_forward"]
 
@@ -154,6 +154,17 @@ class Recording:
 
 
 def _tensors(tree: Any) -> list[Tensor]:
+    if isinstance(tree, Tensor):
+        return [tree]
+    # A module's usual (args, kwargs): positional tensors, no keywords; pytree is slower.
+    if (
+        isinstance(tree, tuple)
+        and len(tree) == 2
+        and type(tree[0]) is tuple
+        and tree[1] == {}
+        and all(isinstance(arg, Tensor) for arg in tree[0])
+    ):
+        return list(tree[0])
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
@@ -514,10 +525,18 @@ def record_forward(
         The recording.
 
     Raises:
+        ValueError: If an input or a requested parameter is an inference tensor.
         RuntimeError: If a recorded tensor is changed in place even in the second pass.
     """
+    refuse_inference_tensors(inputs, params)
     holders = _holders(model, params)
-    copy_calls: set[tuple[int, int]] = set()
+    # Which calls need copies is known from an earlier pass over the same model state; the
+    # version check below runs on every pass, so a stale entry costs a pass, never a result.
+    key = None
+    if model in _copied_calls:
+        key = (build_graph, forward_hooks, model_state_key(model, inputs, params))
+    cached = _copied_calls.get(model, {}).get(key, frozenset())
+    copy_calls = set(cached)
     for attempt in range(2):
         recorder = _Recorder(params, holders, copy_calls)
         recorder.mark_inputs(inputs)
@@ -532,6 +551,8 @@ def record_forward(
                 "place"
             )
         if not changed:
+            if copy_calls != cached:
+                _remember_copies(model, inputs, params, (build_graph, forward_hooks), copy_calls)
             return Recording(
                 outputs,
                 calls,
@@ -545,5 +566,29 @@ def record_forward(
                 "tensors recorded by the engine were changed in place even in private copies; "
                 "avoid in-place operations on module inputs and outputs"
             )
-        copy_calls = changed
+        copy_calls = copy_calls | changed
     raise AssertionError("unreachable")
+
+
+#: Per model, by the pass's options and :func:`curvkit.engines.guard.model_state_key`: the calls
+#: whose recorded tensors the forward pass changes in place (a few entries: batch and probe
+#: passes differ in their input shapes).
+_copied_calls: weakref.WeakKeyDictionary[nn.Module, dict[Any, frozenset[tuple[int, int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _remember_copies(
+    model: nn.Module,
+    inputs: Inputs,
+    params: list[Tensor],
+    options: tuple[bool, bool],
+    copy_calls: set[tuple[int, int]],
+) -> None:
+    state = model_state_key(model, inputs, params)
+    if state is None:
+        return
+    entries = _copied_calls.setdefault(model, {})
+    if len(entries) >= 4:
+        entries.pop(next(iter(entries)))
+    entries[(*options, state)] = frozenset(copy_calls)

@@ -10,6 +10,7 @@ see (:func:`check_no_unseen_uses`). Quantities that do not use the engine
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -20,8 +21,8 @@ from torch.utils import _pytree as pytree
 
 from curvkit.core.model_io import Inputs, input_tensors, output_tensor
 from curvkit.core.validation import check_finite_outputs
-from curvkit.engines.guard import has_forward_hooks
-from curvkit.engines.recording import ModuleCall, Recording, record_forward
+from curvkit.engines.guard import has_forward_hooks, model_state_key
+from curvkit.engines.recording import ModuleCall, Recording, SharedSite, record_forward
 
 __all__ = [
     "attach_probes",
@@ -63,15 +64,19 @@ def probe_first_sample(
     One forward pass of one sample without gradients. If the first sample's output differs
     from its output in the batch, the model mixes samples in a way no module type reveals
     (``x - x.mean(0)`` in a ``forward``) or is random (dropout in training mode); with a single
-    sample, the pass runs it again, which reveals the latter. The pass is recorded like the
-    batch's: the axis of a recorded tensor that shrinks from :math:`N` to 1 is its sample axis,
-    even where another axis also has size :math:`N`. The user's forward hooks do not run in it
+    sample, the pass runs it again, which reveals the latter. The verdict and the probe's calls
+    are cached per model under :func:`curvkit.engines.guard.model_state_key`: a later call on
+    the same model with the same parameters, buffers, hooks, modes and input shapes skips the
+    pass (any change, an optimizer step included, runs it again). The finiteness of the outputs
+    is checked on every call. The pass is recorded like the batch's: the axis of a recorded
+    tensor that shrinks from :math:`N` to 1 is its sample axis, even where another axis also
+    has size :math:`N`. The user's forward hooks do not run in it
     (:mod:`curvkit.engines.guard`), unless the output differs without them. Skipped when an
     input does not hold the samples along axis 0.
 
     Returns:
         The recorded calls of the pass by :attr:`ModuleCall.key` (empty when skipped, or for a
-        single sample).
+        single sample), without their modules (:func:`_detached`).
 
     Raises:
         ValueError: If the batch's outputs are not finite, or the outputs differ beyond
@@ -81,6 +86,41 @@ def probe_first_sample(
     tensors = input_tensors(inputs)
     if not all(x.dim() > 0 and x.shape[0] == num_samples for x in tensors):
         return {}
+    key = model_state_key(model, inputs, params)
+    cached = _verdicts.get(model)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    probes = {
+        name: _detached(call)
+        for name, call in _probe(model, inputs, params, outputs, num_samples).items()
+    }
+    if key is not None:
+        _verdicts[model] = (key, probes)
+    return probes
+
+
+#: The last passed probe of each model: its state key and its calls (:func:`_detached`). A model
+#: whose key is unchanged (:func:`curvkit.engines.guard.model_state_key`: the same modules,
+#: parameters and buffers unchanged since, the same hooks, modes and input shapes) passes again.
+_verdicts: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict[Any, ModuleCall]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _detached(call: ModuleCall) -> ModuleCall:
+    """``call`` without references to the user's modules, so that caching it keeps none alive.
+
+    What the rules read of a probe call stays: its inputs and output (their shapes), and a
+    shared site's module (curvkit's own, holding the shared tensors).
+    """
+    module = call.module if isinstance(call.module, SharedSite) else None
+    return ModuleCall(module, call.index, None, call.args, call.kwargs, call.output)  # type: ignore[arg-type]
+
+
+def _probe(
+    model: nn.Module, inputs: Inputs, params: list[Tensor], outputs: Tensor, num_samples: int
+) -> dict[tuple[Any, int], ModuleCall]:
+    """The probe pass of :func:`probe_first_sample`, run."""
     first = pytree.tree_map(
         lambda x: x[:1].clone() if isinstance(x, Tensor) else x,
         inputs,

@@ -14,7 +14,6 @@ criterion selects; :math:`\delta_k`: its damping) and moves the group's paramete
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.core.groups import normalize_param_groups
+from curvkit.core.validation import check_real
 from curvkit.losses import check_mc_samples
 from curvkit.quantities.directional import GROUP_DEFAULTS, damped_newton_step_and_loss
 
@@ -112,9 +112,4 @@ class DampedNewton(torch.optim.Optimizer):
 
 
 def _check_lr(lr: Any, index: int) -> None:
-    if (
-        isinstance(lr, bool)
-        or not isinstance(lr, int | float)
-        or not (math.isfinite(lr) and lr > 0)
-    ):
-        raise ValueError(f"'lr' of group {index} must be a positive finite number, got {lr!r}")
+    check_real(lr, f"'lr' of group {index}", minimum=0.0, strict=True)

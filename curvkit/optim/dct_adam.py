@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.core.validation import check_int
 from curvkit.optim.base import fill_optimizer_docs
 from curvkit.optim.clipped_adam import ClippedAdam, adam_direction
 
@@ -23,11 +24,10 @@ def next_fast_len(size: int) -> int:
         The length.
 
     Raises:
-        ValueError: If ``size`` is not a positive integer.
+        TypeError: If ``size`` is not an integer.
+        ValueError: If it is below 1.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}.")
-    candidate = size
+    candidate = check_int(size, "size", minimum=1)
     while True:
         rest = candidate
         for factor in (2, 3, 5):

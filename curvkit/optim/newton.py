@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from torch import Tensor
 
+from curvkit.core.validation import check_real
 from curvkit.ops.newton import newton_step
 from curvkit.optim.multi import MultiOptimizer, check_loss, check_params
 
@@ -46,19 +46,10 @@ class Newton(MultiOptimizer):
                 f"got {type(trust_radii).__name__}."
             )
         for name, radius in trust_radii.items():
-            if (
-                not isinstance(name, str)
-                or isinstance(radius, bool)
-                or not isinstance(radius, int | float)
-            ):
-                raise TypeError(
-                    f"trust_radii must map names (str) to numbers, got {name!r} -> {radius!r}."
-                )
-            if not (radius > 0 and math.isfinite(radius)):
-                raise ValueError(
-                    f"the trust radius of {name!r} must be positive and finite, "
-                    f"got {radius} (leave the name out for no trust region)."
-                )
+            if not isinstance(name, str):
+                raise TypeError(f"trust_radii must map names (str) to numbers, got {name!r}.")
+            # No trust region for a name: leave the name out.
+            check_real(radius, f"the trust radius of {name!r}", minimum=0.0, strict=True)
         self.trust_radii = dict(trust_radii)
 
     def get_step(self, loss: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvkit.core.validation import check_real
+
 OptimArgs = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
 _CLIP_KEYS = frozenset({"clip_norm", "clip_value"})
 _SCHEDULER_KEYS = frozenset({"optimizer", "optim_args"})
@@ -110,9 +112,56 @@ def check_clip_args(clip_args: Mapping[str, Any], name: str | None) -> dict[str,
             f"{where} has unknown keys {sorted(unknown)}; allowed are {sorted(_CLIP_KEYS)}."
         )
     for key, bound in clip_args.items():
-        if bound is not None and not bound > 0:
-            raise ValueError(f"{where}: {key} must be > 0 or None, got {bound}.")
+        if bound is not None:
+            check_real(bound, f"{where}: {key}", minimum=0.0, strict=True, allow_inf=True)
     return dict(clip_args)
+
+
+#: Options of torch's optimizers that are numbers, and those that are pairs of numbers.
+_REAL_OPTIONS = frozenset(
+    {
+        "lr",
+        "momentum",
+        "dampening",
+        "weight_decay",
+        "eps",
+        "alpha",
+        "rho",
+        "lr_decay",
+        "initial_accumulator_value",
+        "lambd",
+        "t0",
+        "momentum_decay",
+        "clip_norm",
+        "lrd",
+    }
+)
+_PAIR_OPTIONS = frozenset({"betas", "etas", "step_sizes"})
+
+
+def check_option_values(options: Mapping[str, Any], what: str) -> None:
+    """Refuse numeric optimizer options that are not numbers, before torch compares them.
+
+    ``{"lr": "0.1"}`` would otherwise fail inside the optimizer's constructor with torch's own
+    comparison error. Only the numeric options of torch's optimizers are checked (a number or a
+    0-dim tensor, a pair of them for ``betas``); others go to the constructor as they are.
+
+    Args:
+        options: The optimizer's keyword options.
+        what: How the message names them, e.g. ``"optim_args"``.
+
+    Raises:
+        TypeError: If such an option is not a real number (or pair of them).
+        ValueError: If it is NaN.
+    """
+    for key, value in options.items():
+        if key in _REAL_OPTIONS:
+            check_real(value, f"{what}[{key!r}]", allow_inf=True)
+        elif key in _PAIR_OPTIONS:
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise TypeError(f"{what}[{key!r}] must be a pair of numbers, got {value!r}")
+            for item in value:
+                check_real(item, f"{what}[{key!r}]", allow_inf=True)
 
 
 def check_optim_args(
@@ -142,6 +191,8 @@ def check_optim_args(
             raise TypeError(f"{what} must be a dict or {callable_form}, got {type(args).__name__}.")
     if not callable(clip_args):
         check_clip_args(clip_args, None)
+    if not callable(optim_args):
+        check_option_values(optim_args, "optim_args")
     return clip_args
 
 
@@ -164,6 +215,7 @@ def resolve_args(args: OptimArgs, name: str, what: str) -> dict[str, Any]:
         raise TypeError(
             f"{what} for parameter {name!r} must be a dict, got {type(resolved).__name__}."
         )
+    check_option_values(resolved, f"{what} for parameter {name!r}")
     return dict(resolved)
 
 

@@ -36,10 +36,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from curvkit import _moved
 from curvkit.core.autograd import batched_grad
 from curvkit.core.data import Data
-from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
+from curvkit.core.model_io import Inputs, output_tensor, sample_layout
 from curvkit.core.validation import check_finite_outputs
 from curvkit.engines import DEFAULT_CHUNK_BYTES, iter_factors
-from curvkit.engines.guard import model_guard
+from curvkit.engines.guard import guarded_call, model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
 from curvkit.quantities import elementwise
@@ -86,7 +86,7 @@ def batch_hessian_products(
     # The fused attention kernels have no double backward; the math kernel computes the
     # same attention with differentiable operations.
     with model_guard(problem.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        outputs = output_tensor(call_model(problem.model, inputs))
+        outputs = output_tensor(guarded_call(problem.model, inputs))
         check_finite_outputs(outputs)
         loss = problem.loss_fn(outputs, targets)
         products: list[Tensor] = []
@@ -305,7 +305,7 @@ def diag_hessian(
 
     def batch_diag(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         with torch.enable_grad(), elementwise.record_activations() as calls:
-            outputs = output_tensor(call_model(model, inputs))
+            outputs = output_tensor(guarded_call(model, inputs))
         elementwise.check_diagonal_is_exact(outputs, calls)
         num_samples = sample_layout(inputs, outputs)[0]
         for call in calls:
