@@ -15,9 +15,9 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvkit.laplace as ck
+from curvkit.engines.memory import MemoryPlanError
 from curvkit.laplace.functional import ROW_COPIES, plan_chunks
-from curvkit.memory import MemoryPlanError
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 
 def all_batch(data):

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit.core.model_io import call_model, num_input_samples, output_tensor, select_samples
 from curvkit.engines import compute_factors
-from curvkit.memory import DEFAULT_MEMORY_FRACTION, MemoryPlanError, available_memory
-from curvkit.model_io import call_model, num_input_samples, output_tensor, select_samples
+from curvkit.engines.memory import DEFAULT_MEMORY_FRACTION, MemoryPlanError, available_memory
 
 __all__ = ["ChunkPlan", "glm_moments", "plan_chunks"]
 
@@ -115,7 +115,7 @@ def plan_chunks(
 
 
 def budget_for(max_memory: int | None, device: torch.device) -> int:
-    """``max_memory``, or :data:`~curvkit.memory.DEFAULT_MEMORY_FRACTION` of what is free."""
+    """``max_memory``, or the default fraction of what is free (:mod:`curvkit.engines.memory`)."""
     if max_memory is not None:
         return max_memory
     return int(DEFAULT_MEMORY_FRACTION * available_memory(device))
