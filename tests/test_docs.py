@@ -186,5 +186,5 @@ def test_sphinx_build_without_warnings(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
-    for page in ("index", "mathematics", "migrating", "benchmarks", "getting_started"):
+    for page in ("index", "mathematics", "migrating", "benchmarks", "getting_started", "laplace"):
         assert (tmp_path / "html" / f"{page}.html").exists()
