@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK, CURVLINOPS_JIT_SCRIPT
+from peer_warnings import (
+    BACKPACK_FULL_BACKWARD_HOOK,
+    CURVLINOPS_JIT_SCRIPT,
+    LAPLACE_TORCH_PROBIT_NOTICE,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 MIGRATING = DOCS / "migrating.rst"
@@ -32,6 +36,7 @@ PAIRS = {
     "laplace-posthoc": ["prior", "lml", "probs"],
     "laplace-diag": ["prior", "variance", "lml"],
     "laplace-regression": ["f_mu", "f_var"],
+    "laplace-backend": ["lml", "probs"],
 }
 #: Pairs that agree only to a looser relative tolerance, and why.
 RTOL = {
@@ -84,22 +89,30 @@ def flat(value) -> torch.Tensor:
         if pair.startswith(("backpack", "vivit"))
         else pytest.param(pair, marks=CURVLINOPS_JIT_SCRIPT)
         if pair.startswith("curvlinops")
+        # laplace-torch's default backend is curvlinops'.
+        else pytest.param(pair, marks=[CURVLINOPS_JIT_SCRIPT, LAPLACE_TORCH_PROBIT_NOTICE])
+        if pair.startswith("laplace")
         else pair
         for pair in sorted(PAIRS)
     ],
 )
 def test_side_by_side_snippets_agree(pair):
     blocks = snippets()
-    ours = run_snippet(blocks[f"{pair}-curvkit"])
     peer_code = blocks[f"{pair}-peer"]
     if pair.startswith("vivit"):
         # ViViT calls Tensor.symeig, removed in torch 2: run its code with the import changed,
         # which is what the guide promises works.
         peer_code = re.sub(r"from vivit\.\S+ import", "from curvkit import", peer_code)
+        package = None
     else:
         package = peer_code.split()[1].split(".")[0]
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed")
+    missing = package is not None and importlib.util.find_spec(package) is None
+    # curvkit's backends for laplace-torch run inside laplace-torch: that side needs it too.
+    if missing and f"from {package} " in blocks[f"{pair}-curvkit"]:
+        pytest.skip(f"{package} is not installed")
+    ours = run_snippet(blocks[f"{pair}-curvkit"])
+    if missing:
+        pytest.skip(f"{package} is not installed")
     theirs = run_snippet(peer_code)
     for name in PAIRS[pair]:
         rtol = RTOL.get(pair, 1e-9)
