@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from curvkit import _moved
+from curvkit import _moved, influence
 from curvkit.operators.kfac import EKFACOperator, KFACOperator
 from curvkit.quantities.directional import (
     damped_newton_step,
@@ -80,6 +80,7 @@ __all__ = [
     "gradient_variance",
     "hessian_matrix",
     "hessian_vector_product",
+    "influence",
     "lanczos_top_eigenpairs",
     "spectral_density",
     "top_k",

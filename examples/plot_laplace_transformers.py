@@ -182,9 +182,9 @@ figure.tight_layout()
 # ------------------------
 #
 # One dense GGN of the summed cross-entropy over the training set, with respect to the trainable
-# parameters only, from plain autograd (:func:`curvkit.verify.reference_ggn` calls the Hugging
-# Face model on the dict inputs). Its diagonal is the diagonal Laplace's curvature; its blocks
-# for the LayerNorm's weight and bias are the ``kron`` Laplace's dense blocks, exactly.
+# parameters only, from plain autograd (:func:`curvkit.testing.verify.reference_ggn` calls the
+# Hugging Face model on the dict inputs). Its diagonal is the diagonal Laplace's curvature; its
+# blocks for the LayerNorm's weight and bias are the ``kron`` Laplace's dense blocks, exactly.
 
 params = [p for p in bert.parameters() if p.requires_grad]
 inputs = {key: value for key, value in train.items() if key != "labels"}

@@ -1,6 +1,6 @@
 """curvkit's backends inside laplace-torch, against plain autograd and laplace-torch's curvlinops.
 
-Every number in float64: the curvature blocks against :mod:`curvkit.verify`'s autograd
+Every number in float64: the curvature blocks against :mod:`curvkit.testing.verify`'s autograd
 references (the GGN, the Hessian, per-sample gradients) scaled as laplace-torch scales them (the
 loss summed over the batch, times its likelihood factor: 1 for the cross-entropy, 1/2 for the
 squared error), and the Kronecker entries and whole fits against laplace-torch's own
@@ -32,8 +32,8 @@ from curvkit.compat.laplace import (
     CurvkitKron,
     LowRankLaplace,
 )
-from curvkit.memory import MemoryPlanError
-from curvkit.verify import (
+from curvkit.engines.memory import MemoryPlanError
+from curvkit.testing.verify import (
     reference_ggn,
     reference_hessian,
     reference_per_sample_gradients,

@@ -33,6 +33,7 @@ PAIRS = {
     "pyro-newton": ["mode", "cov"],
     "pyro-optim": ["x"],
     "secorder-diagonal": ["diagonal"],
+    "kronfluence-scores": ["scores", "self_influence"],
     "laplace-posthoc": ["prior", "lml", "probs"],
     "laplace-diag": ["prior", "variance", "lml"],
     "laplace-regression": ["f_mu", "f_var"],

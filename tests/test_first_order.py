@@ -170,6 +170,43 @@ def test_data_of_several_batches(loss_name: str):
     close(curvkit.EFOperator(model, loss_fn, batches).to_dense(), expected)
 
 
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)),
+        nn.CrossEntropyLoss(ignore_index=1),
+        nn.CrossEntropyLoss(
+            weight=torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64), ignore_index=1
+        ),
+    ],
+    ids=["weights", "ignore_index", "both"],
+)
+def test_several_batches_with_class_weights_are_the_loss_of_all_data(loss_fn: nn.Module):
+    """Uneven batches whose R_b / Z_b differ: every quantity is that of the one batch of all.
+
+    Reference: F = R / Z^2 sum_n grad l_n grad l_n^T from vmap(grad) of the terms, R the number
+    of predictions, Z the loss's weighted count (curvlinops' scale for the whole data).
+    """
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs = torch.randn(11, 4, dtype=torch.float64)
+    targets = torch.tensor([1, 1, 0, 1, 2, 2, 0, 1, 2, 0, 2])
+    batches = [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])]
+    whole = (inputs, targets)
+    terms = torch.cat([g.flatten(1) for g in term_gradients(model, loss_fn, (inputs,), targets)], 1)
+    weight = torch.ones(3, dtype=torch.float64) if loss_fn.weight is None else loss_fn.weight
+    kept = targets != loss_fn.ignore_index
+    z = weight[targets][kept].sum()
+    expected = len(targets) / z**2 * terms.T @ terms
+    close(flat(curvkit.diag_ef(model, loss_fn, batches)), expected.diagonal())
+    close(curvkit.EFOperator(model, loss_fn, batches).to_dense(), expected)
+    close(curvkit.EFOperator(model, loss_fn, whole).to_dense(), expected)
+    close(torch.cat([g.flatten(1) for g in curvkit.batch_gradients(model, loss_fn, batches)], 1),
+          terms / z)  # fmt: skip
+    close(flat(curvkit.gradient_variance(model, loss_fn, batches)),
+          flat(curvkit.gradient_variance(model, loss_fn, whole)))  # fmt: skip
+
+
 def test_sample_chunks_give_the_same_results():
     case = make_case("cnn", 7)
     batch = (case.inputs, case.targets)

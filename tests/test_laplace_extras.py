@@ -15,9 +15,9 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvkit.laplace as ck
+from curvkit.engines.memory import MemoryPlanError
 from curvkit.laplace.functional import ROW_COPIES, plan_chunks
-from curvkit.memory import MemoryPlanError
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 
 def all_batch(data):
@@ -180,6 +180,11 @@ def test_glm_chunks_match_and_plan_fits_budget():
     la.max_memory = ROW_COPIES * la.n_params * 8  # one row of one sample per chunk
     chunked = la._glm_predictive_distribution(x)
     assert_close(chunked[1], whole[1], rtol=1e-12)
+    la.max_memory = None
+    joint = la._glm_predictive_distribution(x, joint=True)[1]
+    la.max_memory = ROW_COPIES * la.n_params * 8 * len(x)  # one class of all samples per chunk
+    assert_close(la._glm_predictive_distribution(x, joint=True)[1], joint, rtol=1e-12)
+    assert_close(joint.reshape(4, 3, 4, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1), whole[1])
     assert_close(la(x, pred_type="glm", joint=False), ck.Laplace.__call__ and la(x))
     plan = plan_chunks(8, 1000, 10_000_000, 4, 2 * 2**30)
     assert plan.peak_bytes <= 2 * 2**30 and plan.classes >= 1

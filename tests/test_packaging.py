@@ -139,6 +139,7 @@ def test_core_dependencies_and_extras():
         "pyro-ppl",
         "torch-secorder",
         "curvlinops-for-pytorch",
+        "kronfluence",
     }
     assert peers <= names(extras["test"])
     assert peers <= names(extras["bench"])

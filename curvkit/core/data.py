@@ -339,15 +339,21 @@ def dataset_average(
     progress: bool | None = None,
     description: str = "batches",
     passes: int = 1,
+    powers: Sequence[int] | None = None,
+    concatenate: bool = False,
 ) -> list[Tensor]:
-    r"""Compute a quantity linear in the loss for the whole dataset's loss, across ranks.
+    r"""Compute a quantity of the whole dataset's loss from its batches, across ranks.
 
     For one batch and no process group, this is ``batch_quantity(inputs, targets)``'s list.
-    Otherwise, it is :math:`\sum_b Z_b Q_b / Z` with :math:`Z_b` from
-    :func:`curvkit.losses.normalization`, :math:`Z = \sum_b Z_b` for a loss that averages over
-    samples and :math:`Z = 1` for one that sums (:func:`curvkit.losses.sample_reduction`), the
-    sums running over the batches of every rank: the quantity of the loss of one batch made of
-    all the data.
+    Otherwise, entry :math:`i` is :math:`\sum_b Z_b^{p_i} Q_{b,i} / Z^{p_i}` with :math:`Z_b`
+    from :func:`curvkit.losses.normalization`, :math:`Z = \sum_b Z_b` for a loss that averages
+    over samples and :math:`Z = 1` for one that sums (:func:`curvkit.losses.sample_reduction`),
+    the sums running over the batches of every rank: the quantity of the loss of one batch made
+    of all the data. The power :math:`p_i` is 1 for a quantity linear in the loss (GGN,
+    gradient), 2 for one quadratic in it (the empirical Fisher, squared gradients), 0 for a
+    count. With ``concatenate``, the per-sample results :math:`Z_b^{p_i} Q_{b,i} / Z^{p_i}` of
+    this rank's batches are joined along the first axis instead of summed (one row per sample
+    of every batch, in order).
 
     Args:
         loss_fn: The loss, as passed to the quantity.
@@ -358,6 +364,8 @@ def dataset_average(
         progress: Progress bar switch, see :func:`show_progress`.
         description: Label of the progress bar.
         passes: Passed to :func:`batches`: how often the caller iterates over ``data`` in all.
+        powers: The power :math:`p_i` of each entry (``None``: 1 for all).
+        concatenate: Join per-sample entries over batches instead of summing them.
 
     Returns:
         The quantity of the dataset's loss, a list of tensors like ``batch_quantity``'s.
@@ -366,16 +374,39 @@ def dataset_average(
         ValueError: If the total normalization of a mean is zero (every target ignored), or the
             batches return quantities of different shapes.
     """
-    world = distributed_world()
-    if is_batch(data) and world == 1:
+    if is_batch(data) and distributed_world() == 1:
         inputs, targets = check_batch(data, None)
         return batch_quantity(inputs, targets)[1]
+    parts, normalizer, reduction = _weighted_batches(
+        loss_fn, data, batch_quantity, progress, description, passes, powers
+    )
+    if concatenate:
+        totals = [torch.cat(column) for column in zip(*parts, strict=True)]
+    else:
+        # Copies: the in-place sum over ranks must not change a batch's own tensors.
+        totals = [t.clone() for t in _summed(parts)] if distributed_world() > 1 else _summed(parts)
+    normalizer = _normalizer_over_ranks(normalizer, reduction, totals if not concatenate else [])
+    if normalizer is None:
+        return totals
+    powers = [1] * len(totals) if powers is None else powers
+    return [t / normalizer**p if p else t for t, p in zip(totals, powers, strict=True)]
 
+
+def _weighted_batches(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Data,
+    batch_quantity: BatchQuantity,
+    progress: bool | None,
+    description: str,
+    passes: int,
+    powers: Sequence[int] | None,
+) -> tuple[list[list[Tensor]], Tensor, str]:
+    """Every batch's quantity times :math:`Z_b^{p_i}`, the sum of the :math:`Z_b`, the reduction."""
     total_batches = num_batches(data)
     show = show_progress(progress, total_batches)
-    accumulated: list[Tensor] | None = None
+    parts: list[list[Tensor]] = []
     normalizer: Tensor | None = None
-    reduction: str | None = None
+    reduction = ""
     for inputs, targets in tqdm(
         batches(data, passes=passes),
         total=total_batches,
@@ -385,41 +416,58 @@ def dataset_average(
     ):
         outputs, quantity = batch_quantity(inputs, targets)
         weight = losses.normalization(loss_fn, outputs, targets).detach()
-        if reduction is None:
-            reduction = losses.sample_reduction(loss_fn, outputs, targets)
-        if accumulated is None:
-            accumulated = [weight.to(q.dtype) * q for q in quantity]
-            normalizer = weight.to(device=quantity[0].device, dtype=torch.float64)
-            continue
-        if [q.shape for q in quantity] != [a.shape for a in accumulated]:
+        reduction = reduction or losses.sample_reduction(loss_fn, outputs, targets)
+        exponents = [1] * len(quantity) if powers is None else powers
+        parts.append(
+            [
+                q if p == 0 else weight.to(q.dtype) ** p * q
+                for q, p in zip(quantity, exponents, strict=True)
+            ]
+        )
+        weight = weight.to(device=quantity[0].device, dtype=torch.float64)
+        normalizer = weight if normalizer is None else normalizer + weight
+    assert normalizer is not None  # batches() raises on empty data
+    return parts, normalizer, reduction
+
+
+def _summed(parts: list[list[Tensor]]) -> list[Tensor]:
+    """The entries of every batch summed, refusing batches whose entries differ in shape."""
+    totals = parts[0]
+    for quantity in parts[1:]:
+        if [q.shape for q in quantity] != [a.shape for a in totals]:
             raise ValueError(
                 "batches gave quantities of different shapes "
-                f"({[tuple(a.shape) for a in accumulated]} vs {[tuple(q.shape) for q in quantity]})"
+                f"({[tuple(a.shape) for a in totals]} vs {[tuple(q.shape) for q in quantity]})"
             )
-        accumulated = [
-            a + weight.to(q.dtype) * q for a, q in zip(accumulated, quantity, strict=True)
-        ]
-        normalizer = normalizer + weight.to(torch.float64)
-    assert accumulated is not None and normalizer is not None  # batches() raises on empty data
+        totals = [a + q for a, q in zip(totals, quantity, strict=True)]
+    return totals
+
+
+def _normalizer_over_ranks(
+    normalizer: Tensor, reduction: str, totals: list[Tensor]
+) -> float | None:
+    """Sum ``totals`` (in place) and the normalization over ranks; ``None`` for a summing loss.
+
+    Raises:
+        ValueError: If the ranks disagree on the reduction, or a mean's normalization is zero.
+    """
     # [normalizer, ranks whose loss sums, ranks whose loss averages], summed over ranks.
-    totals = torch.stack(
+    flags = torch.stack(
         [
             normalizer,
             torch.tensor(reduction == "sum", dtype=normalizer.dtype, device=normalizer.device),
             torch.tensor(reduction == "mean", dtype=normalizer.dtype, device=normalizer.device),
         ]
     )
-    if world > 1:
-        accumulated = [a.clone() for a in accumulated]
-        all_reduce_sum_([*accumulated, totals])
-    normalizer, summing, averaging = totals.tolist()
+    all_reduce_sum_([*totals, flags])
+    total, summing, averaging = flags.tolist()
     if summing and averaging:
         raise ValueError("the ranks disagree on whether loss_fn sums or averages over samples")
     if summing:
-        return accumulated
-    if normalizer == 0:
+        return None
+    if total == 0:
         raise ValueError(
             "the loss normalization of the data sums to zero (every target ignored?); "
             "the dataset's loss is undefined"
         )
-    return [a / normalizer for a in accumulated]
+    return total

@@ -131,3 +131,19 @@ def check_bytes(value: object, name: str = "max_memory") -> int | None:
     if not number.is_integer():
         raise ValueError(f"{name} must be a whole number of bytes, got {number}")
     return int(number)
+
+
+def check_finite_outputs(outputs: torch.Tensor) -> None:
+    """Refuse model outputs that hold NaN or inf: their curvature is undefined.
+
+    Every quantity calls this on the outputs of the user's model before any curvature is
+    computed, so that non-finite parameters or an overflow give one error everywhere.
+
+    Raises:
+        ValueError: If a floating-point ``outputs`` holds NaN or inf.
+    """
+    if outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
+        raise ValueError(
+            "the model's outputs hold NaN or inf although its inputs are finite (an overflow, "
+            "a log of 0, non-finite parameters?), so their curvature is undefined"
+        )

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from curvkit import losses
 from curvkit.core.groups import parameter_names
 from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
+from curvkit.core.validation import check_finite_outputs
 from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
@@ -69,6 +70,7 @@ def ggn_product(
                 outputs, jacobian_vector = _double_vjp_jvp(model, inputs, params, vector)
             else:
                 outputs = output_tensor(call_model(model, inputs))
+            check_finite_outputs(outputs)
             output_product = losses.hessian_product(
                 loss_fn, outputs.detach(), targets, jacobian_vector
             )

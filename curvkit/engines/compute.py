@@ -35,7 +35,7 @@ from curvkit.engines.backward import backpropagate
 from curvkit.engines.embedding import EmbeddingFactor, TiedEmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.guard import model_guard
-from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
+from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, BiasFactor, KroneckerFactor
 from curvkit.engines.recording import Recording, record_forward
 from curvkit.engines.rules import factors_for_call
 from curvkit.engines.safety import (
@@ -97,6 +97,9 @@ def _combine(parts: list[Factor]) -> Factor:
         shapes = {(p.output_grads.shape[3:], p.input_shape[2:]) for p in parts}
         if len(shapes) == 1:
             return KroneckerFactor.concatenate(parts)
+    if all(isinstance(p, BiasFactor) for p in parts):
+        if len({p.output_grads.shape[3:] for p in parts}) == 1:
+            return BiasFactor.concatenate(parts)
     if all(isinstance(p, EmbeddingFactor) for p in parts):
         return EmbeddingFactor.concatenate(parts)
     if TiedEmbeddingFactor.applies(parts):

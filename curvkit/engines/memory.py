@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from curvkit.core import data as data_utils
+from curvkit.core.validation import check_bytes
 
 __all__ = [
     "DEFAULT_MEMORY_FRACTION",
@@ -143,12 +144,7 @@ class MemoryPlan:
     """
 
     def __init__(self, max_memory: int | None, mc_samples: int) -> None:
-        if max_memory is not None:
-            if isinstance(max_memory, bool) or not isinstance(max_memory, int):
-                raise TypeError(f"max_memory must be a number of bytes or None, got {max_memory!r}")
-            if max_memory < 1:
-                raise ValueError(f"max_memory must be positive, got {max_memory}")
-        self.max_memory = max_memory
+        self.max_memory = check_bytes(max_memory)
         self.mc_samples = mc_samples
 
     def budget(self, device: torch.device, needed: int | None = None) -> int:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
 
+from curvkit.core.model_io import call_model, output_tensor
 from curvkit.laplace import prior, tuning
 from curvkit.laplace.curvature import Curvature, resolve_backend
 from curvkit.laplace.data import LaplaceData, dataset_size
@@ -42,7 +43,6 @@ from curvkit.laplace.functional import glm_moments
 from curvkit.laplace.likelihood import check_likelihood, curvature_likelihood
 from curvkit.laplace.links import LINK_APPROXIMATIONS, normal_samples, predict_classes
 from curvkit.laplace.modes import eval_mode
-from curvkit.model_io import call_model, output_tensor
 
 __all__ = ["BaseLaplace", "ParametricLaplace"]
 

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
-from curvkit.data import is_batch
+from curvkit.core.data import is_batch
+from curvkit.core.model_io import call_model, output_tensor
 from curvkit.laplace.kron import Kron
 from curvkit.laplace.likelihood import summed_loss
-from curvkit.model_io import call_model, output_tensor
 
 __all__ = ["CURVATURES", "Curvature", "resolve_backend"]
 

@@ -10,10 +10,12 @@ exists beyond the budget:
    the output space back through a chunk of ``b`` samples once, and keeps the Jacobian in its
    structured per-layer form (for a Linear layer the backpropagated vectors and the layer's
    inputs, never their outer products);
-2. for a chunk of ``k`` classes, the rows :math:`J_{n,c}` (``[k b, P]``) are materialised, the
-   covariance multiplies them, :math:`U = \Sigma J^\top` (the structure's own product: diagonal,
-   Kronecker, dense or low rank), and the structured Jacobian contracts them,
-   :math:`J U` (the factors' ``t_mat``), giving ``f_var[:, :, c0:c1]``.
+2. when all ``C`` rows of ``b`` samples fit, they are materialised (``[C b, P]``), multiplied by
+   the covariance, :math:`U = J \Sigma` (the structure's own product: diagonal, Kronecker,
+   dense or low rank), and contracted with the rows sample by sample;
+3. otherwise one sample (all samples for ``joint``) at a time, and ``k`` classes at a time: the
+   rows of the chunk's classes times :math:`\Sigma`, contracted with the structured Jacobian of
+   all classes (the factors' ``t_mat``), giving ``f_var[:, :, c0:c1]``.
 
 :func:`plan_chunks` picks ``b`` and ``k`` from the budget ``max_memory`` (bytes; ``None`` for
 half the memory available on the device): every chunk holds three ``[k b, P]`` tensors (rows,
@@ -31,17 +33,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit.core.model_io import call_model, num_input_samples, output_tensor, select_samples
 from curvkit.engines import compute_factors
-from curvkit.memory import DEFAULT_MEMORY_FRACTION, MemoryPlanError, available_memory
-from curvkit.model_io import call_model, num_input_samples, output_tensor, select_samples
+from curvkit.engines.memory import DEFAULT_MEMORY_FRACTION, MemoryPlanError, available_memory
 
 __all__ = ["ChunkPlan", "glm_moments", "plan_chunks"]
 
 #: Tensors ``[k b, P]`` alive at once in one chunk (rows, covariance times rows, scratch).
 ROW_COPIES = 3
 
-#: Samples per chunk at most: the contraction's output couples the chunk's samples pairwise.
-MAX_SAMPLES = 64
+#: Samples per chunk at most (each chunk is one forward and one batched backward pass).
+MAX_SAMPLES = 256
 
 CovarianceProduct = Callable[[Tensor], Tensor]
 
@@ -90,6 +92,8 @@ def plan_chunks(
         MemoryPlanError: If not even one row per chunk fits.
     """
     row = ROW_COPIES * num_params * itemsize
+    # Several samples per chunk only with all their classes: split classes, one sample a chunk
+    # (the structured contraction then couples no samples).
     samples = (
         num_samples
         if joint
@@ -111,7 +115,7 @@ def plan_chunks(
 
 
 def budget_for(max_memory: int | None, device: torch.device) -> int:
-    """``max_memory``, or :data:`~curvkit.memory.DEFAULT_MEMORY_FRACTION` of what is free."""
+    """``max_memory``, or the default fraction of what is free (:mod:`curvkit.engines.memory`)."""
     if max_memory is not None:
         return max_memory
     return int(DEFAULT_MEMORY_FRACTION * available_memory(device))
@@ -204,6 +208,16 @@ def _chunk_variance(
     """``f_var`` of one chunk of samples: ``[b, C, C]`` (or ``[b C, b C]`` for ``joint``)."""
     outputs, factors = compute_factors(model, inputs, list(params), _identity_columns)
     b, c = outputs.shape
+    if plan.classes == c:
+        # All rows of the chunk at once: contract them with their products directly.
+        with torch.no_grad():
+            rows = _rows(factors, 0, c, b)
+            product = covariance_product(rows).view(c, b, -1)
+            rows = rows.view(c, b, -1)
+            if joint:
+                rows, product = rows.transpose(0, 1), product.transpose(0, 1)
+                return rows.reshape(b * c, -1) @ product.reshape(b * c, -1).T
+            return torch.einsum("cnp,knp->nck", rows, product)
     f_var = outputs.new_zeros(c, b, c, b)  # [c', n', c, n]
     for start in range(0, c, plan.classes):
         stop = min(start + plan.classes, c)

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
+from curvkit.core.model_io import output_tensor
+from curvkit.engines.memory import MemoryPlanError
 from curvkit.laplace.functional import budget_for
-from curvkit.memory import MemoryPlanError
-from curvkit.model_io import output_tensor
 
 __all__ = ["dense_jacobians"]
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvkit.core.model_io import call_model
 from curvkit.laplace.modes import eval_mode
-from curvkit.model_io import call_model
 
 __all__ = ["find_last_layer", "linear_layer"]
 

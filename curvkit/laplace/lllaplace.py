@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
+from curvkit.core.model_io import call_model, output_tensor
 from curvkit.laplace.baselaplace import ParametricLaplace
 from curvkit.laplace.data import LaplaceData
 from curvkit.laplace.lastlayer import find_last_layer, linear_layer
 from curvkit.laplace.modes import eval_mode
 from curvkit.laplace.structures import DiagLaplace, FullLaplace, KronLaplace
-from curvkit.model_io import call_model, output_tensor
 
 __all__ = ["DiagLLLaplace", "FullLLLaplace", "KronLLLaplace", "LLLaplace"]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -36,7 +36,8 @@ from curvkit.core import data as data_utils
 from curvkit.core.data import Batch, BatchQuantity, Data, Inputs
 from curvkit.core.groups import normalize_param_groups
 from curvkit.core.model_io import sample_layout
-from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, iter_factors
+from curvkit.core.validation import check_int
+from curvkit.engines import DEFAULT_CHUNK_BYTES, Factor, FactorChunk, iter_factors
 from curvkit.engines import memory as memory_plan
 from curvkit.losses import LossFunction
 from curvkit.ops.linalg import without_negligible
@@ -146,16 +147,9 @@ def _check_type(value: Any, name: str, expected: str, check: Callable[[Any], boo
         raise TypeError(f"{name} must be {expected}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_chunk_size(value: int | None, name: str) -> None:
-    if value is None:
-        return
-    _check_type(value, name, "a positive int or None", _is_int)
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value is not None:
+        check_int(value, name, minimum=1)
 
 
 _Value = TypeVar("_Value")
@@ -210,6 +204,7 @@ class Problem:
             raise TypeError(
                 f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}"
             )
+        losses.check_loss(loss_fn)
         losses.check_mc_samples(mc_samples, generator)
         _check_type(
             progress, "progress", "True, False or None", lambda p: p is None or isinstance(p, bool)
@@ -241,7 +236,6 @@ class Problem:
         self.column_chunk_size = column_chunk_size
         self.create_graph = create_graph
         self.name = name
-        self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
         self.memory = memory_plan.MemoryPlan(max_memory, mc_samples)
         self._cached_factors: tuple[Tensor, list[Factor]] | None = None
         self._first_pass: list[Tensor] | None = None
@@ -368,12 +362,29 @@ class Problem:
             columns or default_columns,
             column_chunk_size=self._plan(self.params[0].device, whole=True),
             create_graph=self.create_graph,
-            max_chunk_bytes=self.max_chunk_bytes,
+            max_chunk_bytes=DEFAULT_CHUNK_BYTES,
         )
         result = chunk.outputs, chunk.factors
         if reusable:
             self._cached_factors = result
         return result
+
+    def _chunks(self, inputs: Inputs, targets: Tensor) -> Iterator[FactorChunk]:
+        """The engine's chunks of one batch, with the problem's columns, chunk sizes and plan."""
+        chunks = iter_factors(
+            self.model,
+            inputs,
+            self.params,
+            lambda outputs: self._column_slices(
+                outputs, targets, sample_layout(inputs, outputs)[0]
+            ),
+            sample_chunk_size=self.sample_chunk_size,
+            column_chunk_size=self.column_chunk_size
+            or self._plan(self.params[0].device, whole=False),
+            create_graph=self.create_graph,
+            max_chunk_bytes=DEFAULT_CHUNK_BYTES,
+        )
+        return memory_plan.progress_bar(chunks, self.progress, self.name)
 
     def summed_over_chunks(self, quantity: Callable[[list[Factor]], list[Tensor]]) -> BatchQuantity:
         r"""The per-batch function: ``quantity`` of a batch's factors, summed over engine chunks.
@@ -385,20 +396,7 @@ class Problem:
         def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
             outputs_parts: list[Tensor] = []
             total: list[Tensor] = []
-            chunks = iter_factors(
-                self.model,
-                inputs,
-                self.params,
-                lambda outputs: self._column_slices(
-                    outputs, targets, sample_layout(inputs, outputs)[0]
-                ),
-                sample_chunk_size=self.sample_chunk_size,
-                column_chunk_size=self.column_chunk_size
-                or self._plan(self.params[0].device, whole=False),
-                create_graph=self.create_graph,
-                max_chunk_bytes=self.max_chunk_bytes,
-            )
-            for chunk in memory_plan.progress_bar(chunks, self.progress, self.name):
+            for chunk in self._chunks(inputs, targets):
                 if chunk.columns.start == 0:
                     outputs_parts.append(chunk.outputs)
                 part = quantity(chunk.factors)
@@ -407,15 +405,46 @@ class Problem:
 
         return batch_quantity
 
+    def joined_over_chunks(self, quantity: Callable[[list[Factor]], list[Tensor]]) -> BatchQuantity:
+        """The per-batch function: per-sample ``quantity`` of a batch's factors, chunks joined.
+
+        For columns that are one per sample (:meth:`num_columns` 1): ``quantity`` gives a row per
+        sample of the chunk, and the chunks of samples are joined in order.
+        """
+
+        def batch_quantity(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+            outputs_parts: list[Tensor] = []
+            parts: list[list[Tensor]] = []
+            for chunk in self._chunks(inputs, targets):
+                outputs_parts.append(chunk.outputs)
+                parts.append(quantity(chunk.factors))
+            joined = [torch.cat(c) if len(c) > 1 else c[0] for c in zip(*parts, strict=True)]
+            return torch.cat(outputs_parts), joined
+
+        return batch_quantity
+
     # -- the data ------------------------------------------------------------------------------
 
-    def reduce(self, batch_quantity: BatchQuantity, *, passes: int = 1) -> list[Tensor]:
+    def reduce(
+        self,
+        batch_quantity: BatchQuantity,
+        *,
+        passes: int = 1,
+        powers: Sequence[int] | None = None,
+        concatenate: bool = False,
+    ) -> list[Tensor]:
         """The quantity of the whole data's loss, summed over batches and ranks.
+
+        The one loop over the data of every quantity: per-sample quantities, joined over the
+        batches, included.
 
         Args:
             batch_quantity: Maps a batch to its outputs and the quantity of its loss alone.
             passes: How often the caller iterates over the data in all (a one-shot iterator is
                 refused for more than one).
+            powers: How each entry scales with the loss (:func:`~curvkit.core.data.dataset_average`;
+                ``None``: linearly).
+            concatenate: Join per-sample entries over the batches instead of summing them.
 
         Returns:
             The quantity as :func:`curvkit.core.data.dataset_average` defines it.
@@ -445,6 +474,8 @@ class Problem:
             progress=self.progress,
             description=self.name,
             passes=passes,
+            powers=powers,
+            concatenate=concatenate,
         )
         if seen:
             self._check_same_data(seen)

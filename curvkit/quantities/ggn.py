@@ -43,13 +43,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data, Inputs
+from curvkit.core.validation import check_int
 from curvkit.engines import Factor
 from curvkit.engines.autodiff import ggn_product
 from curvkit.losses import LossFunction
@@ -373,8 +373,7 @@ def _check_indices(indices: Iterable[int] | Tensor | None, dim: int) -> Tensor:
     else:
         values = list(indices)
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"indices must be integers, got {value!r}")
+        check_int(value, "indices")
         if not 0 <= value < dim:
             raise ValueError(f"index {value} is out of range: the GGN has {dim} columns [0, {dim})")
     return torch.tensor(values, dtype=torch.long)
@@ -383,8 +382,4 @@ def _check_indices(indices: Iterable[int] | Tensor | None, dim: int) -> Tensor:
 def _check_columns_chunk_size(chunk_size: int | None, dim: int) -> int:
     if chunk_size is None:
         return max(1, CHUNK_ELEMENTS // max(1, dim))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return chunk_size
+    return check_int(chunk_size, "chunk_size", minimum=1)

@@ -33,9 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvkit.core.autograd import batched_grad
 from curvkit.core.data import Data
 from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
-from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, iter_factors
+from curvkit.core.validation import check_finite_outputs
+from curvkit.engines import DEFAULT_CHUNK_BYTES, iter_factors
+from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
 from curvkit.operators.base import CurvatureOperator
@@ -62,45 +65,7 @@ def _group_products(loss: Tensor, params: list[Tensor], blocks: list[Tensor]) ->
         return products
     outputs = [grads[i] for i in live]
     vectors = [blocks[i] for i in live]
-    if vectors[0].shape[0] == 1:
-        parts = torch.autograd.grad(
-            outputs,
-            params,
-            [v[0] for v in vectors],
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        return [p.unsqueeze(0) for p in parts]
-    try:
-        parts = torch.autograd.grad(
-            outputs,
-            params,
-            vectors,
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-            is_grads_batched=True,
-        )
-        # Materialised zeros of a parameter the gradients do not depend on lack the batch axis.
-        return [
-            part if part.shape == block.shape else torch.zeros_like(block)
-            for part, block in zip(parts, blocks, strict=True)
-        ]
-    except RuntimeError:
-        # An operation without a batching rule for its double backward: one vector at a time.
-        columns = [
-            torch.autograd.grad(
-                outputs,
-                params,
-                [v[j] for v in vectors],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            for j in range(vectors[0].shape[0])
-        ]
-        return [torch.stack(parts) for parts in zip(*columns, strict=True)]
+    return batched_grad(outputs, params, vectors)
 
 
 def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int) -> list[Tensor]:
@@ -111,8 +76,9 @@ def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int)
         refuse_sample_mixing(problem.model)
         # The fused attention kernels have no double backward; the math kernel computes the
         # same attention with differentiable operations.
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with model_guard(problem.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             outputs = output_tensor(call_model(problem.model, inputs))
+            check_finite_outputs(outputs)
             loss = problem.loss_fn(outputs, targets)
             products: list[Tensor] = []
             for group, group_blocks in zip(problem.groups, grouped, strict=True):
@@ -271,30 +237,6 @@ def hessian_matrix(
     return matrices if problem.grouped else matrices[0]
 
 
-def _weighted_diag(factor: Factor, weights: Tensor, max_bytes: int) -> Tensor:
-    r""":math:`\sum_{k,n} w_{k,n}\, v_{k,n} \odot v_{k,n}` for weights ``[K, N]`` of any sign.
-
-    A Kronecker factor at one position never forms :math:`v`: with
-    :math:`v_{k,n} = b_{k,n} \otimes x_n` the sum is one contraction over :math:`(k, n)`. Other
-    factors materialise their columns a chunk at a time.
-    """
-    if isinstance(factor, ZeroFactor):
-        return factor.diag()
-    if isinstance(factor, KroneckerFactor) and factor.output_grads.shape[2] == 1:
-        b, x = factor.output_grads[:, :, 0], factor.inputs[:, 0]
-        out = torch.einsum("kn,kngo,ngi->goi", weights.to(b.dtype), b.square(), x.square())
-        return out.reshape(factor.param_shape)
-    per_column = factor.num_samples * factor.param_shape.numel() * weights.element_size()
-    step = max(1, max_bytes // max(per_column, 1))
-    out = None
-    for start in range(0, factor.num_columns, step):
-        stop = min(start + step, factor.num_columns)
-        dense = factor.select(start, stop).dense()
-        part = torch.einsum("kn,kn...->...", weights[start:stop], dense.square())
-        out = part if out is None else out + part
-    return out
-
-
 class _PreActivation(nn.Module):
     """The model cut at the pre-activation of the smooth activation call at ``position``."""
 
@@ -321,7 +263,7 @@ def _residual_diag(problem: Problem, inputs: tuple, position: int, weight: Tenso
     width = weight[0].numel()
     eye = torch.eye(width, dtype=weight.dtype, device=weight.device)
     columns = eye.reshape(width, 1, *weight.shape[1:]).expand(width, *weight.shape)
-    chunk = max(1, problem.max_chunk_bytes // (num_samples * width * weight.element_size()))
+    chunk = max(1, DEFAULT_CHUNK_BYTES // (num_samples * width * weight.element_size()))
     weights = weight.reshape(num_samples, width).T
     total: list[Tensor] | None = None
     for part in iter_factors(
@@ -330,11 +272,9 @@ def _residual_diag(problem: Problem, inputs: tuple, position: int, weight: Tenso
         problem.params,
         lambda _: columns,
         column_chunk_size=chunk,
-        max_chunk_bytes=problem.max_chunk_bytes,
+        max_chunk_bytes=DEFAULT_CHUNK_BYTES,
     ):
-        diag = [
-            _weighted_diag(f, weights[part.columns], problem.max_chunk_bytes) for f in part.factors
-        ]
+        diag = [f.weighted_diag(weights[part.columns], DEFAULT_CHUNK_BYTES) for f in part.factors]
         total = diag if total is None else [a + b for a, b in zip(total, diag, strict=True)]
     assert total is not None
     return total

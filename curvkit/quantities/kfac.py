@@ -51,9 +51,8 @@ from torch import Tensor, nn
 
 from curvkit import losses
 from curvkit.core.data import Inputs, distributed_world, is_batch
-from curvkit.engines import Factor, KroneckerFactor, ZeroFactor, rule_for
-from curvkit.engines.layer_rules import embedding_rule, norm_rule
-from curvkit.ops.linalg import symmetric_gram
+from curvkit.engines import Factor, ZeroFactor
+from curvkit.engines.registry import declares_kronecker
 from curvkit.quantities.context import Problem
 
 __all__ = [
@@ -86,9 +85,6 @@ FALLBACKS = ("diagonal", "block", "error")
 #: The modules whose ``bias`` adds to every output position, so that it shares the weight's
 #: output factor :math:`B`. A bias of any other module goes to the fallback.
 ADDITIVE_BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-#: The rules of a module class that certainly gives no Kronecker factor (``None``: no rule).
-_RULES_WITHOUT_KRONECKER_FACTORS = (None, embedding_rule, norm_rule)
 
 #: Largest exact square root of the loss Hessian (bytes) built without refusal.
 MAX_EXACT_COLUMN_BYTES = 2**31
@@ -143,10 +139,11 @@ class LayerPlan:
 
     Attributes:
         module: The qualified name of the module that owns the parameters.
-        weight: Position of the weight among the engine's parameters (``None``: none).
+        weight: Position of the parameter whose factor supplies the layer's columns: the
+            weight's, or for a bias alone the bias's (``None``: neither).
         bias: Position of an additive bias among the user's parameters (``None``: none).
-        weight_requested: Whether the weight is one of the user's parameters (else it is in the
-            engine's list only to supply the bias's output factor).
+        weight_requested: Whether the weight is one of the user's parameters (else ``weight``
+            is the bias's position).
         others: ``(position, name)`` of the user's parameters of this module that are neither.
     """
 
@@ -158,7 +155,7 @@ class LayerPlan:
 
 
 def plan_layers(model: nn.Module, params: list[Tensor]) -> tuple[list[LayerPlan], list[Tensor]]:
-    """Group the parameters by the module owning them; add weights a requested bias needs.
+    """Group the parameters by the module owning them.
 
     Args:
         model: The network.
@@ -166,7 +163,7 @@ def plan_layers(model: nn.Module, params: list[Tensor]) -> tuple[list[LayerPlan]
 
     Returns:
         ``(plans, engine_params)``: one plan per owning module, and the parameters to ask the
-        engine for (``params``, then the weights of layers whose bias alone was requested).
+        engine for (``params`` themselves: a bias's own factor gives its output factor).
     """
     positions = {id(p): i for i, p in enumerate(params)}
     engine_params = list(params)
@@ -186,14 +183,9 @@ def plan_layers(model: nn.Module, params: list[Tensor]) -> tuple[list[LayerPlan]
             else:
                 plan.others.append((position, f"{module_name}.{name}".lstrip(".")))
         if plan.bias is not None and plan.weight is None:
-            weight = module.weight
-            if weight.requires_grad and id(weight) not in positions:
-                plan.weight = len(engine_params)
-                engine_params.append(weight)
-            else:
-                # The weight is frozen (or requested elsewhere): the bias keeps its own factor.
-                plan.others.append((plan.bias, f"{module_name}.bias".lstrip(".")))
-                plan.bias = None
+            # The bias alone (its weight frozen, computed by a parametrization, or left out):
+            # its own factor holds the output columns.
+            plan.weight = plan.bias
         if plan.weight is not None or plan.bias is not None or plan.others:
             plans.append(plan)
     return plans, engine_params
@@ -255,29 +247,8 @@ def _stored(tensor: Tensor) -> Tensor:
     return tensor[0] if tensor.shape[0] == 1 else tensor
 
 
-def _with_ones(x: Tensor) -> Tensor:
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-
-
-def _outer_sum(z: Tensor, scale: float = 1.0) -> Tensor:
-    r"""``scale`` times :math:`\sum_{m,t} z_{m,t} z_{m,t}^\top` per group, ``[M, T, G, D]``.
-
-    Returns ``[G, D, D]``, exactly symmetric where :func:`~curvkit.ops.linalg.symmetric_gram`
-    computes only the upper block triangle (large factors: the LM head's ``B``, the input factors
-    of ResNet's deeper convolutions).
-    """
-    m, t, g, d = z.shape
-    rows = z.permute(0, 2, 3, 1)
-    if t >= d and rows.is_contiguous():
-        # A convolution's patches and output columns lie as [M, G, D, T]: a batched matmul per
-        # sample reads them in place, where one matmul over (m, t) would first copy them. Only
-        # for t >= d: with fewer positions, each product would be bound by writing its D x D.
-        return symmetric_gram(list(rows.mT), scale=scale)
-    return symmetric_gram(z.reshape(m * t, g, d).transpose(0, 1), scale=scale)
-
-
 def _layer_moments(
-    factor: KroneckerFactor,
+    factor: Factor,
     plan: LayerPlan,
     approx: str,
     joint: bool,
@@ -290,23 +261,19 @@ def _layer_moments(
     With ``weight=None`` (a lone batch, where it would cancel) the first is the average over the
     inputs instead and the count is left out.
     """
-    b, x = factor.output_grads, factor.inputs
-    n, t = x.shape[0], x.shape[1]
+    expand = approx == "expand"
     out: list[Tensor] = []
     if plan.weight_requested:
-        xs, count = (x, n * t) if approx == "expand" else (x.mean(dim=1, keepdim=True), n)
-        if joint:
-            xs = _with_ones(xs)
+        count = factor.input_count(expand=expand)
         if weight is None:
             # Dividing inside the product spares a pass over the I x I moment.
-            out.append(_outer_sum(xs, scale=1.0 / count))
+            out.append(factor.input_moment(expand=expand, with_ones=joint, scale=1.0 / count))
         else:
             # Scaling the N T inputs costs less than scaling their I x I moment.
-            total = _outer_sum(xs * weight.rsqrt())
-            out += [total, xs.new_tensor(float(count)) / weight]
+            total = factor.input_moment(expand=expand, with_ones=joint, input_scale=weight.rsqrt())
+            out += [total, total.new_tensor(float(count)) / weight]
     if not forward_only:
-        bs = b.flatten(0, 1)
-        out.append(_outer_sum(bs if approx == "expand" else bs.sum(dim=1, keepdim=True)))
+        out.append(factor.output_moment(expand=expand))
     return out
 
 
@@ -339,10 +306,11 @@ def check_coverage(
 ) -> None:
     """Refuse, before any computation, parameters that certainly get no Kronecker factor.
 
-    Those are the parameters of modules without a registered rule or with a built-in rule
-    whose factors are never Kronecker factors (embeddings, normalisation layers), and those other
-    than a weight and an additive bias. (A module with a rule may still decline a call; that shows
-    only when the factors are computed.)
+    Those are the parameters of modules without a registered rule or whose rule declares that it
+    gives no Kronecker factor (:func:`curvkit.engines.registry.declares_kronecker`: embeddings,
+    normalisation layers), and those other than a weight and an additive bias. (A rule may
+    still decline a call, and an undeclared rule may give another factor; that shows only when
+    the factors are computed.)
 
     Raises:
         ValueError: As the computation would, naming the parameter and its module.
@@ -350,7 +318,7 @@ def check_coverage(
     for plan in plans:
         module = model.get_submodule(plan.module)
         uncovered = list(plan.others)
-        if rule_for(type(module)) in _RULES_WITHOUT_KRONECKER_FACTORS:
+        if declares_kronecker(type(module)) is False:
             for position, part in ((plan.weight, "weight"), (plan.bias, "bias")):
                 if position is not None and (part == "bias" or plan.weight_requested):
                     uncovered.append((position, f"{plan.module}.{part}".lstrip(".")))
@@ -394,9 +362,9 @@ def _layout(
         module = model.get_submodule(plan.module)
         loose = list(plan.others)
         weight_factor = factors[plan.weight] if plan.weight is not None else None
-        if isinstance(weight_factor, KroneckerFactor):
+        if weight_factor is not None and weight_factor.kronecker_outputs is not None:
             joint = not separate_weight_and_bias and plan.weight_requested and plan.bias is not None
-            groups, outputs = weight_factor.output_grads.shape[3:]
+            groups, outputs = weight_factor.kronecker_outputs
             kronecker.append((plan, joint, groups, outputs))
         else:
             if plan.weight is not None and plan.weight_requested:
@@ -466,7 +434,7 @@ def compute_kfac_blocks(
         out: list[Tensor] = []
         for plan, joint, _, _ in layout.kronecker:
             factor = factors[plan.weight]
-            if not isinstance(factor, KroneckerFactor):
+            if factor.kronecker_outputs is None:
                 raise ValueError(
                     f"the layer {plan.module!r} has a Kronecker factor in one batch but not in "
                     "another; its calls must be alike in every batch"
@@ -541,23 +509,16 @@ def eigenvalue_corrections(
         out: list[Tensor] = []
         for block, weight, (qa, qb) in zip(blocks, weights, eigenvectors, strict=True):
             factor = factors[weight]
-            if not isinstance(factor, KroneckerFactor):
+            if factor.kronecker_outputs is None:
                 raise ValueError(
                     f"the layer {block.module!r} has a Kronecker factor in one batch but not in "
                     "another; its calls must be alike in every batch"
                 )
-            b = torch.einsum("kntgo,gop->kntgp", factor.output_grads, qb)
+            rotated = factor.rotated(qb, qa, with_ones=block.joint)
             if qa is not None:
-                x = factor.inputs
-                x = _with_ones(x) if block.joint else x
-                x = torch.einsum("ntgi,gij->ntgj", x, qa)
-                g, o, i = b.shape[3], b.shape[4], x.shape[3]
-                rotated = KroneckerFactor(
-                    b, x, torch.Size([g, o, i]), max_chunk_bytes=factor.max_chunk_bytes
-                )
                 out.append(rotated.diag())
             if "bias" in block.params and not block.joint:
-                out.append(b.sum(dim=2).square().sum(dim=(0, 1)))
+                out.append(rotated.bias_part().diag().reshape(qb.shape[0], -1))
         return outputs, out
 
     reduced = iter(problem.reduce(batch_quantity))

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit.core.model_io import Inputs, call_model, output_tensor
+from curvkit.losses import scalar_loss
 
 __all__ = [
     "ComparisonReport",
@@ -147,7 +148,7 @@ def reference_hessian(
         ValueError: As :func:`reference_ggn`.
     """
     params = _resolve_params(model, params)
-    loss = _scalar_loss(loss_fn, _forward(model, inputs), targets)
+    loss = scalar_loss(loss_fn, _forward(model, inputs), targets)
     gradient = _flatten(_grads(loss, params, create_graph=True))
     return _unit_vector_products(gradient, params)
 
@@ -188,7 +189,7 @@ def reference_per_sample_gradients(
         sample = (
             tuple(x[n : n + 1] for x in inputs) if isinstance(inputs, tuple) else inputs[n : n + 1]
         )
-        loss = _scalar_loss(loss_fn, _forward(model, sample), targets[n : n + 1])
+        loss = scalar_loss(loss_fn, _forward(model, sample), targets[n : n + 1])
         for collected, grad in zip(per_sample, _grads(loss, params), strict=True):
             collected.append(grad)
     return [torch.stack(collected) for collected in per_sample]
@@ -219,7 +220,7 @@ def reference_output_hessian(loss_fn: LossFunction, outputs: Tensor, targets: An
     outputs = outputs.detach().requires_grad_()
     num_samples, out_shape = outputs.shape[0], outputs.shape[1:]
     out_numel = out_shape.numel()
-    (loss_gradient,) = _grads(_scalar_loss(loss_fn, outputs, targets), [outputs], create_graph=True)
+    (loss_gradient,) = _grads(scalar_loss(loss_fn, outputs, targets), [outputs], create_graph=True)
     full = _unit_vector_products(loss_gradient.flatten(), [outputs])
     full = full.reshape(num_samples, out_numel, num_samples, out_numel)
     blocks = torch.einsum("nink->nik", full)
@@ -559,16 +560,6 @@ def _forward(model: nn.Module, inputs: Inputs) -> Tensor:
         raise ValueError(str(error)) from None
 
 
-def _scalar_loss(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
-    loss = loss_fn(outputs, targets)
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"loss_fn must return a scalar tensor (reduction 'mean' or 'sum'), got {shape}"
-        )
-    return loss
-
-
 def _num_samples(inputs: Inputs, targets: Tensor) -> int:
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a tensor to split into samples, got {type(targets)}")
@@ -652,7 +643,7 @@ def _ggn(
     # H is the Hessian of the loss in the outputs alone: a graph of its own, cut from the model.
     loss_outputs = outputs.detach().requires_grad_()
     (loss_gradient,) = _grads(
-        _scalar_loss(loss_fn, loss_outputs, targets), [loss_outputs], create_graph=True
+        scalar_loss(loss_fn, loss_outputs, targets), [loss_outputs], create_graph=True
     )
 
     # J^T w is linear in w; differentiating it with respect to w gives J v (the double-vjp trick).

@@ -188,7 +188,7 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         stochastic: Monte-Carlo Fisher (``num_samples`` targets per input) instead of the GGN.
         low_rank: The number of eigenpairs of ``eig_lowrank`` (for ``LowRankLaplace``).
         max_memory: Budget in bytes of the Jacobians, the diagonal, the dense GGN and the
-            eigenpairs (``None``: half the available memory, :mod:`curvkit.memory`).
+            eigenpairs (``None``: half the available memory, :mod:`curvkit.engines.memory`).
     """
 
     def __init__(

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.engines import iter_factors
-from curvkit.memory import MemoryPlan, MemoryPlanError
+from curvkit.engines.memory import MemoryPlan, MemoryPlanError
 
 __all__ = ["check_jacobians", "jacobians"]
 
@@ -35,7 +35,7 @@ def check_jacobians(
         outputs: The model's outputs ``[B, C]`` on the inputs (shape, dtype, device are read).
         num_params: :math:`P`.
         max_memory: The budget in bytes (``None``: curvkit's default, half the available
-            memory; :mod:`curvkit.memory`).
+            memory; :mod:`curvkit.engines.memory`).
         hint: What the caller can do instead, appended to the message.
 
     Raises:
