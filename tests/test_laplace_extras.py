@@ -290,7 +290,6 @@ def test_bad_inputs_are_refused():
     model = mlp()
     fitted = ck.Laplace(model, "classification", "all", "diag")
     fitted.fit(loader("classification"))
-    x = query_inputs()
     bad(lambda: ck.Laplace(model, "poisson", "all", "diag"), match="likelihood")
     bad(
         lambda: ck.Laplace(model, "classification", "all", "diag", sigma_noise=2.0),
@@ -335,6 +334,13 @@ def test_bad_inputs_are_refused():
             ),
             match="Subnetwork",
         )
+
+
+def test_bad_usage_is_refused():
+    model = mlp()
+    fitted = ck.Laplace(model, "classification", "all", "diag")
+    fitted.fit(loader("classification"))
+    x = query_inputs()
     bad(
         lambda: ck.Laplace(model, "classification", "all", "diag").posterior_precision,
         AttributeError,

@@ -180,20 +180,13 @@ def marglik_training(
     scheduler = (
         None if scheduler_cls is None else scheduler_cls(optimizer, **(scheduler_kwargs or {}))
     )
-    hyper = torch.optim.Adam(
-        [log_prior] + ([log_sigma] if log_sigma is not None else []), lr=lr_hyp
-    )
+    hyper = torch.optim.Adam([t for t in (log_prior, log_sigma) if t is not None], lr=lr_hyp)
     n_data = dataset_size(train_loader, 0) or sum(1 for _ in train_loader)
     options = {"criterion": criterion, "dict_key_y": dict_key_y, "device": device}
     learn_sigma = likelihood == "regression" and not fix_sigma_noise
     fixed_noise = sigma_noise_init if likelihood == "regression" else 1.0
-    laplace_options = {
-        "hessian_structure": hessian_structure,
-        "temperature": temperature,
-        "backend": backend,
-        "dict_key_x": dict_key_x,
-        "dict_key_y": dict_key_y,
-    }
+    laplace_options = {"hessian_structure": hessian_structure, "temperature": temperature}
+    laplace_options.update(backend=backend, dict_key_x=dict_key_x, dict_key_y=dict_key_y)
     best: tuple[float, Any, Any, Any] = (float("inf"), None, None, None)
     margliks: list[float] = []
     losses: list[float] = []
@@ -209,7 +202,7 @@ def marglik_training(
         la = Laplace(
             model,
             likelihood,
-            subset_of_weights="all",
+            "all",
             sigma_noise=noise,
             prior_precision=torch.exp(log_prior).detach(),
             **laplace_options,
@@ -228,7 +221,7 @@ def marglik_training(
     la = Laplace(
         model,
         likelihood,
-        subset_of_weights="all",
+        "all",
         sigma_noise=sigma_noise,
         prior_precision=prior_prec,
         enable_backprop=enable_backprop,
