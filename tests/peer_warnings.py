@@ -21,3 +21,9 @@ BACKPACK_FULL_BACKWARD_HOOK = pytest.mark.filterwarnings(
 CURVLINOPS_JIT_SCRIPT = pytest.mark.filterwarnings(
     r"ignore:`torch\.jit\.script` is deprecated:DeprecationWarning"
 )
+
+#: laplace-torch's ``optimize_prior_precision`` reminds its users, on every call, that its default
+#: link approximation is the probit one: the peer's own notice, not curvkit's.
+LAPLACE_TORCH_PROBIT_NOTICE = pytest.mark.filterwarnings(
+    r"ignore:By default `link_approx` is `probit`:UserWarning"
+)

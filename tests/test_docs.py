@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_warnings import BACKPACK_FULL_BACKWARD_HOOK, CURVLINOPS_JIT_SCRIPT
+from peer_warnings import (
+    BACKPACK_FULL_BACKWARD_HOOK,
+    CURVLINOPS_JIT_SCRIPT,
+    LAPLACE_TORCH_PROBIT_NOTICE,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 MIGRATING = DOCS / "migrating.rst"
@@ -30,6 +34,17 @@ PAIRS = {
     "pyro-optim": ["x"],
     "secorder-diagonal": ["diagonal"],
     "kronfluence-scores": ["scores", "self_influence"],
+    "laplace-posthoc": ["prior", "lml", "probs"],
+    "laplace-diag": ["prior", "variance", "lml"],
+    "laplace-regression": ["f_mu", "f_var"],
+    "laplace-backend": ["lml", "probs"],
+}
+#: Pairs that agree only to a looser relative tolerance, and why.
+RTOL = {
+    # laplace-torch's "full" multiplies its GGN operator with a float32 torch.eye: its float64
+    # dense GGN is accurate to about 1e-8 (test_laplace_regression_snippet_matches_autograd
+    # holds curvkit's side to rounding instead).
+    "laplace-regression": 1e-5,
 }
 
 
@@ -75,25 +90,34 @@ def flat(value) -> torch.Tensor:
         if pair.startswith(("backpack", "vivit"))
         else pytest.param(pair, marks=CURVLINOPS_JIT_SCRIPT)
         if pair.startswith("curvlinops")
+        # laplace-torch's default backend is curvlinops'.
+        else pytest.param(pair, marks=[CURVLINOPS_JIT_SCRIPT, LAPLACE_TORCH_PROBIT_NOTICE])
+        if pair.startswith("laplace")
         else pair
         for pair in sorted(PAIRS)
     ],
 )
 def test_side_by_side_snippets_agree(pair):
     blocks = snippets()
-    ours = run_snippet(blocks[f"{pair}-curvkit"])
     peer_code = blocks[f"{pair}-peer"]
     if pair.startswith("vivit"):
         # ViViT calls Tensor.symeig, removed in torch 2: run its code with the import changed,
         # which is what the guide promises works.
         peer_code = re.sub(r"from vivit\.\S+ import", "from curvkit import", peer_code)
+        package = None
     else:
         package = peer_code.split()[1].split(".")[0]
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed")
+    missing = package is not None and importlib.util.find_spec(package) is None
+    # curvkit's backends for laplace-torch run inside laplace-torch: that side needs it too.
+    if missing and f"from {package} " in blocks[f"{pair}-curvkit"]:
+        pytest.skip(f"{package} is not installed")
+    ours = run_snippet(blocks[f"{pair}-curvkit"])
+    if missing:
+        pytest.skip(f"{package} is not installed")
     theirs = run_snippet(peer_code)
     for name in PAIRS[pair]:
-        torch.testing.assert_close(flat(ours[name]), flat(theirs[name]), rtol=1e-9, atol=1e-12)
+        rtol = RTOL.get(pair, 1e-9)
+        torch.testing.assert_close(flat(ours[name]), flat(theirs[name]), rtol=rtol, atol=1e-12)
 
 
 @BACKPACK_FULL_BACKWARD_HOOK  # the ViViT snippets run curvkit's classes through BackPACK
@@ -113,6 +137,29 @@ def test_vivit_snippets_match_autograd():
     top = evecs[:, -4:]
     expected = top @ (-(top.T @ gradient) / (evals[-4:] + 1.0))
     torch.testing.assert_close(flat(run_snippet(blocks["vivit-newton-curvkit"])["step"]), expected)
+
+
+def test_laplace_regression_snippet_matches_autograd():
+    """The full regression Laplace's predictive covariance, from a dense GGN and Jacobians."""
+    from torch.func import functional_call, jacrev, vmap
+
+    from curvkit.testing.verify import reference_ggn
+
+    namespace = run_snippet(snippets()["laplace-regression-curvkit"])
+    model, inputs, values = namespace["model"], namespace["inputs"], namespace["values"]
+    # The Gaussian log likelihood's curvature is that of half the summed squared error.
+    ggn = reference_ggn(model, torch.nn.MSELoss(reduction="sum"), inputs, values) / 2
+    precision = ggn / 0.5**2 + 2.0 * torch.eye(len(ggn), dtype=ggn.dtype)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def outputs(chosen, sample):
+        return functional_call(model, chosen, (sample[None],))[0]
+
+    per_param = vmap(jacrev(outputs), in_dims=(None, 0))(params, inputs[:4])
+    jacobian = torch.cat([per_param[name].flatten(start_dim=2) for name in params], dim=2)
+    expected = jacobian @ torch.linalg.solve(precision, jacobian.transpose(1, 2))
+    torch.testing.assert_close(namespace["f_var"], expected, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(namespace["f_mu"], model(inputs[:4]).detach())
 
 
 def test_getting_started_session_runs():
@@ -153,7 +200,7 @@ def test_sphinx_build_without_warnings(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
-    for page in ("index", "mathematics", "migrating", "benchmarks", "getting_started"):
+    for page in ("index", "mathematics", "migrating", "benchmarks", "getting_started", "laplace"):
         assert (tmp_path / "html" / f"{page}.html").exists()
     _assert_math_renders_offline(tmp_path / "html")
 

@@ -26,8 +26,9 @@ COMMANDS = {
         "Train a small MLP on scikit-learn's bundled handwritten digits (8x8 images, 10 "
         "classes) with directionally damped Newton steps beside Adam; compute the exact GGN "
         "diagonal and spectrum; check the diagonal, GGN columns, eigenvalues and a damped "
-        "Newton step against plain autograd; write figures and a JSON report. Exit code 1 if "
-        "a check fails.",
+        "Newton step against plain autograd; fit a post-hoc Laplace approximation to each "
+        "trained MLP and compare its calibration with the MAP's; write figures and a JSON "
+        "report. Exit code 1 if a check fails.",
     ),
     "verify": (
         verify,
