@@ -4,9 +4,9 @@ Run ``python benchmarks/bench_estimators.py --threads 1`` (``--quick`` for 3 rou
 ``--resnet`` to add ResNet-18 on CIFAR-sized images, N 32, which takes minutes per call).
 
 Each method is one user-level call, operator construction included: curvkit builds a
-:class:`curvkit.GGNOperator` and calls :func:`curvkit.estimators.hutchinson_trace`,
-:func:`~curvkit.estimators.xtrace` or :func:`curvkit.spectral_density`; curvlinops builds a
-``GGNLinearOperator`` and calls its ``hutchinson_trace``, ``xtrace`` or
+:class:`curvkit.GGNOperator` and calls :func:`curvkit.randomized.estimators.hutchinson_trace`,
+:func:`~curvkit.randomized.estimators.xtrace` or :func:`curvkit.spectral_density`; curvlinops
+builds a ``GGNLinearOperator`` and calls its ``hutchinson_trace``, ``xtrace`` or
 ``LanczosApproximateSpectrumCached(...).approximate_spectrum`` (its boundaries by SciPy's
 ``eigsh``, its default). Both sides spend the same number of products with the GGN (Hutchinson,
 XTrace) or the same Lanczos steps and repeats (SLQ). Without given boundaries, curvlinops adds
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
-from curvkit import estimators
+from curvkit.randomized import estimators
 
 
 @dataclass

@@ -5,22 +5,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from curvkit import estimators, influence
-from curvkit.directional import (
+from curvkit import _moved, influence
+from curvkit.operators.kfac import EKFACOperator, KFACOperator
+from curvkit.quantities.directional import (
     damped_newton_step,
     default_criterion,
     directional_derivatives,
     ggn_eigh,
     top_k,
 )
-from curvkit.first_order import (
+from curvkit.quantities.first_order import (
     EFOperator,
     batch_gradients,
     batch_l2_norms,
     diag_ef,
     gradient_variance,
 )
-from curvkit.ggn import (
+from curvkit.quantities.ggn import (
     GGNOperator,
     diag_ggn,
     gauss_newton_diagonal,
@@ -28,25 +29,28 @@ from curvkit.ggn import (
     ggn_matrix,
     ggn_vector_product,
 )
-from curvkit.hessian import (
+from curvkit.quantities.hessian import (
     HessianOperator,
     diag_hessian,
     hessian_matrix,
     hessian_vector_product,
 )
-from curvkit.kfac_operator import EKFACOperator, KFACOperator
-from curvkit.spectral import lanczos_top_eigenpairs, spectral_density
+from curvkit.randomized import estimators
+from curvkit.randomized.spectral import lanczos_top_eigenpairs, spectral_density
+
+# Modules that moved keep their old import paths (``curvkit.verify``, ``curvkit.optim.pyro``).
+_moved.install()
 
 __version__ = "0.1.0"
 
-# ViViT's BackPACK-protocol classes live in curvkit.vivit, which needs the optional BackPACK
+# ViViT's BackPACK-protocol classes live in curvkit.compat.vivit, which needs the optional BackPACK
 # (the ``vivit`` extra). They are imported on first access (PEP 562) so that ``import curvkit``
 # works, and stays fast, without BackPACK, while ViViT users still only change their import.
 _LAZY = {
-    "DirectionalDampedNewtonComputation": "curvkit.vivit",
-    "DirectionalDerivativesComputation": "curvkit.vivit",
-    "EighComputation": "curvkit.vivit",
-    "EigvalshComputation": "curvkit.vivit",
+    "DirectionalDampedNewtonComputation": "curvkit.compat.vivit",
+    "DirectionalDerivativesComputation": "curvkit.compat.vivit",
+    "EighComputation": "curvkit.compat.vivit",
+    "EigvalshComputation": "curvkit.compat.vivit",
 }
 
 __all__ = [
@@ -84,22 +88,26 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import ViViT's classes from :mod:`curvkit.vivit` on first access.
+    """Import ViViT's classes and moved modules (``curvkit.verify``) on first access.
 
     Args:
         name: The attribute looked up on :mod:`curvkit` and not found in its namespace.
 
     Returns:
-        The class of that name from :mod:`curvkit.vivit`.
+        The class of that name from :mod:`curvkit.compat.vivit`, or the module that
+        ``curvkit.<name>`` names (:mod:`curvkit._moved`).
 
     Raises:
-        AttributeError: If ``name`` is not one of curvkit's lazily imported names.
-        ImportError: If BackPACK, which :mod:`curvkit.vivit` needs, is not installed.
+        AttributeError: If ``name`` is neither a lazily imported class nor a moved module.
+        ImportError: If BackPACK, which :mod:`curvkit.compat.vivit` needs, is not installed.
     """
     module = _LAZY.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif f"{__name__}.{name}" in _moved.MOVED:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     # Cached in the namespace: later accesses are plain lookups that skip this function.
     globals()[name] = value
     return value

@@ -43,17 +43,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from curvkit.core.autograd import batched_grad
+from curvkit.core.validation import check_int
 from curvkit.ops.linalg import couples_items
 
 __all__ = [
     "LossFunction",
     "NextTokenCrossEntropyLoss",
+    "check_loss",
     "check_mc_samples",
     "hessian_product",
     "hessian_sqrt",
     "normalization",
     "num_sqrt_columns",
     "sample_reduction",
+    "scalar_loss",
 ]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
@@ -67,7 +71,7 @@ class NextTokenCrossEntropyLoss(nn.Module):
     ``cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())``, averaged over the
     labels that are not ``ignore_index`` (or summed). This is the one line of adapter code a
     Hugging Face causal LM needs: its batches (dicts with ``labels``) and its ``ModelOutput``
-    are read as they are (:mod:`curvkit.model_io`), and its curvature is the closed-form
+    are read as they are (:mod:`curvkit.core.model_io`), and its curvature is the closed-form
     cross-entropy one, position by position.
 
     Args:
@@ -206,7 +210,7 @@ def hessian_sqrt(
             generic loss that does not return a scalar or couples samples; ``columns`` that is not
             a slice of the exact columns.
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     check_mc_samples(mc_samples, generator)
     outputs = outputs.detach()
@@ -296,7 +300,7 @@ def hessian_product(
         ValueError: As :func:`hessian_sqrt`, or if ``vectors`` does not end with the outputs'
             shape.
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     if not isinstance(vectors, Tensor):
         raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
@@ -340,8 +344,7 @@ def check_mc_samples(mc_samples: int, generator: torch.Generator | None = None) 
         TypeError: If ``mc_samples`` is not an int or ``generator`` not a generator.
         ValueError: If ``mc_samples`` is negative.
     """
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
-        raise TypeError(f"mc_samples must be an int, got {mc_samples!r}")
+    check_int(mc_samples, "mc_samples")
     if mc_samples < 0:
         raise ValueError(
             "mc_samples must be 0 (exact) or a positive number of Monte-Carlo samples, "
@@ -385,7 +388,7 @@ def normalization(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tenso
             loss that is neither the sum nor the mean of its single-sample values (or whose
             single-sample values are all zero, so that sum and mean cannot be told apart).
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     outputs = outputs.detach()
     if isinstance(loss_fn, NextTokenCrossEntropyLoss):
@@ -436,7 +439,7 @@ def sample_reduction(
             loss that is neither the sum nor the mean of its single-sample values, or
             single-sample values that are all zero (sum and mean cannot be told apart).
     """
-    _check_loss(loss_fn)
+    check_loss(loss_fn)
     _check_outputs(outputs)
     reduction = getattr(loss_fn, "reduction", None)
     if _is_torch_loss(loss_fn) or isinstance(loss_fn, NextTokenCrossEntropyLoss):
@@ -462,7 +465,17 @@ def _is_torch_loss(loss_fn: LossFunction) -> bool:
     return isinstance(loss_fn, nn.Module) and type(loss_fn).__module__.startswith("torch.nn.")
 
 
-def _check_loss(loss_fn: LossFunction) -> None:
+def check_loss(loss_fn: LossFunction) -> None:
+    """Refuse a loss whose curvature curvkit cannot compute, before any computation.
+
+    Args:
+        loss_fn: The loss ``loss_fn(outputs, targets)``.
+
+    Raises:
+        TypeError: If it is not callable.
+        ValueError: If it is linear in its input (its Hessian is zero), does not reduce to a
+            scalar, or has class weights (``weight``, ``pos_weight``) that hold NaN or inf.
+    """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(loss_fn, _LINEAR_IN_INPUT):
@@ -481,6 +494,14 @@ def _check_loss(loss_fn: LossFunction) -> None:
             f"{type(loss_fn).__name__}(reduction={reduction!r}) does not return a scalar batch "
             f"loss; use reduction='mean' or reduction='sum'."
         )
+    for name in ("weight", "pos_weight"):
+        weight = getattr(loss_fn, name, None) if isinstance(loss_fn, nn.Module) else None
+        if isinstance(weight, Tensor) and weight.is_floating_point():
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(
+                    f"{type(loss_fn).__name__}'s {name} holds NaN or inf, so the loss and its "
+                    "curvature are undefined; pass finite weights"
+                )
 
 
 def _check_outputs(outputs: Tensor) -> None:
@@ -757,12 +778,28 @@ def _cross_entropy_sqrt(outputs: Tensor, scale: Tensor, columns: slice | None) -
 # any other loss
 
 
-def _evaluate(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+def scalar_loss(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> Tensor:
+    """Evaluate ``loss_fn`` and refuse anything but one number, the batch loss.
+
+    Args:
+        loss_fn: The loss ``loss_fn(outputs, targets)``.
+        outputs: The model's outputs.
+        targets: The targets.
+
+    Returns:
+        The loss as a 0-dim tensor.
+
+    Raises:
+        ValueError: If the loss is not a tensor with one entry (``reduction='none'``, a loss
+            that returns per-sample terms).
+    """
     loss = loss_fn(outputs, targets)
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
+    per_term = getattr(loss_fn, "reduction", None) not in (None, "mean", "sum")
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or per_term:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(
-            f"loss_fn must return the scalar batch loss (a sum or mean over samples), got {shape}"
+            "loss_fn must return the scalar batch loss, a scalar tensor (reduction 'mean' or "
+            f"'sum'), got {shape}"
         )
     return loss.reshape(())
 
@@ -777,7 +814,7 @@ def _per_sample_hessians(loss_fn: LossFunction, outputs: Tensor, targets: Any) -
     dim = math.prod(outputs.shape[1:])
     with torch.enable_grad():
         outputs = outputs.detach().requires_grad_(True)
-        loss = _evaluate(loss_fn, outputs, targets)
+        loss = scalar_loss(loss_fn, outputs, targets)
         if loss.grad_fn is None:
             return outputs.new_zeros(num_samples, dim, dim)
         (grad,) = torch.autograd.grad(loss, outputs, create_graph=True)
@@ -795,20 +832,7 @@ def _per_sample_hessians(loss_fn: LossFunction, outputs: Tensor, targets: Any) -
             )
         eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device)
         directions = eye.unsqueeze(1).expand(dim, num_samples, dim).reshape(dim, *outputs.shape)
-        try:
-            (products,) = torch.autograd.grad(
-                grad, outputs, directions, is_grads_batched=True, materialize_grads=True
-            )
-        except RuntimeError:
-            # an operation without a batching rule: one backward pass per direction instead
-            products = torch.stack(
-                [
-                    torch.autograd.grad(
-                        grad, outputs, direction, retain_graph=True, materialize_grads=True
-                    )[0]
-                    for direction in directions
-                ]
-            )
+        (products,) = batched_grad(grad, [outputs], [directions])
     hessians = products.detach().reshape(dim, num_samples, dim).transpose(0, 1)
     return (hessians + hessians.transpose(1, 2)) / 2
 
@@ -819,27 +843,13 @@ def _generic_product(
     """``H u`` by differentiating the gradient along ``u`` (all leading axes batched)."""
     with torch.enable_grad():
         leaf = outputs.detach().requires_grad_(True)
-        loss = _evaluate(loss_fn, leaf, targets)
+        loss = scalar_loss(loss_fn, leaf, targets)
         if loss.grad_fn is None:
             return torch.zeros_like(vectors)
         (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
         if grad.grad_fn is None:  # the loss is piecewise linear in the outputs
             return torch.zeros_like(vectors)
-        flat = vectors.reshape(-1, *outputs.shape)
-        try:
-            (products,) = torch.autograd.grad(
-                grad, leaf, flat, is_grads_batched=True, materialize_grads=True
-            )
-        except RuntimeError:
-            # an operation without a batching rule: one backward pass per vector instead
-            products = torch.stack(
-                [
-                    torch.autograd.grad(
-                        grad, leaf, vector, retain_graph=True, materialize_grads=True
-                    )[0]
-                    for vector in flat
-                ]
-            )
+        (products,) = batched_grad(grad, [leaf], [vectors.reshape(-1, *outputs.shape)])
     return products.detach().reshape(vectors.shape)
 
 
@@ -891,9 +901,12 @@ def _probe_reduction(loss_fn: LossFunction, outputs: Tensor, targets: Any) -> st
         )
         num_samples = 2
     with torch.no_grad():
-        batch = _evaluate(loss_fn, outputs, targets).to(outputs.dtype)
+        batch = scalar_loss(loss_fn, outputs, targets).to(outputs.dtype)
         singles = torch.stack(
-            [_evaluate(loss_fn, outputs[n : n + 1], targets[n : n + 1]) for n in range(num_samples)]
+            [
+                scalar_loss(loss_fn, outputs[n : n + 1], targets[n : n + 1])
+                for n in range(num_samples)
+            ]
         ).to(outputs.dtype)
     scale = singles.abs().sum()
     if scale == 0:

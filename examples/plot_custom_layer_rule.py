@@ -38,7 +38,7 @@ from curvkit.engines import (
     register_rule,
     rule_for,
 )
-from curvkit.verify import reference_diag_ggn, reference_ggn
+from curvkit.testing.verify import reference_diag_ggn, reference_ggn
 
 
 class LowRankLinear(nn.Module):
@@ -96,8 +96,8 @@ handle = register_rule(LowRankLinear, low_rank_rule)
 # ------------------------
 #
 # A small model in float64, with the low-rank layer applied to a sequence (five positions per
-# sample) and to a flat vector; :func:`curvkit.verify.reference_diag_ggn` and
-# :func:`curvkit.verify.reference_ggn` build the GGN column by column with plain autograd.
+# sample) and to a flat vector; :func:`curvkit.testing.verify.reference_diag_ggn` and
+# :func:`curvkit.testing.verify.reference_ggn` build the GGN column by column with plain autograd.
 
 torch.manual_seed(0)
 model = nn.Sequential(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.verify import compare, reference_ggn
+from curvkit.testing.verify import compare, reference_ggn
 
 torch.manual_seed(0)
 model = nn.Sequential(
@@ -53,8 +53,8 @@ print(f"{sum(p.numel() for p in model.parameters())} parameters in {len(names)} 
 # The exact diagonal, checked against autograd
 # --------------------------------------------
 #
-# :func:`curvkit.verify.reference_ggn` builds the whole GGN column by column from Jacobian-vector
-# products of plain ``torch.autograd``: slow, but independent of curvkit's engine.
+# :func:`curvkit.testing.verify.reference_ggn` builds the whole GGN column by column from
+# Jacobian-vector products of plain ``torch.autograd``: slow, but independent of curvkit's engine.
 
 diagonal = curvkit.diag_ggn(model, loss_fn, data)
 dense = reference_ggn(model, loss_fn, inputs, targets)

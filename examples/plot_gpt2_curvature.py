@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvkit
 from curvkit.losses import NextTokenCrossEntropyLoss
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from curvkit.losses import hessian_sqrt, normalization
-from curvkit.verify import compare, reference_output_hessian
+from curvkit.testing.verify import compare, reference_output_hessian
 
 torch.manual_seed(0)
 num_samples, num_classes = 4, 6

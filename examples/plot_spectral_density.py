@@ -5,15 +5,16 @@ Spectral densities, traces and eigenvalues of a trained network's GGN and Hessia
 Curvature spectra say how a loss landscape is shaped: a few large outliers and a bulk near
 zero, in most networks. Without forming the matrix, they are reached through products alone:
 
-- traces by randomized estimators (:mod:`curvkit.estimators`): Hutchinson's, Hutch++ and XTrace;
+- traces by randomized estimators (:mod:`curvkit.randomized.estimators`): Hutchinson's, Hutch++
+  and XTrace;
 - the spectral density by stochastic Lanczos quadrature (:func:`curvkit.spectral_density`);
 - the top eigenpairs by Lanczos (:func:`curvkit.lanczos_top_eigenpairs`);
 - damped inverses (``operator.inverse(damping)``), exact through the Gram matrix for the GGN.
 
 This example trains a small network, then checks every one of these numbers against the dense
-GGN built by plain ``torch.autograd`` (:func:`curvkit.verify.reference_ggn`), and compares the
-GGN's spectral density with the Hessian's (:class:`curvkit.HessianOperator`, checked against
-:func:`curvkit.verify.reference_hessian`).
+GGN built by plain ``torch.autograd`` (:func:`curvkit.testing.verify.reference_ggn`), and compares
+the GGN's spectral density with the Hessian's (:class:`curvkit.HessianOperator`, checked against
+:func:`curvkit.testing.verify.reference_hessian`).
 """
 
 # %%
@@ -30,8 +31,8 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit import estimators
-from curvkit.verify import reference_ggn, reference_hessian
+from curvkit.randomized import estimators
+from curvkit.testing.verify import reference_ggn, reference_hessian
 
 torch.manual_seed(0)
 samples, classes = 64, 3

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from curvkit import DirectionalDampedNewtonComputation
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 torch.manual_seed(0)
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 import curvkit
-from curvkit.linear_operator import CurvatureOperator
-from curvkit.zoo import make_case
+from curvkit.operators.base import CurvatureOperator
+from curvkit.testing.zoo import make_case
 
 
 class DenseOperator(CurvatureOperator):

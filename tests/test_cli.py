@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import curvkit
-from curvkit.cli import demo, main, verify
-from curvkit.zoo import make_case
+from curvkit.cli import calibration, demo, main, verify
+from curvkit.testing.zoo import make_case
 
 SUBCOMMANDS = ["demo", "verify", "bench"]
 
@@ -98,13 +98,37 @@ def test_demo_synthetic_writes_report_and_figures(tmp_path, capsys):
         f"{demo.NUM_COLUMNS} GGN columns",
         f"top {demo.NUM_DIRECTIONS} GGN eigenvalues",
         "damped Newton step",
+        "Laplace: KFAC block of the last bias",
+        "Laplace: GLM predictive (probit)",
     }
     assert all(c["max_rel_error"] < c["tolerance"] for c in report["checks"])
     for name in ("damped Newton", "Adam"):
         history = report["training"][name]
         assert len(history["train_loss"]) == 2
         assert history["train_loss"][1] < history["train_loss"][0]
-    assert report["figures"] == ["ggn_spectrum.png", "ggn_diagonal.png", "training.png"]
+    assert "calibration:" in printed and "shifted NLL" in printed
+    for name in ("damped Newton", "Adam"):
+        result = report["calibration"][name]
+        assert result["laplace"]["hessian_structure"] == "kron"
+        assert result["laplace"]["prior_precision"] > 0
+        for test_set in ("test", "shifted"):
+            for predictive in ("MAP", "Laplace"):
+                metrics = result["metrics"][test_set][predictive]
+                assert metrics["nll"] > 0 and 0 <= metrics["ece"] <= 1
+                assert 0 <= metrics["accuracy"] <= 1
+                bins = result["reliability"][test_set][predictive]
+                assert sum(bins["share"]) == pytest.approx(1.0)
+            # The probit predictive keeps the MAP's ranking of classes, nearly: same accuracy.
+            map_accuracy = result["metrics"][test_set]["MAP"]["accuracy"]
+            assert result["metrics"][test_set]["Laplace"]["accuracy"] == pytest.approx(
+                map_accuracy, abs=0.1
+            )
+    assert report["figures"] == [
+        "ggn_spectrum.png",
+        "ggn_diagonal.png",
+        "training.png",
+        "calibration.png",
+    ]
     for figure in report["figures"]:
         assert (out / figure).read_bytes().startswith(b"\x89PNG")
 
@@ -125,6 +149,43 @@ def test_demo_checks_catch_a_wrong_quantity(monkeypatch):
     passed = {check.quantity: check.passed for check in checks}
     assert passed.pop("GGN diagonal") is False
     assert all(passed.values())
+
+
+def test_calibration_metrics_by_hand():
+    """NLL, ECE and accuracy on four points whose bins and gaps are known."""
+    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.35, 0.65], [0.55, 0.45]])
+    targets = torch.tensor([0, 1, 1, 0])
+    metrics = calibration.calibration_metrics(probs, targets)
+    # bins: 0.95 twice (one right: accuracy 0.5), 0.65 (right), 0.55 (right)
+    expected_ece = 0.5 * abs(0.5 - 0.95) + 0.25 * abs(1 - 0.65) + 0.25 * abs(1 - 0.55)
+    assert metrics["ece"] == pytest.approx(expected_ece, abs=1e-7)
+    expected_nll = -np.log([0.95, 0.05, 0.65, 0.55]).mean()
+    assert metrics["nll"] == pytest.approx(expected_nll, abs=1e-7)
+    assert metrics["accuracy"] == 0.75
+    bins = calibration.reliability(probs, targets)
+    assert bins.share[9] == 0.5 and bins.share[6] == 0.25 and bins.share[5] == 0.25
+    assert sum(bins.share) == 1.0
+
+
+def test_demo_laplace_checks_catch_a_wrong_predictive(monkeypatch):
+    """A Laplace predictive off by a little fails the demo's check; the exact block still passes."""
+    dataset = demo.load_dataset("synthetic", 0, torch.device("cpu"), torch.float64)
+    model = demo.build_model(64, 10, 0).double()
+    small = (dataset.train_inputs[:64], dataset.train_targets[:64])
+    result = calibration.laplace_calibration(model, *small, {"test": small}, 32)
+    la = result["la"]
+    right = type(la).__call__
+
+    def wrong_call(self, *args, **kwargs):
+        return right(self, *args, **kwargs) * (1 + 1e-6)
+
+    monkeypatch.setattr(type(la), "__call__", wrong_call)
+    triples = calibration.laplace_references(la, model, small, dataset.test_inputs)
+    passed = {name: demo._check(name, a, e, 1e-9).passed for name, a, e in triples}
+    assert passed == {
+        "Laplace: KFAC block of the last bias": True,
+        "Laplace: GLM predictive (probit)": False,
+    }
 
 
 def test_verify_passes(capsys):

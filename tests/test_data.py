@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvkit
-from curvkit import data as data_utils
-from curvkit.verify import compare, reference_diag_ggn, reference_ggn
+from curvkit.core import data as data_utils
+from curvkit.testing.verify import compare, reference_diag_ggn, reference_ggn
 
 SIZES = [3, 1, 5]  # unequal batch sizes: a plain average of batch results would be wrong
 

@@ -15,7 +15,7 @@ from test_ggn import ATOL, RTOL, problem
 from torch import nn
 
 import curvkit
-from curvkit.verify import compare
+from curvkit.testing.verify import compare
 
 WORLD = 2
 N = 7

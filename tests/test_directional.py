@@ -192,7 +192,7 @@ def test_vivit_drop_ins_agree_with_functional_api():
 
 
 def test_step_is_invariant_to_eigenvector_signs():
-    from curvkit import gram_eigen
+    from curvkit.quantities import gram_eigen
 
     torch.manual_seed(0)
     factor = torch.randn(3, 4, 10, dtype=torch.float64)  # [C', N, D]
@@ -239,7 +239,7 @@ def test_rank_deficient_gram_gives_finite_results_and_a_warning():
 
 
 def test_partial_eigensolver_matches_dense():
-    from curvkit.gram_eigen import top_eigh
+    from curvkit.quantities.gram_eigen import top_eigh
 
     torch.manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
@@ -387,7 +387,7 @@ def test_bad_model_data_gram_and_top_k_raise():
         curvkit.ggn_eigh(lambda x: x, loss_fn, (inputs, targets))
     with pytest.raises(TypeError, match="batch"):
         curvkit.ggn_eigh(model, loss_fn, 3)
-    from curvkit.gram_eigen import gram_directions
+    from curvkit.quantities.gram_eigen import gram_directions
 
     with pytest.raises(ValueError, match=r"\[C', S, C', S\]"):
         gram_directions(torch.eye(4), 2, curvkit.top_k(1))
@@ -397,7 +397,7 @@ def test_bad_model_data_gram_and_top_k_raise():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_null_columns_of_the_square_root_are_dropped_exactly(reduction):
-    from curvkit.directional import drop_null_columns
+    from curvkit.quantities.directional import drop_null_columns
 
     torch.manual_seed(0)
     outputs = torch.randn(5, 4, dtype=torch.float64)

@@ -1,8 +1,8 @@
 """Plain-autograd reference for GGN eigenpairs, directional derivatives and damped Newton steps.
 
 Dense, per-sample, and independent of curvkit's engines and Gram-space math: per-sample Jacobians
-by autograd, the output Hessians from :mod:`curvkit.verify` (or given square-root columns for
-Monte-Carlo), the dense GGN, its eigendecomposition, then the formulas of ViViT's conventions:
+by autograd, the output Hessians from :mod:`curvkit.testing.verify` (or given square-root columns
+for Monte-Carlo), the dense GGN, its eigendecomposition, then the formulas of ViViT's conventions:
 gamma_{n,k} = N grad L_n^T e_k, lambda_{n,k} = N e_k^T G(L_n) e_k, and
 s = -sum_k mean_n gamma_{n,k} / (mean_n lambda_{n,k} + delta_k) e_k.
 This file also holds the shared test problems and comparison helpers, and tests the reference.
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from curvkit import verify
+from curvkit.testing import verify
 
 RTOL = 1e-8
 

@@ -99,7 +99,7 @@ def test_side_by_side_snippets_agree(pair):
 @BACKPACK_FULL_BACKWARD_HOOK  # the ViViT snippets run curvkit's classes through BackPACK
 def test_vivit_snippets_match_autograd():
     """Without ViViT to compare with, the ViViT-section results are checked against autograd."""
-    from curvkit.verify import reference_ggn
+    from curvkit.testing.verify import reference_ggn
 
     blocks = snippets()
     setup = run_snippet("")

@@ -22,8 +22,8 @@ from curvkit.engines import (
     compute_factors,
 )
 from curvkit.engines.recording import record_forward
-from curvkit.verify import reference_factor_columns, reference_ggn
-from curvkit.zoo import CASES, Case, make_case
+from curvkit.testing.verify import reference_factor_columns, reference_ggn
+from curvkit.testing.zoo import CASES, Case, make_case
 
 
 def _columns_for(model: nn.Module, inputs: tuple[Tensor, ...], num_columns: int = 3):

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 import curvkit
 from curvkit.engines import compute_factors, iter_factors
 from curvkit.engines import recording as recording_module
-from curvkit.verify import reference_factor_columns, reference_ggn
-from curvkit.zoo import make_case
+from curvkit.testing.verify import reference_factor_columns, reference_ggn
+from curvkit.testing.zoo import make_case
 
 
 def _state(model: nn.Module) -> dict[str, object]:

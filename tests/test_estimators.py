@@ -22,8 +22,8 @@ import torch
 from dense_operator import DenseOperator, ggn_operator, with_spectrum
 
 import curvkit
-from curvkit import estimators
-from curvkit.zoo import make_case
+from curvkit.randomized import estimators
+from curvkit.testing.zoo import make_case
 
 REPEATS = 300
 Z = 4.5

@@ -1,4 +1,5 @@
-"""Per-sample gradients and the empirical Fisher (curvkit.first_order) against torch.func.vmap."""
+"""Per-sample gradients and the empirical Fisher (curvkit.quantities.first_order) against
+torch.func.vmap."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from zoo_params import case_params
 
 import curvkit
-from curvkit.zoo import make_case, make_targets
+from curvkit.testing.zoo import make_case, make_targets
 
 #: Importing curvlinops and running its products uses forward-mode AD, whose decompositions
 #: torch compiles with torch.jit.script on first use, which warns that it is deprecated.
@@ -169,6 +170,43 @@ def test_data_of_several_batches(loss_name: str):
     close(curvkit.EFOperator(model, loss_fn, batches).to_dense(), expected)
 
 
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)),
+        nn.CrossEntropyLoss(ignore_index=1),
+        nn.CrossEntropyLoss(
+            weight=torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64), ignore_index=1
+        ),
+    ],
+    ids=["weights", "ignore_index", "both"],
+)
+def test_several_batches_with_class_weights_are_the_loss_of_all_data(loss_fn: nn.Module):
+    """Uneven batches whose R_b / Z_b differ: every quantity is that of the one batch of all.
+
+    Reference: F = R / Z^2 sum_n grad l_n grad l_n^T from vmap(grad) of the terms, R the number
+    of predictions, Z the loss's weighted count (curvlinops' scale for the whole data).
+    """
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs = torch.randn(11, 4, dtype=torch.float64)
+    targets = torch.tensor([1, 1, 0, 1, 2, 2, 0, 1, 2, 0, 2])
+    batches = [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])]
+    whole = (inputs, targets)
+    terms = torch.cat([g.flatten(1) for g in term_gradients(model, loss_fn, (inputs,), targets)], 1)
+    weight = torch.ones(3, dtype=torch.float64) if loss_fn.weight is None else loss_fn.weight
+    kept = targets != loss_fn.ignore_index
+    z = weight[targets][kept].sum()
+    expected = len(targets) / z**2 * terms.T @ terms
+    close(flat(curvkit.diag_ef(model, loss_fn, batches)), expected.diagonal())
+    close(curvkit.EFOperator(model, loss_fn, batches).to_dense(), expected)
+    close(curvkit.EFOperator(model, loss_fn, whole).to_dense(), expected)
+    close(torch.cat([g.flatten(1) for g in curvkit.batch_gradients(model, loss_fn, batches)], 1),
+          terms / z)  # fmt: skip
+    close(flat(curvkit.gradient_variance(model, loss_fn, batches)),
+          flat(curvkit.gradient_variance(model, loss_fn, whole)))  # fmt: skip
+
+
 def test_sample_chunks_give_the_same_results():
     case = make_case("cnn", 7)
     batch = (case.inputs, case.targets)
@@ -197,7 +235,7 @@ class Positions(nn.Module):
 @pytest.mark.parametrize("chunk_bytes", [None, 64])
 def test_per_sample_norms_of_a_weight_used_at_several_positions(monkeypatch, chunk_bytes):
     if chunk_bytes is not None:
-        monkeypatch.setattr(curvkit.problem, "DEFAULT_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(curvkit.quantities.context, "DEFAULT_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     model = Positions().double()
     inputs = torch.randn(7, 2, 8, dtype=torch.float64)

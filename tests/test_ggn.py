@@ -1,4 +1,5 @@
-"""GGN quantities against the plain-autograd references of curvkit.verify, on a model zoo."""
+"""GGN quantities against the plain-autograd references of curvkit.testing.verify, on a model
+zoo."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from torch import Tensor, nn
 from zoo_params import case_params
 
 import curvkit
-from curvkit.verify import compare, reference_diag_ggn, reference_ggn
-from curvkit.zoo import make_case, make_targets
+from curvkit.testing.verify import compare, reference_diag_ggn, reference_ggn
+from curvkit.testing.zoo import make_case, make_targets
 
 RTOL = 1e-9
 ATOL = 1e-12
@@ -47,7 +48,7 @@ def make_loss(
     return loss_fn, make_targets(loss_fn, outputs, torch.Generator().manual_seed(1))
 
 
-# Cases of curvkit.zoo.
+# Cases of curvkit.testing.zoo.
 MODELS = [
     "mlp",
     "cnn",

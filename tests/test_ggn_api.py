@@ -8,7 +8,7 @@ from test_ggn import ATOL, RTOL, flat, make_loss, problem
 from torch import Tensor, nn
 
 import curvkit
-from curvkit.verify import compare, reference_diag_ggn, reference_ggn
+from curvkit.testing.verify import compare, reference_diag_ggn, reference_ggn
 
 # ---------------------------------------------------------------------------------------------
 # Monte-Carlo

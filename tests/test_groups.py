@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvkit.groups import REQUIRED, normalize_param_groups, parameter_names
+from curvkit.core.groups import REQUIRED, normalize_param_groups, parameter_names
 
 
 @pytest.fixture

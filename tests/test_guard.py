@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 LOSS = nn.CrossEntropyLoss()
 

@@ -1,4 +1,5 @@
-"""The Hessian (curvkit.hessian) against torch.func.hessian of the loss in the flat parameters."""
+"""The Hessian (curvkit.quantities.hessian) against torch.func.hessian of the loss in the flat
+parameters."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from zoo_params import case_params
 
 import curvkit
-from curvkit.elementwise import NotElementwiseError
-from curvkit.zoo import CASES, CheckedScaling, make_case, make_targets
+from curvkit.quantities.elementwise import NotElementwiseError
+from curvkit.testing.zoo import CASES, CheckedScaling, make_case, make_targets
 
 #: torch.func.hessian (the reference) runs forward-mode AD, whose decompositions torch compiles
 #: with torch.jit.script on first use, which warns that it is deprecated: torch's internals.
@@ -361,3 +362,59 @@ def test_keyword_inputs_and_outputs_flattened_over_positions():
     batch = ({"tokens": tokens}, targets)
     close(curvkit.hessian_matrix(model, loss_fn, batch), expected)
     close(flat(curvkit.diag_hessian(model, loss_fn, batch)), expected.diagonal())
+
+
+def _small_problem() -> tuple[nn.Module, nn.Module, tuple[Tensor, Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    return model, nn.MSELoss(), batch
+
+
+def test_non_finite_parameters_are_refused_like_the_ggn():
+    """A NaN weight: every Hessian and GGN product refuses it with the engine's message."""
+    model, loss_fn, batch = _small_problem()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    ones = torch.ones(26, dtype=torch.float64)
+    calls = [
+        lambda: curvkit.hessian_matrix(model, loss_fn, batch),
+        lambda: curvkit.hessian_vector_product(model, loss_fn, batch, ones),
+        lambda: curvkit.HessianOperator(model, loss_fn, batch) @ ones,
+        lambda: curvkit.ggn_vector_product(model, loss_fn, batch, ones),
+        lambda: curvkit.diag_ggn(model, loss_fn, batch),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="outputs hold NaN or inf"):
+            call()
+
+
+def test_inference_mode_says_what_to_do():
+    model, loss_fn, batch = _small_problem()
+    ones = torch.ones(26, dtype=torch.float64)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="outside `with torch"):
+            curvkit.hessian_vector_product(model, loss_fn, batch, ones)
+        with pytest.raises(RuntimeError, match="outside `with torch"):
+            curvkit.hessian_matrix(model, loss_fn, batch)
+
+
+def test_hessian_products_run_the_model_under_the_guard():
+    """As the GGN's products: the user's backward hooks do not fire, buffers stay."""
+    model, loss_fn, batch = _small_problem()
+    ones = torch.ones(26, dtype=torch.float64)
+    expected = torch.func.hessian(
+        lambda *p: loss_fn(torch.func.functional_call(model, dict(zip(
+            [n for n, _ in model.named_parameters()], p, strict=True)), batch[0]), batch[1]),
+        argnums=(0, 1, 2, 3),
+    )(*[p.detach() for p in model.parameters()])  # fmt: skip
+    sizes = [p.numel() for p in model.parameters()]
+    dense = torch.cat([torch.cat([b.reshape(s, -1) for b in row], 1)
+                       for row, s in zip(expected, sizes, strict=True)])  # fmt: skip
+    fired = []
+    model[0].register_full_backward_hook(lambda *args: fired.append(1))
+    product = curvkit.hessian_vector_product(model, loss_fn, batch, ones)
+    torch.testing.assert_close(product, dense @ ones, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curvkit.hessian_matrix(model, loss_fn, batch), dense,
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    assert fired == []

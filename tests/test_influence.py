@@ -23,8 +23,8 @@ from influence_reference import (
 )
 from torch import Tensor, nn
 
+from curvkit.engines.memory import MemoryPlanError
 from curvkit.influence import InfluenceFactors, fit_factors, pairwise_scores, self_scores
-from curvkit.memory import MemoryPlanError
 
 RTOL = 1e-10
 FLOAT = torch.float64

@@ -31,7 +31,7 @@ def _problem():
 def _scores(model: nn.Module, train, query) -> list[torch.Tensor]:
     loss_fn = nn.CrossEntropyLoss()
     out = []
-    for curvature in ("ekfac", "diagonal", "ggn"):
+    for curvature in ("ekfac", "ggn"):
         options = {"curvature": curvature, "fisher_type": "empirical"}
         if curvature == "ggn":
             options["damping"] = 0.1

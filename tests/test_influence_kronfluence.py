@@ -12,6 +12,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -75,8 +76,8 @@ class _ClassificationTask(Task):
         return self.compute_train_loss(batch, model)
 
 
-def _kronfluence(model, train, query, strategy, tmp_path: Path, damping, self_influence=False):
-    """kronfluence's pairwise (or self-influence) scores, every dtype float64."""
+def _kronfluence(model, train, query, strategy, tmp_path: Path, dampings):
+    """kronfluence's pairwise and self-influence scores per damping, every dtype float64."""
     task = _ClassificationTask()
     prepared = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(
@@ -97,33 +98,45 @@ def _kronfluence(model, train, query, strategy, tmp_path: Path, damping, self_in
         per_sample_gradient_dtype=FLOAT,
         lambda_dtype=FLOAT,
     )
-    score_args = ScoreArguments(
-        damping_factor=damping,
-        per_sample_gradient_dtype=FLOAT,
-        precondition_dtype=FLOAT,
-        score_dtype=FLOAT,
-    )
     dataset = torch.utils.data.TensorDataset(*train)
-    with warnings.catch_warnings():
+    results = []
+    # kronfluence frees memory with gc.collect() at every stage, which takes seconds in a test
+    # process holding many objects; it changes no number.
+    with warnings.catch_warnings(), mock.patch("gc.collect", return_value=0):
         warnings.simplefilter("ignore")  # kronfluence's own deprecation warnings
         analyzer.fit_all_factors(
             "factors", dataset, per_device_batch_size=4, factor_args=factor_args
         )
-        if self_influence:
-            analyzer.compute_self_scores(
-                "scores", "factors", dataset, per_device_train_batch_size=5, score_args=score_args
+        for number, damping in enumerate(dampings):
+            score_args = ScoreArguments(
+                damping_factor=damping,
+                per_sample_gradient_dtype=FLOAT,
+                precondition_dtype=FLOAT,
+                score_dtype=FLOAT,
             )
-            return analyzer.load_self_scores("scores")["all_modules"]
-        analyzer.compute_pairwise_scores(
-            "scores",
-            "factors",
-            torch.utils.data.TensorDataset(*query),
-            dataset,
-            per_device_query_batch_size=3,
-            per_device_train_batch_size=5,
-            score_args=score_args,
-        )
-        return analyzer.load_pairwise_scores("scores")["all_modules"]
+            analyzer.compute_pairwise_scores(
+                f"pairwise{number}",
+                "factors",
+                torch.utils.data.TensorDataset(*query),
+                dataset,
+                per_device_query_batch_size=3,
+                per_device_train_batch_size=5,
+                score_args=score_args,
+            )
+            analyzer.compute_self_scores(
+                f"self{number}",
+                "factors",
+                dataset,
+                per_device_train_batch_size=5,
+                score_args=score_args,
+            )
+            results.append(
+                (
+                    analyzer.load_pairwise_scores(f"pairwise{number}")["all_modules"],
+                    analyzer.load_self_scores(f"self{number}")["all_modules"],
+                )
+            )
+    return results
 
 
 def _problem(name: str):
@@ -147,48 +160,25 @@ def _assert_close(actual: Tensor, expected: Tensor) -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_pairwise_scores_equal_kronfluence(name: str, strategy: str, tmp_path: Path):
+def test_scores_equal_kronfluence(name: str, strategy: str, tmp_path: Path):
     model, train, query, batches = _problem(name)
-    expected = _kronfluence(model, train, query, strategy, tmp_path, damping=None)
-    actual = pairwise_scores(
-        model,
-        nn.CrossEntropyLoss(),
-        batches,
-        query,
-        curvature=strategy,
-        fisher_type="empirical",
-    )
-    _assert_close(actual, expected)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name", ["mlp", "sequence"])
-def test_self_scores_equal_kronfluence(name: str, strategy: str, tmp_path: Path):
-    model, train, query, batches = _problem(name)
-    expected = _kronfluence(model, train, query, strategy, tmp_path, None, self_influence=True)
-    actual = self_scores(
-        model,
-        nn.CrossEntropyLoss(reduction="sum"),
-        batches,
-        curvature=strategy,
-        fisher_type="empirical",
-    )
-    _assert_close(actual, expected)
-
-
-def test_explicit_damping_and_reused_factors_equal_kronfluence(tmp_path: Path):
-    model, train, query, batches = _problem("conv")
-    expected = _kronfluence(model, train, query, "ekfac", tmp_path, damping=0.03)
+    dampings = [None, 0.03] if strategy == "ekfac" else [None]
+    expected = _kronfluence(model, train, query, strategy, tmp_path, dampings)
+    # One fit serves every damping and both kinds of score, as kronfluence's factors do.
     factors = fit_factors(
-        model, nn.CrossEntropyLoss(), batches, curvature="ekfac", fisher_type="empirical"
+        model, nn.CrossEntropyLoss(), batches, curvature=strategy, fisher_type="empirical"
     )
+    for damping, (pairwise, self_influence) in zip(dampings, expected, strict=True):
+        options = {"curvature": strategy, "damping": damping, "factors": factors}
+        _assert_close(
+            pairwise_scores(model, nn.CrossEntropyLoss(), train, query, **options), pairwise
+        )
+        _assert_close(
+            self_scores(model, nn.CrossEntropyLoss(reduction="sum"), train, **options),
+            self_influence,
+        )
+    # Without factors=, the fit on the batches (a mean loss) is part of the call.
     actual = pairwise_scores(
-        model,
-        nn.CrossEntropyLoss(),
-        train,
-        query,
-        curvature="ekfac",
-        damping=0.03,
-        factors=factors,
+        model, nn.CrossEntropyLoss(), batches, query, curvature=strategy, fisher_type="empirical"
     )
-    _assert_close(actual, expected)
+    _assert_close(actual, expected[0][0])

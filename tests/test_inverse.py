@@ -7,12 +7,12 @@ import torch
 from dense_operator import DenseOperator, ggn_operator, with_spectrum
 
 import curvkit
-from curvkit.inverse import (
+from curvkit.operators.inverse import (
     ConjugateGradientInverse,
     NeumannInverse,
     WoodburyInverse,
 )
-from curvkit.zoo import make_case
+from curvkit.testing.zoo import make_case
 
 DAMPING = 0.3
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
-import curvkit.kfac
 import curvkit.ops.linalg
+import curvkit.quantities.kfac
 from curvkit import EKFACOperator, KFACOperator
 from curvkit.engines import Decline, Factor, KroneckerFactor, RuleCall, register_rule
 
@@ -438,6 +438,55 @@ def test_bias_alone_uses_the_weights_output_factor():
     assert bias.factors["0"].A is None and bias.factors["0"].params == {"bias": 0}
 
 
+@pytest.mark.parametrize("separate", [True, False])
+def test_a_frozen_weights_bias_gets_its_output_factor(separate: bool):
+    """With the weight frozen, the bias's block is B (exact for a bias at one position)."""
+    model = mlp()
+    model[2].weight.requires_grad_(False)
+    data = batch("mlp", 6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = KFACOperator(model, nn.CrossEntropyLoss(), data, separate_weight_and_bias=separate)
+    ggn = curvkit.ggn_matrix(model, nn.CrossEntropyLoss(), data, params=params)
+    assert op.factors["2"].A is None and op.factors["2"].params == {"bias": 2}
+    torch.testing.assert_close(op.to_dense()[-3:, -3:], ggn[-3:, -3:], rtol=1e-10, atol=1e-14)
+    ekfac = EKFACOperator(model, nn.CrossEntropyLoss(), data)
+    torch.testing.assert_close(ekfac.to_dense()[-3:, -3:], ggn[-3:, -3:], rtol=1e-10, atol=1e-14)
+
+
+def test_a_parametrized_weight_gets_the_fallback_over_the_users_parameters():
+    """weight_norm: the parametrization's own parameters get their exact blocks."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(5, 4)), nn.Tanh(), nn.Linear(4, 3))
+    data = batch("mlp", 6)
+    params = list(model.parameters())
+    dense = KFACOperator(model, nn.CrossEntropyLoss(), data, fallback="block").to_dense()
+    ggn = curvkit.ggn_matrix(model, nn.CrossEntropyLoss(), data, params=params)
+    start = 0
+    for param in params[:-2]:
+        block = slice(start, start + param.numel())
+        torch.testing.assert_close(dense[block, block], ggn[block, block], rtol=1e-10, atol=1e-14)
+        start += param.numel()
+
+
+def test_non_finite_loss_weights_are_refused():
+    model = mlp()
+    data = batch("mlp", 6)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, float("nan"), 1.0]))
+    for call in (
+        lambda: KFACOperator(model, loss_fn, data).to_dense(),
+        lambda: curvkit.diag_ggn(model, loss_fn, data),
+        lambda: curvkit.hessian_matrix(model, loss_fn, data),
+        lambda: curvkit.diag_ef(model, loss_fn, data),
+    ):
+        with pytest.raises(ValueError, match="weight holds NaN or inf"):
+            call()
+    bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, float("inf"), 1.0]))
+    with pytest.raises(ValueError, match="pos_weight holds NaN or inf"):
+        KFACOperator(model, bce, (data[0], torch.zeros(6, 3))).to_dense()
+
+
 # ---------------------------------------------------------------------------------------------
 # layers without a Kronecker factor
 
@@ -504,7 +553,7 @@ def test_fallback_is_the_exact_diagonal_or_block(fallback: str):
 
 
 def test_an_infeasible_exact_square_root_is_refused_before_it_is_built(monkeypatch):
-    monkeypatch.setattr(curvkit.kfac, "MAX_EXACT_COLUMN_BYTES", 1000)
+    monkeypatch.setattr(curvkit.quantities.kfac, "MAX_EXACT_COLUMN_BYTES", 1000)
     op = KFACOperator(mlp(), nn.CrossEntropyLoss(), batch("mlp", 64))
     with pytest.raises(ValueError, match=r"3 columns per sample.*fisher_type='mc'"):
         op.to_dense()
@@ -628,18 +677,20 @@ def test_a_registered_rule_with_a_kronecker_factor_is_covered():
         )
         return {"weight": factor}
 
-    handle = register_rule(MyLinear, my_rule)
-    try:
-        torch.manual_seed(0)
-        custom = nn.Sequential(MyLinear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-        plain = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3))
-        plain.load_state_dict(custom.state_dict())
-        data = batch("mlp", 6)
-        ours = KFACOperator(custom, nn.CrossEntropyLoss(), data).to_dense()
-        expected = KFACOperator(plain, nn.CrossEntropyLoss(), data).to_dense()
-        assert torch.allclose(ours, expected)
-    finally:
-        handle.remove()
+    torch.manual_seed(0)
+    custom = nn.Sequential(MyLinear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    plain = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3))
+    plain.load_state_dict(custom.state_dict())
+    data = batch("mlp", 6)
+    expected = KFACOperator(plain, nn.CrossEntropyLoss(), data).to_dense()
+    for kronecker in (None, True):
+        with register_rule(MyLinear, my_rule, kronecker=kronecker):
+            ours = KFACOperator(custom, nn.CrossEntropyLoss(), data).to_dense()
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    # A rule that declares no Kronecker factor is refused before anything is computed.
+    with register_rule(MyLinear, my_rule, kronecker=False):
+        with pytest.raises(ValueError, match=r"'0.weight' of MyLinear has no Kronecker factor"):
+            KFACOperator(custom, nn.CrossEntropyLoss(), data)
 
 
 # ---------------------------------------------------------------------------------------------

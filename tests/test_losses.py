@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from curvkit.losses import _categorical_draws, hessian_sqrt, normalization, sample_reduction
-from curvkit.verify import reference_output_hessian
+from curvkit.testing.verify import reference_output_hessian
 
 DTYPE = torch.float64
 

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
-from curvkit import losses, memory
-from curvkit.engines import compute
-from curvkit.memory import MemoryPlan, MemoryPlanError
+from curvkit import losses
+from curvkit.engines import compute, memory
+from curvkit.engines.memory import MemoryPlan, MemoryPlanError
 
 # torch compiles its forward-mode decompositions with torch.jit.script on first use, which
 # warns that it is deprecated: torch's internals, used by the forward-mode reference here.

@@ -1,4 +1,4 @@
-"""curvkit.optim.pyro side by side with pyro.optim: same trajectories, states that round-trip."""
+"""curvkit.compat.pyro side by side with pyro.optim: same trajectories, states that round-trip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import curvkit.optim.pyro as ours
+import curvkit.compat.pyro as ours
 from curvkit.optim import ClippedAdam, PerParamOptim, PyroMultiOptimizer, PyroOptim
 
 pyro = pytest.importorskip("pyro")

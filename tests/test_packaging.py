@@ -50,7 +50,7 @@ def test_import_curvkit_loads_neither_backpack_nor_torchvision():
             name
             for name in sys.modules
             if name.split(".")[0] in ("backpack", "torchvision", "vivit", "scipy")
-            or name == "curvkit.vivit"
+            or name == "curvkit.compat.vivit"
         )
         assert not loaded, loaded
         assert curvkit.__file__.startswith({str(ROOT)!r}), curvkit.__file__
@@ -68,14 +68,14 @@ def test_vivit_classes_are_imported_on_first_access():
         assert set(names) <= set(curvkit.__all__)
         assert set(names) <= set(dir(curvkit))
         assert set(curvkit.__all__) <= set(dir(curvkit))
-        assert "curvkit.vivit" not in sys.modules
+        assert "curvkit.compat.vivit" not in sys.modules
 
         from curvkit import DirectionalDampedNewtonComputation
-        import curvkit.vivit
+        import curvkit.compat.vivit
 
-        assert DirectionalDampedNewtonComputation.__module__ == "curvkit.vivit"
+        assert DirectionalDampedNewtonComputation.__module__ == "curvkit.compat.vivit"
         for name in names:
-            assert getattr(curvkit, name) is getattr(curvkit.vivit, name), name
+            assert getattr(curvkit, name) is getattr(curvkit.compat.vivit, name), name
         assert "backpack" in sys.modules
 
         try:
@@ -103,7 +103,7 @@ def test_missing_backpack_names_the_extra():
         curvkit.diag_ggn(model, nn.CrossEntropyLoss(), batch)
 
         for attempt in (
-            "import curvkit.vivit",
+            "import curvkit.compat.vivit",
             "from curvkit import EighComputation",
             "curvkit.DirectionalDampedNewtonComputation",
         ):
@@ -115,7 +115,7 @@ def test_missing_backpack_names_the_extra():
                 assert "backpack" in str(error.__cause__), (attempt, error.__cause__)
             else:
                 raise AssertionError(attempt + " must fail without BackPACK")
-        assert "curvkit.vivit" not in sys.modules
+        assert "curvkit.compat.vivit" not in sys.modules
         """,
         block=("backpack",),
     )
@@ -143,7 +143,7 @@ def test_core_dependencies_and_extras():
     }
     assert peers <= names(extras["test"])
     assert peers <= names(extras["bench"])
-    # The docs build imports curvkit.vivit (API pages) and runs its ViViT gallery example.
+    # The docs build imports curvkit.compat.vivit (API pages) and runs its ViViT gallery example.
     assert "backpack-for-pytorch" in names(extras["docs"])
 
 

@@ -1,7 +1,7 @@
 """One params convention: tensors or torch.optim-style groups, for every quantity.
 
 With groups, the GGN quantities are those of the block-diagonal GGN (one block per group),
-checked against the diagonal blocks of the plain-autograd dense GGN of ``curvkit.verify``.
+checked against the diagonal blocks of the plain-autograd dense GGN of ``curvkit.testing.verify``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from test_ggn import ATOL, RTOL, flat, problem
 
 import curvkit
-from curvkit.verify import compare, reference_diag_ggn, reference_ggn
+from curvkit.testing.verify import compare, reference_diag_ggn, reference_ggn
 
 CASES = [
     ("mlp", "ce", "mean", 1),

@@ -5,8 +5,8 @@ residual blocks, self-attention, embeddings, a weight shared by two calls; optio
 by ``torch.compile``), with a loss (MSE, cross-entropy, BCE), a reduction, a dtype and a batch
 size (1 included). Each example checks the GGN diagonal, its Monte-Carlo variant's shapes, a
 GGN-vector product, the dense GGN, the GGN eigenvalues and a damped Newton step against the
-plain-autograd references of :mod:`curvkit.verify`, and that the calls left the model exactly
-as they found it (parameters, buffers, ``.grad``, hooks, modes).
+plain-autograd references of :mod:`curvkit.testing.verify`, and that the calls left the model
+exactly as they found it (parameters, buffers, ``.grad``, hooks, modes).
 
 The CI run has a fixed, derandomized example budget; ``pytest -m deep tests/test_properties.py``
 runs many more examples.
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import curvkit
-from curvkit.verify import reference_ggn
+from curvkit.testing.verify import reference_ggn
 
 FEATURES = 4
 CLASSES = 3

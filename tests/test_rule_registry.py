@@ -28,7 +28,7 @@ from curvkit.engines.layer_rules import (
     linear_rule,
     norm_rule,
 )
-from curvkit.verify import reference_diag_ggn, reference_ggn
+from curvkit.testing.verify import reference_diag_ggn, reference_ggn
 
 LOGGER = "curvkit.engines.rules"
 Register = Callable[..., RuleHandle]

@@ -17,7 +17,7 @@ import torch
 from dense_operator import DenseOperator, ggn_operator, with_spectrum
 
 import curvkit
-from curvkit.spectral import lanczos_top_eigenpairs, spectral_density
+from curvkit.randomized.spectral import lanczos_top_eigenpairs, spectral_density
 
 Z = 4.5
 

@@ -1,13 +1,13 @@
 """Transformers and other models with shared tensors, against dense plain-autograd references.
 
-Every case is a tiny float64 model whose curvature is computed densely by :mod:`curvkit.verify`
-(:math:`J^\\top H J` from full Jacobians) and, for the directional quantities, per sample: the
-GGN and gradient of sample :math:`n`'s terms of the batch loss, with the other samples' outputs
-held constant. Cases: nanoGPT-style language models (positions of ``arange(T)``, a positional
-parameter sliced in ``forward``, a head tied through ``F.linear``, logits flattened to
-``[N T, V]`` with ignored targets), Hugging Face GPT-2 (dict batches with padding and
-``NextTokenCrossEntropyLoss``) and BERT, an encoder with a padding mask as a keyword input,
-parametrized weights (``weight_norm``, ``spectral_norm`` in eval mode, a custom
+Every case is a tiny float64 model whose curvature is computed densely by
+:mod:`curvkit.testing.verify` (:math:`J^\\top H J` from full Jacobians) and, for the directional
+quantities, per sample: the GGN and gradient of sample :math:`n`'s terms of the batch loss, with
+the other samples' outputs held constant. Cases: nanoGPT-style language models (positions of
+``arange(T)``, a positional parameter sliced in ``forward``, a head tied through ``F.linear``,
+logits flattened to ``[N T, V]`` with ignored targets), Hugging Face GPT-2 (dict batches with
+padding and ``NextTokenCrossEntropyLoss``) and BERT, an encoder with a padding mask as a keyword
+input, parametrized weights (``weight_norm``, ``spectral_norm`` in eval mode, a custom
 parametrization), a parameter used in a forward pre-hook, attention without forward-mode
 derivatives, and recurrent layers in float32 and float64.
 """
@@ -28,9 +28,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import curvkit
-from curvkit import verify
+from curvkit.core.model_io import call_model, output_tensor, sample_layout
 from curvkit.losses import NextTokenCrossEntropyLoss
-from curvkit.model_io import call_model, output_tensor, sample_layout
+from curvkit.testing import verify
 
 VOCAB, WIDTH, LENGTH = 11, 8, 5
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from curvkit.verify import (
+from curvkit.testing.verify import (
     ComparisonReport,
     compare,
     reference_diag_ggn,
@@ -19,7 +19,7 @@ from curvkit.verify import (
     reference_output_hessian,
     reference_per_sample_gradients,
 )
-from curvkit.zoo import make_case
+from curvkit.testing.zoo import make_case
 
 DTYPE = torch.float64
 REDUCTIONS = ["mean", "sum"]
@@ -607,7 +607,7 @@ def test_assert_passed_raises_with_the_table_and_truthiness_is_refused():
 
 
 def test_results_do_not_depend_on_the_chunking_of_unit_vectors(monkeypatch):
-    import curvkit.verify
+    import curvkit.testing.verify
 
     model, loss_fn, x, y = case("mlp-ce", 5, "mean")
     outputs = model(x)
@@ -616,7 +616,7 @@ def test_results_do_not_depend_on_the_chunking_of_unit_vectors(monkeypatch):
         reference_hessian(model, loss_fn, x, y),
         reference_output_hessian(loss_fn, outputs, y),
     ]
-    monkeypatch.setattr(curvkit.verify, "_CHUNK_SIZE", 7)  # 43 parameters, 15 outputs
+    monkeypatch.setattr(curvkit.testing.verify, "_CHUNK_SIZE", 7)  # 43 parameters, 15 outputs
     chunked = [
         reference_ggn(model, loss_fn, x, y),
         reference_hessian(model, loss_fn, x, y),

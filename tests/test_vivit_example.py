@@ -38,10 +38,10 @@ def _symeig(self, eigenvectors=False, upper=True):
 def test_example_runs_with_curvkit_and_matches_vivit(monkeypatch):
     text = EXAMPLE.read_text()
     assert text.count(CURVKIT_IMPORT) == 1
-    assert "vivit" not in text.replace("ViViT", "").replace("curvkit.vivit", "")
+    assert "vivit" not in text.replace("ViViT", "").replace("curvkit.compat.vivit", "")
 
     ours = run(text)  # includes the example's own assert against autograd
-    assert ours["DirectionalDampedNewtonComputation"].__module__ == "curvkit.vivit"
+    assert ours["DirectionalDampedNewtonComputation"].__module__ == "curvkit.compat.vivit"
 
     pytest.importorskip("vivit", reason="the comparison with ViViT needs vivit-for-pytorch")
     vivit_text = text.replace(CURVKIT_IMPORT, VIVIT_IMPORT)

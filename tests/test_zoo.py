@@ -6,7 +6,7 @@ import pytest
 import torch
 from zoo_params import case_params
 
-from curvkit.zoo import CASES, make_case
+from curvkit.testing.zoo import CASES, make_case
 
 
 @pytest.mark.parametrize("name", case_params(sorted(CASES)))

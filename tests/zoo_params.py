@@ -1,4 +1,5 @@
-"""pytest parameters over the cases of curvkit.zoo, with the filters of the warnings they cause.
+"""pytest parameters over the cases of curvkit.testing.zoo, with the filters of the warnings they
+cause.
 
 A filter names one exact message and applies only to the tests of the case that raises it on
 purpose, so the same message raised by any other model still shows.

@@ -4,7 +4,7 @@ The demo
 
 1. computes the exact GGN diagonal over the training set and the GGN spectrum of a batch;
 2. checks the diagonal, some GGN columns, the top eigenvalues and one directionally damped Newton
-   step against dense references built from plain autograd (:mod:`curvkit.verify`);
+   step against dense references built from plain autograd (:mod:`curvkit.testing.verify`);
 3. trains the MLP with damped Newton steps along the top GGN eigendirections
    (:class:`curvkit.optim.DampedNewton`) and, from the same initialisation, with Adam;
 4. prints a report with timings and writes figures and ``report.json`` into ``--out``.
@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import curvkit
-from curvkit import verify
-from curvkit.cli import figures
+from curvkit.cli import calibration, figures
 from curvkit.cli._common import (
     CommandError,
     add_torch_options,
@@ -41,9 +40,10 @@ from curvkit.cli._common import (
     positive_int,
     stopwatch,
 )
-from curvkit.directional import damped_newton_step, ggn_eigh, top_k
-from curvkit.ggn import diag_ggn, ggn_columns
 from curvkit.optim import DampedNewton
+from curvkit.quantities.directional import damped_newton_step, ggn_eigh, top_k
+from curvkit.quantities.ggn import diag_ggn, ggn_columns
+from curvkit.testing import verify
 
 #: Relative tolerance of the checks (error relative to the largest reference entry) per dtype.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -244,22 +244,57 @@ def run(args: argparse.Namespace) -> int:
         initial_spectrum = _spectrum(model, loss_fn, batch)
 
     checks = _check_against_autograd(model, loss_fn, batch, TOLERANCES[dtype], timings, device)
-
-    histories = {}
-    trained = {}
-    for name, make_step in (("damped Newton", _damped_newton), ("Adam", _adam)):
-        trained[name] = copy.deepcopy(model)  # both start from the same initialisation
-        step = make_step(trained[name], loss_fn)
-        histories[name] = train(trained[name], loss_fn, dataset, step, args, name)
-        timings[f"train with {name}, {args.epochs} epochs"] = histories[name]["seconds"][-1]
+    trained, histories = _train_both(model, loss_fn, dataset, args, timings)
     final_spectrum = _spectrum(trained["damped Newton"], loss_fn, batch)
+    calibration = _calibrate(trained, dataset, timings, device)
+    checks += _check_laplace(calibration, trained, dataset, TOLERANCES[dtype])
 
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     if not args.no_figures:
         spectra = {"at initialisation": initial_spectrum, "after damped Newton": final_spectrum}
-        written = _write_figures(args.out, names, diagonal, spectra, histories)
-    report = {
+        written = _write_figures(args.out, names, diagonal, spectra, histories, calibration)
+    report = _report(args, device, dataset, architecture, num_params, checks, timings)
+    report.update(
+        {
+            "ggn_diagonal": {
+                name: {"min": d.min().item(), "median": d.median().item(), "max": d.max().item()}
+                for name, d in zip(names, diagonal, strict=True)
+            },
+            "ggn_eigenvalues": {
+                "batch_size": len(batch[1]),
+                "largest_at_initialisation": initial_spectrum.flip(0)[:50].tolist(),
+                "largest_after_damped_newton": final_spectrum.flip(0)[:50].tolist(),
+            },
+            "training": histories,
+            "calibration": {
+                name: {key: value for key, value in result.items() if key != "la"}
+                for name, result in calibration.items()
+            },
+            "figures": written,
+            "seconds_total": time.perf_counter() - start,
+        }
+    )
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_summary(report, checks, timings, histories, dtype)
+    print(f"\nwrote {', '.join(str(args.out / f) for f in ['report.json', *written])}")
+    if not report["all_checks_passed"]:
+        print("FAILED: a curvkit result differs from its autograd reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    device: torch.device,
+    dataset: Dataset,
+    architecture: str,
+    num_params: int,
+    checks: list[Check],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The report's fixed part: versions, options, data, model, checks and settings."""
+    return {
         "curvkit": curvkit.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -281,29 +316,58 @@ def run(args: argparse.Namespace) -> int:
         "checks": [vars(check) for check in checks],
         "all_checks_passed": all(check.passed for check in checks),
         "timings_s": timings,
-        "ggn_diagonal": {
-            name: {"min": d.min().item(), "median": d.median().item(), "max": d.max().item()}
-            for name, d in zip(names, diagonal, strict=True)
-        },
-        "ggn_eigenvalues": {
-            "batch_size": len(batch[1]),
-            "largest_at_initialisation": initial_spectrum.flip(0)[:50].tolist(),
-            "largest_after_damped_newton": final_spectrum.flip(0)[:50].tolist(),
-        },
         "damped_newton": {"directions": NUM_DIRECTIONS, "damping": DAMPING},
         "adam": {"lr": ADAM_LR},
         "batch_size": BATCH_SIZE,
-        "training": histories,
-        "figures": written,
-        "seconds_total": time.perf_counter() - start,
     }
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _print_summary(report, checks, timings, histories, dtype)
-    print(f"\nwrote {', '.join(str(args.out / f) for f in ['report.json', *written])}")
-    if not report["all_checks_passed"]:
-        print("FAILED: a curvkit result differs from its autograd reference", file=sys.stderr)
-        return 1
-    return 0
+
+
+def _train_both(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    dataset: Dataset,
+    args: argparse.Namespace,
+    timings: dict[str, float],
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, list[float]]]]:
+    """Train a copy of the model with damped Newton steps and one with Adam."""
+    histories = {}
+    trained = {}
+    for name, make_step in (("damped Newton", _damped_newton), ("Adam", _adam)):
+        trained[name] = copy.deepcopy(model)  # both start from the same initialisation
+        step = make_step(trained[name], loss_fn)
+        histories[name] = train(trained[name], loss_fn, dataset, step, args, name)
+        timings[f"train with {name}, {args.epochs} epochs"] = histories[name]["seconds"][-1]
+    return trained, histories
+
+
+def _calibrate(
+    trained: dict[str, nn.Module], dataset: Dataset, timings: dict[str, float], device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """A post-hoc Laplace approximation of each trained model (:mod:`curvkit.cli.calibration`)."""
+    test_sets = {
+        "test": (dataset.test_inputs, dataset.test_targets),
+        "shifted": (calibration.shift_one_pixel(dataset.test_inputs), dataset.test_targets),
+    }
+    results = {}
+    for name, model in trained.items():
+        with stopwatch(timings, f"Laplace (fit, prior precision, predictive), {name}", device):
+            results[name] = calibration.laplace_calibration(
+                model, dataset.train_inputs, dataset.train_targets, test_sets, BATCH_SIZE
+            )
+    return results
+
+
+def _check_laplace(
+    results: dict[str, dict[str, Any]],
+    trained: dict[str, nn.Module],
+    dataset: Dataset,
+    tolerance: float,
+) -> list[Check]:
+    """Compare the damped Newton model's Laplace exact block and predictive with autograd."""
+    la, model = results["damped Newton"]["la"], trained["damped Newton"]
+    train_set = (dataset.train_inputs, dataset.train_targets)
+    triples = calibration.laplace_references(la, model, train_set, dataset.test_inputs)
+    return [_check(name, actual, expected, tolerance) for name, actual, expected in triples]
 
 
 def _gradient(model: nn.Module, loss_fn: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
@@ -490,8 +554,9 @@ def _write_figures(
     diagonal: list[Tensor],
     spectra: dict[str, Tensor],
     histories: dict[str, dict[str, list[float]]],
+    calibrated: dict[str, dict[str, Any]],
 ) -> list[str]:
-    files = ["ggn_spectrum.png", "ggn_diagonal.png", "training.png"]
+    files = ["ggn_spectrum.png", "ggn_diagonal.png", "training.png", "calibration.png"]
     num_samples = BATCH_SIZE
     figures.plot_spectrum(
         {label: values.tolist() for label, values in spectra.items()},
@@ -504,6 +569,9 @@ def _write_figures(
         out / files[1],
     )
     figures.plot_training(histories, out / files[2])
+    figures.plot_reliability(
+        {name: result["reliability"] for name, result in calibrated.items()}, out / files[3]
+    )
     return files
 
 
@@ -548,5 +616,30 @@ def _print_summary(
             ]
         )
     print(format_table(["optimizer", "training loss", "test accuracy", "seconds"], rows))
+    _print_calibration(report["calibration"])
     evals = report["ggn_eigenvalues"]["largest_at_initialisation"][:10]
     print(f"\n10 largest GGN eigenvalues at initialisation: {', '.join(f'{v:.3g}' for v in evals)}")
+
+
+def _print_calibration(results: dict[str, dict[str, Any]]) -> None:
+    """The calibration table: MAP against Laplace for each trained model and test set."""
+    first = next(iter(results.values()))["laplace"]
+    print(
+        f"\ncalibration: post-hoc Laplace ({first['hessian_structure']}, "
+        f"{first['subset_of_weights']} weights, prior precision by marginal likelihood, GLM "
+        "predictive with probit) against the MAP; 'shifted': the test set moved by one pixel"
+    )
+    test_sets = list(next(iter(results.values()))["metrics"])
+    headers = ["trained with", "predictive", "prior prec."]
+    headers += [f"{s} {m}" for s in test_sets for m in ("NLL", "ECE", "acc.")]
+    rows = []
+    for name, result in results.items():
+        for predictive in ("MAP", "Laplace"):
+            prior = f"{result['laplace']['prior_precision']:.3g}" if predictive != "MAP" else ""
+            row = [name, predictive, prior]
+            for test_set in test_sets:
+                values = result["metrics"][test_set][predictive]
+                row += [f"{values['nll']:.3f}", f"{values['ece']:.3f}"]
+                row.append(f"{100 * values['accuracy']:.1f}%")
+            rows.append(row)
+    print(format_table(headers, rows))

@@ -1,4 +1,4 @@
-"""The figures of ``curvkit demo``: GGN spectrum, per-layer diagonal, training curves.
+"""The figures of ``curvkit demo``: GGN spectrum, per-layer diagonal, training, calibration.
 
 matplotlib is an optional dependency (the ``demo`` extra); figures are drawn on
 :class:`matplotlib.figure.Figure` objects directly, so no pyplot state or display is involved.
@@ -153,6 +153,51 @@ def plot_training(histories: Mapping[str, Mapping[str, Sequence[float]]], path: 
     for axes in (loss_axes, accuracy_axes, time_axes):
         axes.grid(True, alpha=0.4)
         axes.legend()
+    figure.savefig(path)
+    return figure
+
+
+def plot_reliability(
+    reliability: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]],
+    path: Path,
+) -> Any:
+    """Plot reliability diagrams: accuracy against confidence per bin, MAP and Laplace.
+
+    One panel per test set; per optimiser, the MAP's softmax dashed and the Laplace predictive
+    solid (a calibrated predictive lies on the diagonal). Empty bins are not drawn; the marker
+    areas grow with the share of the points in the bin.
+
+    Args:
+        reliability: Optimiser -> test set -> predictive (``"MAP"``, ``"Laplace"``) -> the
+            bins' ``confidence``, ``accuracy`` and ``share``.
+        path: Where to write the PNG.
+
+    Returns:
+        The figure.
+    """
+    test_sets = list(next(iter(reliability.values())))
+    figure = _figure(4.2 * len(test_sets), 4.0)
+    panels = np.atleast_1d(figure.subplots(1, len(test_sets), sharey=True))
+    for axes, test_set in zip(panels, test_sets, strict=True):
+        axes.plot([0, 1], [0, 1], ":", color="0.5", lw=1)
+        for name, by_set in reliability.items():
+            for predictive, style in (("MAP", "--"), ("Laplace", "-")):
+                bins = by_set[test_set][predictive]
+                share = np.asarray(bins["share"], dtype=float)
+                shown = share > 0
+                confidence = np.asarray(bins["confidence"], dtype=float)[shown]
+                accuracy = np.asarray(bins["accuracy"], dtype=float)[shown]
+                colour = COLOURS.get(name)
+                label = f"{name}, {predictive}"
+                axes.plot(confidence, accuracy, style, color=colour, lw=1.6, label=label)
+                axes.scatter(confidence, accuracy, s=200 * share[shown] + 4, color=colour)
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.set_xlabel("confidence (largest class probability)")
+        axes.set_title(f"Reliability, {test_set} set", fontsize=11)
+        axes.grid(True, alpha=0.4)
+    panels[0].set_ylabel("accuracy in the confidence bin")
+    panels[0].legend(fontsize=8, loc="upper left")
     figure.savefig(path)
     return figure
 

@@ -1,9 +1,9 @@
 r"""``curvkit verify``: every curvature quantity against plain autograd, on a model zoo.
 
-For each model of :data:`MODELS` (cases of :mod:`curvkit.zoo`) the dense references are built
-once from :mod:`curvkit.verify` (dense GGN, output Hessians) and from plain ``torch.autograd``
-(per-sample gradients :math:`\nabla L_n`, Jacobian-vector products), and every quantity of
-curvkit is compared with them; the batched Newton steps of :mod:`curvkit.ops.newton` are
+For each model of :data:`MODELS` (cases of :mod:`curvkit.testing.zoo`) the dense references are
+built once from :mod:`curvkit.testing.verify` (dense GGN, output Hessians) and from plain
+``torch.autograd`` (per-sample gradients :math:`\nabla L_n`, Jacobian-vector products), and every
+quantity of curvkit is compared with them; the batched Newton steps of :mod:`curvkit.ops.newton` are
 compared with solves of per-item Hessians from double backward. Errors are relative to the
 largest reference entry.
 """
@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 import curvkit
-from curvkit import losses, verify
+from curvkit import losses
 from curvkit.cli._common import add_torch_options, apply_torch_options, format_table
 from curvkit.ops.newton import newton_step
-from curvkit.zoo import Case, make_case
+from curvkit.testing import verify
+from curvkit.testing.zoo import Case, make_case
 
 #: Tolerance per dtype, relative to the largest reference entry.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -34,7 +35,7 @@ TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
 EIGEN_FACTOR = {torch.float64: 1.0, torch.float32: 10.0}
 NUM_DIRECTIONS = 3
 DAMPING = 0.5
-#: The cases of :data:`curvkit.zoo.CASES` that are checked, with their names in the table.
+#: The cases of :data:`curvkit.testing.zoo.CASES` that are checked, with their names in the table.
 #: Whether the ViViT drop-in (the ``vivit`` extra) can be checked beside the functional API.
 BACKPACK_INSTALLED = importlib.util.find_spec("backpack") is not None
 
@@ -377,7 +378,7 @@ class _References:
         """Curvkit's ViViT-compatible class, run by BackPACK on a copy of the model."""
         from backpack import backpack, extend
 
-        from curvkit.vivit import DirectionalDampedNewtonComputation
+        from curvkit.compat.vivit import DirectionalDampedNewtonComputation
 
         case = self.case
         model, loss_fn = extend(copy.deepcopy(case.model)), extend(copy.deepcopy(case.loss_fn))

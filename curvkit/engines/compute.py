@@ -22,11 +22,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from curvkit.core.groups import check_params
+from curvkit.core.model_io import (
+    Inputs,
+    call_model,
+    input_tensors,
+    output_tensor,
+    sample_layout,
+    select_samples,
+)
 from curvkit.engines.backward import backpropagate
 from curvkit.engines.embedding import EmbeddingFactor, TiedEmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor, SumFactor, ZeroFactor
 from curvkit.engines.guard import model_guard
-from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, KroneckerFactor
+from curvkit.engines.kronecker import DEFAULT_CHUNK_BYTES, BiasFactor, KroneckerFactor
 from curvkit.engines.recording import Recording, record_forward
 from curvkit.engines.rules import factors_for_call
 from curvkit.engines.safety import (
@@ -37,23 +46,13 @@ from curvkit.engines.safety import (
     refuse_sample_mixing,
 )
 from curvkit.engines.shared import batched_shared, shared_factors
-from curvkit.groups import check_params
-from curvkit.model_io import (
-    Inputs,
-    call_model,
-    input_tensors,
-    output_tensor,
-    sample_layout,
-    select_samples,
-)
-from curvkit.ops.linalg import without_negligible
 
 __all__ = ["FactorChunk", "compute_factors", "iter_factors"]
 
 BackpropColumns = Callable[[Tensor], Tensor]
 
 #: Maps the number of columns and the bytes the engine holds per column (twice the recorded
-#: outputs' bytes) to the columns per backward pass (:mod:`curvkit.memory`).
+#: outputs' bytes) to the columns per backward pass (:mod:`curvkit.engines.memory`).
 ColumnPlan = Callable[[int, int], int]
 
 
@@ -98,6 +97,9 @@ def _combine(parts: list[Factor]) -> Factor:
         shapes = {(p.output_grads.shape[3:], p.input_shape[2:]) for p in parts}
         if len(shapes) == 1:
             return KroneckerFactor.concatenate(parts)
+    if all(isinstance(p, BiasFactor) for p in parts):
+        if len({p.output_grads.shape[3:] for p in parts}) == 1:
+            return BiasFactor.concatenate(parts)
     if all(isinstance(p, EmbeddingFactor) for p in parts):
         return EmbeddingFactor.concatenate(parts)
     if TiedEmbeddingFactor.applies(parts):
@@ -119,7 +121,6 @@ def _factors(
 ) -> list[Factor]:
     outputs = output_tensor(recording.outputs)
     num_columns = columns.shape[0]
-    columns = without_negligible(columns, num_samples)
     targets: dict[int, Tensor] = {}
     site_outputs = [_output_tensors(site.output) for site in recording.sites]
     # Shared tensors expanded over the batch: the batched backward pass separates the samples.

@@ -69,6 +69,83 @@ class Factor(ABC):
     def select(self, start: int, stop: int) -> Factor:
         """Return the factor made of the columns ``start <= k < stop`` (all samples)."""
 
+    def sample_square_norms(self) -> Tensor:
+        r"""Return :math:`\sum_k \lVert v_{k,n} \rVert^2` for every sample, shape ``[N]``."""
+        dense = self.dense()
+        return dense.reshape(*dense.shape[:2], -1).square().sum(dim=(0, 2))
+
+    def weighted_diag(self, weights: Tensor, max_bytes: int) -> Tensor:
+        r"""Return :math:`\sum_{k,n} w_{k,n}\, v_{k,n} \odot v_{k,n}` for weights ``[K, N]``.
+
+        The weights may have any sign. The columns are materialised a chunk of at most
+        ``max_bytes`` at a time.
+        """
+        per_column = self.num_samples * self.param_shape.numel() * weights.element_size()
+        step = max(1, max_bytes // max(per_column, 1))
+        out = None
+        for start in range(0, self.num_columns, step):
+            stop = min(start + step, self.num_columns)
+            dense = self.select(start, stop).dense()
+            part = torch.einsum("kn,kn...->...", weights[start:stop], dense.square())
+            out = part if out is None else out + part
+        return out
+
+    # -- KFAC's view: factors of the form v = sum_t b_t (x) x_t ---------------------------------
+
+    @property
+    def kronecker_outputs(self) -> tuple[int, int] | None:
+        r"""``(G, O)`` for a factor of KFAC's form, else ``None``.
+
+        KFAC's form: :math:`v_{k,n} = \sum_t b_{k,n,t} \otimes x_{n,t}` with :math:`b`
+        ``[K, N, T, G, O]`` (a bias is the case :math:`x = 1`). For any other factor the
+        Kronecker methods below raise ``TypeError``.
+        """
+        return None
+
+    def _not_kronecker(self) -> TypeError:
+        return TypeError(f"{type(self).__name__} has no Kronecker form")
+
+    def output_moment(self, *, expand: bool) -> Tensor:
+        r"""Return KFAC's output moment ``[G, O, O]``.
+
+        :math:`\sum_{k,n,t} b_{k,n,t} b_{k,n,t}^\top` with ``expand``, else
+        :math:`\sum_{k,n} (\sum_t b_{k,n,t})(\sum_t b_{k,n,t})^\top`.
+        """
+        raise self._not_kronecker()
+
+    def input_moment(
+        self,
+        *,
+        expand: bool,
+        with_ones: bool,
+        scale: float = 1.0,
+        input_scale: Tensor | None = None,
+    ) -> Tensor:
+        r"""Return ``scale`` times :math:`\sum_{n,t} x_{n,t} x_{n,t}^\top` per group, ``[G, I, I]``.
+
+        With ``expand=False`` the inputs are first averaged over positions; ``with_ones``
+        appends a constant 1 to every input (a joint weight and bias); ``input_scale`` multiplies
+        the inputs (cheaper than scaling the moment when there are few of them).
+        """
+        raise self._not_kronecker()
+
+    def input_count(self, *, expand: bool) -> int:
+        """Return how many inputs :meth:`input_moment` sums: ``N T`` (``expand``) or ``N``."""
+        raise self._not_kronecker()
+
+    def rotated(self, qb: Tensor, qa: Tensor | None, *, with_ones: bool = False) -> Factor:
+        r"""Return the factor in the basis :math:`Q_B \otimes Q_A`.
+
+        Its columns are :math:`Q_B^\top b` and inputs :math:`Q_A^\top x` (``qb`` ``[G, O, O]``,
+        ``qa`` ``[G, I, I]``; :math:`x` extended by a 1 first with ``with_ones``); ``qa=None``
+        gives the bias part alone (:meth:`bias_part`) in the basis :math:`Q_B`.
+        """
+        raise self._not_kronecker()
+
+    def bias_part(self) -> Factor:
+        r"""Return the factor of the columns :math:`\sum_t b_{k,n,t}` (an additive bias's)."""
+        raise self._not_kronecker()
+
 
 class DenseFactor(Factor):
     """A factor whose columns are held in memory as one tensor ``[K, N, *param_shape]``.
@@ -146,6 +223,12 @@ class ZeroFactor(Factor):
 
     def dense(self) -> Tensor:  # noqa: D102
         return self._zeros(self.num_columns, self.num_samples, *self.param_shape)
+
+    def sample_square_norms(self) -> Tensor:  # noqa: D102
+        return self._zeros(self.num_samples)
+
+    def weighted_diag(self, weights: Tensor, max_bytes: int) -> Tensor:  # noqa: D102
+        return self.diag()
 
     def select(self, start: int, stop: int) -> ZeroFactor:  # noqa: D102
         num_columns = len(range(self.num_columns)[start:stop])

@@ -1,8 +1,8 @@
 r"""How curvkit runs a model: eagerly, without the user's backward hooks, without side effects.
 
 Every forward pass curvkit makes goes through :func:`model_guard` (the engine's recorded passes,
-its probe passes and :mod:`curvkit.autodiff`'s products), which, for the duration of the pass
-only, and restoring everything on exit, also when an error is raised:
+its probe passes and :mod:`curvkit.engines.autodiff`'s products), which, for the duration of the
+pass only, and restoring everything on exit, also when an error is raised:
 
 - **runs compiled models eagerly**: ``torch.compile(model)`` and ``model.compile()`` (and compiled
   submodules) run their original Python code, since the engine's hooks and

@@ -35,9 +35,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from curvkit.engines.factor import Factor, square_sum
+from curvkit.engines.factor import DenseFactor, Factor, square_sum
+from curvkit.ops.linalg import symmetric_gram
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "KroneckerFactor"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "BiasFactor", "KroneckerFactor", "outer_sum"]
 
 #: Raised when a tensor a factor refers to was changed in place after the factor was made.
 STALE_INPUT_MESSAGE = (
@@ -95,6 +96,67 @@ def _matmul(a: Tensor, b: Tensor, scratch: Tensor | None) -> Tensor:
         return a @ b
     out = scratch[: a.shape[:-1].numel() * b.shape[-1]].view(*a.shape[:-1], b.shape[-1])
     return torch.matmul(a, b, out=out)
+
+
+def outer_sum(z: Tensor, scale: float = 1.0) -> Tensor:
+    r"""``scale`` times :math:`\sum_{m,t} z_{m,t} z_{m,t}^\top` per group, ``[M, T, G, D]``.
+
+    Returns ``[G, D, D]``, exactly symmetric where :func:`~curvkit.ops.linalg.symmetric_gram`
+    computes only the upper block triangle (large factors: a language-model head's ``B``, the
+    input factors of deep convolutions).
+    """
+    m, t, g, d = z.shape
+    rows = z.permute(0, 2, 3, 1)
+    if t >= d and rows.is_contiguous():
+        # A convolution's patches and output columns lie as [M, G, D, T]: a batched matmul per
+        # sample reads them in place, where one matmul over (m, t) would first copy them. Only
+        # for t >= d: with fewer positions, each product would be bound by writing its D x D.
+        return symmetric_gram(list(rows.mT), scale=scale)
+    return symmetric_gram(z.reshape(m * t, g, d).transpose(0, 1), scale=scale)
+
+
+def _output_moment(b: Tensor, expand: bool) -> Tensor:
+    bs = b.flatten(0, 1)
+    return outer_sum(bs if expand else bs.sum(dim=1, keepdim=True))
+
+
+class BiasFactor(DenseFactor):
+    r"""The factor of an additive bias: :math:`v_{k,n} = \sum_t b_{k,n,t}`, KFAC's :math:`x = 1`.
+
+    A :class:`~curvkit.engines.factor.DenseFactor` of the summed columns that keeps the columns
+    :math:`b` ``[K, N, T, G, O]`` per position, so that KFAC gets the bias's output factor
+    from the bias alone (a frozen or parametrized weight has no factor to give it).
+    """
+
+    def __init__(self, output_grads: Tensor, param_shape: torch.Size) -> None:
+        k, n, t = output_grads.shape[:3]
+        summed = output_grads[:, :, 0] if t == 1 else output_grads.sum(dim=2)
+        super().__init__(summed.reshape(k, n, *param_shape), param_shape)
+        self.output_grads = output_grads
+
+    @classmethod
+    def concatenate(cls, factors: list[BiasFactor]) -> BiasFactor:
+        """The factor of a bias used by several calls: positions of all calls side by side."""
+        return cls(torch.cat([f.output_grads for f in factors], dim=2), factors[0].param_shape)
+
+    def select(self, start: int, stop: int) -> BiasFactor:  # noqa: D102
+        return BiasFactor(self.output_grads[start:stop], self.param_shape)
+
+    @property
+    def kronecker_outputs(self) -> tuple[int, int]:  # noqa: D102
+        return tuple(self.output_grads.shape[3:])
+
+    def output_moment(self, *, expand: bool) -> Tensor:  # noqa: D102
+        return _output_moment(self.output_grads, expand)
+
+    def rotated(self, qb: Tensor, qa: Tensor | None, *, with_ones: bool = False) -> Factor:  # noqa: D102
+        if qa is not None:
+            raise self._not_kronecker()
+        b = torch.einsum("kntgo,gop->kntgp", self.output_grads, qb)
+        return BiasFactor(b, self.param_shape)
+
+    def bias_part(self) -> Factor:  # noqa: D102
+        return self
 
 
 class KroneckerFactor(Factor):
@@ -411,6 +473,79 @@ class KroneckerFactor(Factor):
                 out[group].addmm_(summed[sample, group], inputs[sample])
         out = out.view(g, j, o, i).transpose(0, 1)
         return out.reshape(j, *self.param_shape)
+
+    # -- KFAC's view -----------------------------------------------------------------------------
+
+    @property
+    def kronecker_outputs(self) -> tuple[int, int]:  # noqa: D102
+        return tuple(self.output_grads.shape[3:])
+
+    def output_moment(self, *, expand: bool) -> Tensor:  # noqa: D102
+        return _output_moment(self.output_grads, expand)
+
+    def _kfac_inputs(self, expand: bool, with_ones: bool) -> Tensor:
+        x = self.inputs if expand else self.inputs.mean(dim=1, keepdim=True)
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if with_ones else x
+
+    def input_moment(  # noqa: D102
+        self,
+        *,
+        expand: bool,
+        with_ones: bool,
+        scale: float = 1.0,
+        input_scale: Tensor | None = None,
+    ) -> Tensor:
+        x = self._kfac_inputs(expand, with_ones)
+        return outer_sum(x if input_scale is None else x * input_scale, scale=scale)
+
+    def input_count(self, *, expand: bool) -> int:  # noqa: D102
+        n, t = self.input_shape[:2]
+        return n * t if expand else n
+
+    def rotated(self, qb: Tensor, qa: Tensor | None, *, with_ones: bool = False) -> Factor:  # noqa: D102
+        b = torch.einsum("kntgo,gop->kntgp", self.output_grads, qb)
+        if qa is None:
+            return BiasFactor(b, torch.Size([b.shape[3] * b.shape[4]]))
+        x = torch.einsum("ntgi,gij->ntgj", self._kfac_inputs(True, with_ones), qa)
+        g, o, i = b.shape[3], b.shape[4], x.shape[3]
+        shape = torch.Size([g, o, i])
+        return KroneckerFactor(b, x, shape, max_chunk_bytes=self.max_chunk_bytes)
+
+    def bias_part(self) -> Factor:  # noqa: D102
+        b = self.output_grads
+        return BiasFactor(b, torch.Size([b.shape[3] * b.shape[4]]))
+
+    def sample_square_norms(self) -> Tensor:
+        r"""The per-sample square norms, without forming the gradients where that is cheaper.
+
+        :math:`\lVert \sum_t b_t \otimes x_t \rVert^2 = \sum_{t,s} (b_t \cdot b_s)(x_t \cdot
+        x_s)`, or the formed gradients; either way a chunk of samples at a time, under
+        ``max_chunk_bytes``.
+        """
+        b, x = self.output_grads, self.inputs
+        k, _, t, g, o, i = self._sizes
+        if t == 1:
+            return torch.einsum("kngo,ngi->n", b[:, :, 0].square(), x[:, 0].square())
+        pairwise = t * (o + i) < o * i
+        per_sample = t * t * g * (k + 1) if pairwise else k * g * o * i
+        parts = []
+        for s in self._sample_chunks(b.element_size() * per_sample):
+            bs, xs = b[:, s], x[s]
+            if pairwise:
+                bb = torch.einsum("kntgo,knsgo->ntsg", bs, bs)
+                parts.append(torch.einsum("ntsg,ntgi,nsgi->n", bb, xs, xs))
+            else:
+                gradients = torch.einsum("kntgo,ntgi->kngoi", bs, xs)
+                parts.append(gradients.square().sum(dim=(0, 2, 3, 4)))
+        return torch.cat(parts)
+
+    def weighted_diag(self, weights: Tensor, max_bytes: int) -> Tensor:
+        r"""At one position, one contraction over :math:`(k, n)` without forming :math:`v`."""
+        if self.output_grads.shape[2] != 1:
+            return super().weighted_diag(weights, max_bytes)
+        b, x = self.output_grads[:, :, 0], self.inputs[:, 0]
+        out = torch.einsum("kn,kngo,ngi->goi", weights.to(b.dtype), b.square(), x.square())
+        return out.reshape(self.param_shape)
 
     def dense(self) -> Tensor:  # noqa: D102
         per_sample = torch.einsum("kntgo,ntgi->kngoi", self.output_grads, self.inputs)

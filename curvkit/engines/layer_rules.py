@@ -30,17 +30,17 @@ from torch import Tensor, nn
 
 from curvkit.engines.embedding import EmbeddingFactor
 from curvkit.engines.factor import DenseFactor, Factor
-from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, KroneckerFactor
+from curvkit.engines.kronecker import STALE_INPUT_MESSAGE, BiasFactor, KroneckerFactor
 from curvkit.engines.registry import Decline, Rule, RuleCall
 
-__all__ = ["BUILTIN_RULES", "conv_rule", "embedding_rule", "linear_rule", "norm_rule"]
-
-
-def _bias_columns(output_grads: Tensor) -> Tensor:
-    """A bias's columns: those at the output ``[K, N, T, G, O]`` summed over positions."""
-    k, n, t = output_grads.shape[:3]
-    summed = output_grads[:, :, 0] if t == 1 else output_grads.sum(dim=2)
-    return summed.reshape(k, n, -1)
+__all__ = [
+    "BUILTIN_RULES",
+    "KRONECKER_RULES",
+    "conv_rule",
+    "embedding_rule",
+    "linear_rule",
+    "norm_rule",
+]
 
 
 def linear_rule(call: RuleCall) -> dict[str, Factor]:
@@ -66,7 +66,7 @@ def linear_rule(call: RuleCall) -> dict[str, Factor]:
         "weight": KroneckerFactor(b, x, module.weight.shape, max_chunk_bytes=call.max_chunk_bytes)
     }
     if module.bias is not None:
-        factors["bias"] = DenseFactor(_bias_columns(b), module.bias.shape)
+        factors["bias"] = BiasFactor(b, module.bias.shape)
     return factors
 
 
@@ -158,7 +158,7 @@ def conv_rule(call: RuleCall) -> dict[str, Factor]:
         )
     }
     if module.bias is not None:
-        factors["bias"] = DenseFactor(_bias_columns(b), module.bias.shape)
+        factors["bias"] = BiasFactor(b, module.bias.shape)
     return factors
 
 
@@ -276,3 +276,7 @@ BUILTIN_RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm2d: norm_rule,
     nn.BatchNorm3d: norm_rule,
 }
+
+#: The built-in rules whose weight factor has KFAC's form (registered with ``kronecker=True``;
+#: the others with ``kronecker=False``).
+KRONECKER_RULES: frozenset[Rule] = frozenset({linear_rule, conv_rule})

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curvkit.core.model_io import Inputs, call_model
 from curvkit.engines.guard import model_guard
-from curvkit.model_io import Inputs, call_model
 
 __all__ = ["ModuleCall", "Recording", "SharedSite", "record_forward"]
 
@@ -247,12 +247,15 @@ class _Recorder(TorchFunctionMode):
                 self.convolutional = "conv" in name or "pool" in name
             if func is F.linear and self._borrowed_linear(args, kwargs):
                 return self._linear_call(args, kwargs)
-            # A use outside every call of a module holding the parameter (in a hook, or by
-            # another module) is a site of the parameter as a shared tensor.
+            # A use outside every call of a leaf module holding the parameter (in a hook, by
+            # another module, or by a module with submodules) is a site of the parameter as a
+            # shared tensor. A module with submodules makes every tensor derived from its
+            # parameters a site (see _within); its direct uses must be sites too, or the
+            # generic rule of its whole call would count the derived uses a second time.
             unheld = set()
             for index in uses:
                 holder = None if index is None else self._holder(index)
-                if holder is not None:
+                if holder is not None and next(holder.module.children(), None) is None:
                     self.uses.append((index, holder))
                 elif index is not None:
                     unheld.add(index)
@@ -502,7 +505,7 @@ def record_forward(
 
     Args:
         model: The model.
-        inputs: The model's inputs (see :func:`curvkit.model_io.call_model`).
+        inputs: The model's inputs (see :func:`curvkit.core.model_io.call_model`).
         params: The requested parameters (each one in ``model``).
         build_graph: Whether to record the autograd graph (a probe pass needs none).
         forward_hooks: Whether the user's forward hooks run (not in checking passes).

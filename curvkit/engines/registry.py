@@ -48,7 +48,16 @@ from curvkit.engines.factor import Factor
 from curvkit.engines.generic import sample_axis
 from curvkit.engines.recording import ModuleCall
 
-__all__ = ["Decline", "Rule", "RuleCall", "RuleHandle", "register_rule", "rule_for", "rule_name"]
+__all__ = [
+    "Decline",
+    "Rule",
+    "RuleCall",
+    "RuleHandle",
+    "declares_kronecker",
+    "register_rule",
+    "rule_for",
+    "rule_name",
+]
 
 
 class Decline(Exception):
@@ -185,11 +194,13 @@ class RuleHandle:
     Attributes:
         module_type: The module class the rule is registered for.
         rule: The rule.
+        kronecker: What the rule declared about its weight's factor (:func:`register_rule`).
     """
 
-    def __init__(self, module_type: type[nn.Module], rule: Rule) -> None:
+    def __init__(self, module_type: type[nn.Module], rule: Rule, kronecker: bool | None) -> None:
         self.module_type = module_type
         self.rule = rule
+        self.kronecker = kronecker
 
     def remove(self) -> None:
         """Undo the registration: the rule registered before it (if any) is active again.
@@ -217,7 +228,13 @@ class RuleHandle:
         return f"RuleHandle({self.module_type.__qualname__}, {rule_name(self.rule)})"
 
 
-def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = False) -> RuleHandle:
+def register_rule(
+    module_type: type[nn.Module],
+    rule: Rule,
+    *,
+    replace: bool = False,
+    kronecker: bool | None = None,
+) -> RuleHandle:
     """Use ``rule`` for every call of a module whose class is exactly ``module_type``.
 
     Args:
@@ -226,6 +243,12 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = F
         rule: The :class:`Rule`, called as ``rule(call: RuleCall) -> dict[str, Factor]``.
         replace: Allow replacing a rule already registered for ``module_type`` (a built-in
             one included); the handle's :meth:`~RuleHandle.remove` brings it back.
+        kronecker: Declares the kind of factor the rule gives the module's ``weight``: ``True``
+            for a factor of KFAC's form (:attr:`~curvkit.engines.Factor.kronecker_outputs`,
+            a :class:`~curvkit.engines.KroneckerFactor`), ``False`` for none, ``None`` (not
+            declared) to decide from the factors when they are computed. KFAC covers the
+            weight of a module whose rule declares ``True`` and refuses, before computing
+            anything, one whose rule declares ``False`` (:func:`declares_kronecker`).
 
     Returns:
         A handle whose :meth:`~RuleHandle.remove` undoes the registration.
@@ -249,7 +272,9 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = F
             f"a rule is registered for {module_type.__qualname__} already "
             f"({rule_name(_active[module_type])}); pass replace=True to replace it"
         )
-    handle = RuleHandle(module_type, rule)
+    if kronecker is not None and not isinstance(kronecker, bool):
+        raise TypeError(f"kronecker must be True, False or None, got {kronecker!r}")
+    handle = RuleHandle(module_type, rule, kronecker)
     _registrations.setdefault(module_type, []).append(handle)
     _active[module_type] = rule
     return handle
@@ -258,6 +283,17 @@ def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = F
 def rule_for(module_type: type[nn.Module]) -> Rule | None:
     """The rule registered for exactly ``module_type`` (not for a base class), or ``None``."""
     return _active.get(module_type)
+
+
+def declares_kronecker(module_type: type[nn.Module]) -> bool | None:
+    """What the active rule for exactly ``module_type`` declares about its weight's factor.
+
+    Returns:
+        ``True`` (a factor of KFAC's form), ``False`` (none, or no rule registered) or ``None``
+        (a rule that did not declare it: its factors decide when they are computed).
+    """
+    stack = _registrations.get(module_type)
+    return stack[-1].kronecker if stack else False
 
 
 def rule_name(rule: Rule) -> str:

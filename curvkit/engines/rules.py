@@ -17,7 +17,7 @@ from torch import Tensor
 
 from curvkit.engines.factor import Factor
 from curvkit.engines.generic import generic_factors
-from curvkit.engines.layer_rules import BUILTIN_RULES
+from curvkit.engines.layer_rules import BUILTIN_RULES, KRONECKER_RULES
 from curvkit.engines.recording import ModuleCall
 from curvkit.engines.registry import Decline, Rule, RuleCall, register_rule, rule_for, rule_name
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # The layer math knows nothing of the registry: the built-ins are registered where they are used.
 for _module_type, _rule in BUILTIN_RULES.items():
-    register_rule(_module_type, _rule)
+    register_rule(_module_type, _rule, kronecker=_rule in KRONECKER_RULES)
 
 
 def _checked(rule: Rule, call: RuleCall, factors: object) -> dict[str, Factor]:

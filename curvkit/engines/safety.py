@@ -5,7 +5,7 @@ The engine calls these around its forward and backward pass: modules known to mi
 mixing and the sample axes of recorded tensors (:func:`probe_first_sample`), the shape of the
 columns the caller hands over (:func:`check_columns`) and parameter uses the recording did not
 see (:func:`check_no_unseen_uses`). Quantities that do not use the engine
-(:mod:`curvkit.autodiff`) call them too.
+(:mod:`curvkit.engines.autodiff`) call them too.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
+from curvkit.core.model_io import Inputs, input_tensors, output_tensor
+from curvkit.core.validation import check_finite_outputs
 from curvkit.engines.guard import has_forward_hooks
 from curvkit.engines.recording import ModuleCall, Recording, record_forward
-from curvkit.model_io import Inputs, input_tensors, output_tensor
-from curvkit.ops.linalg import all_finite
 
 __all__ = [
     "attach_probes",
@@ -77,11 +77,7 @@ def probe_first_sample(
         ValueError: If the batch's outputs are not finite, or the outputs differ beyond
             floating-point noise.
     """
-    if outputs.is_floating_point() and not all_finite(outputs):
-        raise ValueError(
-            "the model's outputs hold NaN or inf although its inputs are finite (an overflow, "
-            "a log of 0, non-finite parameters?), so their curvature is undefined"
-        )
+    check_finite_outputs(outputs)
     tensors = input_tensors(inputs)
     if not all(x.dim() > 0 and x.shape[0] == num_samples for x in tensors):
         return {}

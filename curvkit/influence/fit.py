@@ -31,15 +31,15 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from curvkit.data import Data, Inputs
+from curvkit.core.data import Data, Inputs
+from curvkit.core.model_io import sample_layout
 from curvkit.engines import Factor
+from curvkit.engines.memory import MemoryPlanError
 from curvkit.influence.factors import BlockCurvature, InfluenceFactors
 from curvkit.influence.layout import Block, block_factor, plan_blocks
 from curvkit.influence.objectives import gradient_columns, summed_loss
 from curvkit.losses import LossFunction
-from curvkit.memory import MemoryPlanError
-from curvkit.model_io import sample_layout
-from curvkit.problem import Params, Problem
+from curvkit.quantities.context import Params, Problem
 
 __all__ = ["CURVATURES", "FISHER_TYPES", "MAX_DENSE_BLOCK", "fit_factors"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.engines import Factor, KroneckerFactor
-from curvkit.kfac import plan_layers
+from curvkit.quantities.kfac import plan_layers
 
 __all__ = ["Block", "block_factor", "plan_blocks"]
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvkit import data as data_utils
-from curvkit.data import Data
+from curvkit.core import data as data_utils
+from curvkit.core.data import Data
+from curvkit.core.model_io import num_input_samples
 from curvkit.engines import Factor
-from curvkit.first_order import EFOperator, diag_ef
-from curvkit.ggn import GGNOperator, diag_ggn
 from curvkit.influence.factors import HEURISTIC_DAMPING, InfluenceFactors
 from curvkit.influence.layout import Block, join_flat, split_flat
 from curvkit.losses import LossFunction
-from curvkit.model_io import num_input_samples
+from curvkit.quantities.first_order import EFOperator, diag_ef
+from curvkit.quantities.ggn import GGNOperator, diag_ggn
 
 __all__ = ["CG_TOLERANCE", "BlockPreconditioner", "ExactPreconditioner", "count_examples"]
 

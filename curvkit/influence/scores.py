@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.data import Data, concatenate, distributed_world
+from curvkit.core.data import Data, concatenate, distributed_world
+from curvkit.core.groups import normalize_param_groups
 from curvkit.engines import Factor
-from curvkit.groups import normalize_param_groups
 from curvkit.influence.factors import InfluenceFactors, check_damping
 from curvkit.influence.fit import CURVATURES, fit_factors
 from curvkit.influence.layout import (
@@ -33,7 +33,7 @@ from curvkit.influence.objectives import QueryLoss, gradient_columns, summed_los
 from curvkit.influence.preconditioners import BlockPreconditioner, ExactPreconditioner
 from curvkit.influence.streaming import ChunkPlan, example_chunks, gather_examples
 from curvkit.losses import LossFunction
-from curvkit.problem import Params
+from curvkit.quantities.context import Params
 
 __all__ = ["EXACT_CURVATURES", "pairwise_scores", "self_scores"]
 

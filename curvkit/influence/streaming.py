@@ -10,11 +10,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from curvkit import data as data_utils
-from curvkit.data import Data
+from curvkit.core import data as data_utils
+from curvkit.core.data import Data
+from curvkit.core.model_io import num_input_samples
 from curvkit.engines import Factor, iter_factors
-from curvkit.memory import MemoryPlan, MemoryPlanError
-from curvkit.model_io import num_input_samples
+from curvkit.engines.memory import MemoryPlan, MemoryPlanError
 
 __all__ = ["ChunkPlan", "example_chunks", "gather_examples"]
 
@@ -75,7 +75,7 @@ def example_chunks(
         params: The parameters.
         columns: Maps a batch's targets to the engine's column function.
         chunk_size: The most examples per chunk.
-        progress: Progress bar switch (:func:`curvkit.data.show_progress`).
+        progress: Progress bar switch (:func:`curvkit.core.data.show_progress`).
         description: The bar's label.
 
     Yields:

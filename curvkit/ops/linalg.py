@@ -70,25 +70,43 @@ def all_finite(tensor: Tensor) -> bool:
 NEGLIGIBLE_CHUNK_ENTRIES = 2**20
 
 
-def without_negligible(columns: Tensor, num_samples: int) -> Tensor:
+def without_negligible(columns: Tensor, num_samples: int, *, absolute: bool = True) -> Tensor:
     r"""``columns`` ``[K, N rows, ...]`` with the entries too small to matter set to zero.
 
     An entry is negligible below :math:`\varepsilon^2` times the largest entry of its column
-    for the same sample (:math:`\varepsilon` the dtype's machine epsilon: its share of every
-    curvature quantity is below :math:`\varepsilon^2` of that sample's), or below the square
-    root of the smallest normal number (``finfo.tiny``, about 1e-19 in float32: its square,
-    of which the curvature is made, underflows). A confident classifier's columns hold many such
-    entries (probabilities of 1e-30, and whole columns of that size where the sampled class is
-    the certain one), and what is computed from them underflows into subnormal numbers, with
-    which x86 CPUs compute a hundred times slower: on a language model with a saturated softmax
-    a few thousand such entries among eight million made the backward pass 25 times slower.
+    for the same sample (:math:`\varepsilon` the dtype's machine epsilon), and, with
+    ``absolute``, also below the square root of the smallest normal number (``finfo.tiny``,
+    about 1e-19 in float32). A confident classifier's square-root columns hold many such entries
+    (probabilities of 1e-30, and whole columns of that size where the sampled class is the
+    certain one), and what is computed from them underflows into subnormal numbers, with which
+    x86 CPUs compute a hundred times slower.
+
+    What this changes, exactly: for columns :math:`s` of which a quantity is a sum of squares
+    (:math:`\sum_k v_k v_k^\top` with :math:`v_k = J^\top s_k`: GGN diagonals, blocks, Gram
+    matrices, Kronecker factors), a dropped entry's share of its sample's term is below
+    :math:`\varepsilon^2` of that term, or below ``finfo.tiny`` in absolute value. For a vector
+    that enters a product linearly (the output-space vector :math:`H J u` of a GGN-vector
+    product), pass ``absolute=False``: the relative threshold scales with the vector, so the set
+    of dropped entries, and the product's homogeneity, do not depend on the vector's scale.
+    First-order columns (loss gradients) must never pass through here: their entries are the
+    result itself.
+
+    Args:
+        columns: The columns ``[K, N rows, ...]``.
+        num_samples: :math:`N`; each sample's rows are compared with that sample's largest.
+        absolute: Also drop entries below the square root of ``finfo.tiny``.
+
+    Returns:
+        ``columns`` itself if nothing is negligible, else a copy with those entries zero.
     """
     if not columns.is_floating_point():
         return columns
     finfo = torch.finfo(columns.dtype)
     per_sample = columns.reshape(columns.shape[0], num_samples, -1)
     smallest, largest = torch.aminmax(per_sample, dim=2, keepdim=True)
-    floor = (torch.maximum(largest, -smallest) * finfo.eps**2).clamp_min(finfo.tiny**0.5)
+    floor = torch.maximum(largest, -smallest) * finfo.eps**2
+    if absolute:
+        floor = floor.clamp_min(finfo.tiny**0.5)
     # Comparisons a chunk of samples at a time (their masks stay small), and a copy only
     # when an entry is negligible.
     step = max(1, NEGLIGIBLE_CHUNK_ENTRIES // max(per_sample[:, :1].numel(), 1))
@@ -369,8 +387,8 @@ def symmetric_gram(
     into the output in place and copied, transposed, into the block column below the diagonal;
     each diagonal block is averaged with its transpose, so the result is exactly symmetric, and
     no memory beyond the output and one diagonal block is taken. The copy costs a fixed time per
-    entry, where the saving grows with the rows, so small matrices take one product (whose
-    result is what the BLAS makes it).
+    entry, where the saving grows with the rows, so small matrices take one product, averaged
+    with its transpose: a BLAS does not promise a symmetric ``Z^T Z``, and the result always is.
 
     Args:
         chunks: One tensor ``[G, M, D]`` or a sequence of them (views are fine: a product reads
@@ -410,7 +428,7 @@ def symmetric_gram(
         for i, z in enumerate(parts):
             # beta=0 ignores the uninitialised output, NaNs included.
             out.baddbmm_(z.mT, z, beta=0 if i == 0 else 1, alpha=scale)
-        return out
+        return out.add_(out.mT.clone()).mul_(0.5)
     edges = [round(i * columns / blocks) for i in range(blocks + 1)]
     for lo, hi in itertools.pairwise(edges):
         size = hi - lo

@@ -1,6 +1,6 @@
 """Optimizers: the MultiOptimizer family, per-parameter optimizers and curvature-based steps.
 
-:mod:`curvkit.optim.pyro` is Pyro's ``pyro.optim`` by its own names (``Adam({"lr": ...})``,
+:mod:`curvkit.compat.pyro` is Pyro's ``pyro.optim`` by its own names (``Adam({"lr": ...})``,
 ``ClippedAdam(optim_args)``, ...); its classes ``PyroOptim``, ``PyroLRScheduler`` and
 ``PyroMultiOptimizer`` are also here. Where a Pyro name would clash with curvkit's (``ClippedAdam``,
 ``AdagradRMSProp`` and ``DCTAdam`` are torch optimizer classes here), this module keeps

@@ -9,7 +9,7 @@ Each step computes, per parameter group, the step of :func:`curvkit.damped_newto
 on the current batch (:math:`e_k`, :math:`\lambda_k`: the GGN eigenpairs that the group's
 criterion selects; :math:`\delta_k`: its damping) and moves the group's parameters by
 :math:`\eta s` with the group's learning rate :math:`\eta`. The curvature work is done by
-:mod:`curvkit.directional`; this class only holds the options and applies the update.
+:mod:`curvkit.quantities.directional`; this class only holds the options and applies the update.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.directional import GROUP_DEFAULTS, damped_newton_step_and_loss
-from curvkit.groups import normalize_param_groups
+from curvkit.core.groups import normalize_param_groups
 from curvkit.losses import check_mc_samples
+from curvkit.quantities.directional import GROUP_DEFAULTS, damped_newton_step_and_loss
 
 __all__ = ["DampedNewton"]
 
@@ -47,7 +47,7 @@ class DampedNewton(torch.optim.Optimizer):
             ``{"params": ..., "lr": ..., "damping": ..., "criterion": ...}``.
         lr: Learning rate :math:`\eta`, positive: the update is :math:`\eta s`.
         damping: A non-negative number, or ``damping(evals, evecs, gammas, lambdas) -> Tensor
-            [K]`` (see :mod:`curvkit.directional`).
+            [K]`` (see :mod:`curvkit.quantities.directional`).
         criterion: ``criterion(evals) -> list[int]`` selecting the directions; ``None`` keeps the
             eigenvalues above a relative threshold (:func:`curvkit.default_criterion`).
             :func:`curvkit.top_k` is the usual choice and the fastest.
@@ -57,7 +57,7 @@ class DampedNewton(torch.optim.Optimizer):
     Raises:
         TypeError: If ``model`` is not a module or ``mc_samples`` not an int.
         ValueError: For a non-positive or non-finite learning rate, a negative ``mc_samples``, or
-            invalid groups (see :func:`curvkit.groups.normalize_param_groups`).
+            invalid groups (see :func:`curvkit.core.groups.normalize_param_groups`).
     """
 
     def __init__(

@@ -55,7 +55,7 @@ def gauss_newton_matrix_approximation(
 
     Args:
         model: The network; ``model(inputs)`` returns the outputs with the batch dimension
-            first, as for :func:`curvkit.ggn.diag_ggn`.
+            first, as for :func:`curvkit.quantities.ggn.diag_ggn`.
         loss_fn: ``nn.MSELoss`` or ``F.mse_loss`` (any reduction): it is only checked, the
             quantity does not depend on it.
         inputs: The batch's inputs.

@@ -1,6 +1,0 @@
-"""Pyro's ``pyro.optim.clipped_adam``: :class:`ClippedAdam` with Pyro's defaults."""
-
-from curvkit.optim import clipped_adam
-from curvkit.optim.pyro._defaults import with_pyro_eps
-
-ClippedAdam = with_pyro_eps(clipped_adam.ClippedAdam, __name__, positional=["centered_variance"])
