@@ -6,6 +6,9 @@ import importlib
 from typing import Any
 
 from curvkit import _moved, influence
+from curvkit.operators.ef import EFOperator
+from curvkit.operators.ggn import GGNOperator
+from curvkit.operators.hessian import HessianOperator
 from curvkit.operators.kfac import EKFACOperator, KFACOperator
 from curvkit.quantities.directional import (
     damped_newton_step,
@@ -15,14 +18,12 @@ from curvkit.quantities.directional import (
     top_k,
 )
 from curvkit.quantities.first_order import (
-    EFOperator,
     batch_gradients,
     batch_l2_norms,
     diag_ef,
     gradient_variance,
 )
 from curvkit.quantities.ggn import (
-    GGNOperator,
     diag_ggn,
     gauss_newton_diagonal,
     ggn_columns,
@@ -30,7 +31,6 @@ from curvkit.quantities.ggn import (
     ggn_vector_product,
 )
 from curvkit.quantities.hessian import (
-    HessianOperator,
     diag_hessian,
     hessian_matrix,
     hessian_vector_product,

@@ -50,6 +50,35 @@ MOVED: dict[str, str] = {
 }
 
 
+#: Module -> {attribute: the module it moved to}: classes that moved up a layer. The old module
+#: answers them through its ``__getattr__`` (:func:`moved_attribute`), so that it does not import
+#: the layer above it.
+MOVED_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "curvkit.quantities.first_order": {"EFOperator": "curvkit.operators.ef"},
+    "curvkit.quantities.ggn": {"GGNOperator": "curvkit.operators.ggn"},
+    "curvkit.quantities.hessian": {"HessianOperator": "curvkit.operators.hessian"},
+}
+
+
+def moved_attribute(module: str, name: str) -> object:
+    """The attribute ``name`` of ``module`` that moved to another module (PEP 562).
+
+    Args:
+        module: The old module's name.
+        name: The attribute looked up on it and not found.
+
+    Returns:
+        The attribute, imported from its new module.
+
+    Raises:
+        AttributeError: If ``name`` did not move from ``module``.
+    """
+    place = MOVED_ATTRIBUTES.get(module, {}).get(name)
+    if place is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(place), name)
+
+
 def new_name(name: str) -> str | None:
     """The current name of a module imported by its old name, or ``None`` if it did not move.
 

@@ -172,10 +172,14 @@ def test_operands_are_not_modified(spd):
         (lambda op: op.inverse(0.1, method="lu"), ValueError, "unknown method 'lu'"),
         (lambda op: op.inverse(0.1, method="woodbury"), ValueError, "needs a square-root"),
         (lambda op: op.inverse(0.1, method="cg", scale=2.0), TypeError, "takes the options"),
-        (lambda op: op.inverse(-1.0), ValueError, "finite damping >= 0"),
-        (lambda op: op.inverse(float("nan"), method="neumann"), ValueError, "finite damping"),
-        (lambda op: op.inverse(0.1, tol=-1.0), ValueError, "tol must be a float >= 0"),
-        (lambda op: op.inverse(0.1, max_iters=0), ValueError, "max_iters must be a positive"),
+        (lambda op: op.inverse(-1.0), ValueError, "damping must be >= 0"),
+        (
+            lambda op: op.inverse(float("nan"), method="neumann"),
+            ValueError,
+            "damping must be a finite",
+        ),
+        (lambda op: op.inverse(0.1, tol=-1.0), ValueError, "tol must be >= 0"),
+        (lambda op: op.inverse(0.1, max_iters=0), ValueError, "max_iters must be an integer >= 1"),
         (lambda op: op.inverse(0.1, method="neumann", scale=-1.0), ValueError, "scale must be"),
     ],
 )

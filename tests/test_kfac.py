@@ -20,6 +20,16 @@ from curvkit.engines import Decline, Factor, KroneckerFactor, RuleCall, register
 DTYPE = torch.float64
 
 
+def close(actual: Tensor, expected: Tensor) -> bool:
+    """Equal to float64 rounding, relative 1e-10.
+
+    The products, inverses and determinants here are a few small factorisations deep.
+    """
+    return torch.allclose(
+        actual, expected, rtol=1e-10, atol=1e-12 * float(expected.detach().abs().max())
+    )
+
+
 @pytest.fixture(autouse=True)
 def _float64():
     default = torch.get_default_dtype()
@@ -122,7 +132,7 @@ def test_deep_linear_network_mse_is_exact(approx: str, pooled: bool, reduction: 
     start = 0
     for p in model.parameters():
         stop = start + p.numel()
-        assert torch.allclose(kfac[start:stop, start:stop], ggn[start:stop, start:stop])
+        assert close(kfac[start:stop, start:stop], ggn[start:stop, start:stop])
         start = stop
 
 
@@ -185,8 +195,8 @@ def test_factors_equal_their_definitions(fisher_type: str, reduction: str):
                 reference_b[name] = reference_b[name] + torch.outer(g[n], g[n])
     for name, (x, _) in store.items():
         block = op.factors[name]
-        assert torch.allclose(block.A, x.T @ x / len(x))
-        assert torch.allclose(block.B, reference_b[name])
+        assert close(block.A, x.T @ x / len(x))
+        assert close(block.B, reference_b[name])
         assert block.params == {"weight": 0 if name == "0" else 2, "bias": 1 if name == "0" else 3}
 
 
@@ -234,7 +244,7 @@ def test_ekfac_eigenvalues_are_the_exact_second_moments_in_the_eigenbasis():
         block = block[order][:, order]
         basis = torch.kron(qb[0], qa[0])
         expected = (basis.T @ block @ basis).diagonal().reshape(o, i + 1)
-        assert torch.allclose(op.eigenvalues[name]["joint"][0], expected)
+        assert close(op.eigenvalues[name]["joint"][0], expected)
         start += size
 
 
@@ -253,10 +263,10 @@ def operator(request) -> KFACOperator:
 
 def test_scalars_match_dense_linear_algebra(operator: KFACOperator):
     dense = operator.to_dense()
-    assert torch.allclose(dense, dense.T)
+    assert close(dense, dense.T)
     eye = torch.eye(dense.shape[0])
-    assert torch.allclose(operator.trace(), dense.trace())
-    assert torch.allclose(operator.frobenius_norm(), dense.norm())
+    assert close(operator.trace(), dense.trace())
+    assert close(operator.frobenius_norm(), dense.norm())
     assert torch.allclose(operator.logdet(damping=0.1), torch.logdet(dense + 0.1 * eye))
     assert torch.allclose(operator.det(damping=1.0), torch.det(dense + eye))
 
@@ -266,9 +276,9 @@ def test_inverse_matches_dense_inverse(operator: KFACOperator):
     eye = torch.eye(dense.shape[0])
     for method in (None, "eigen", "exact"):
         inverse = operator.inverse(damping=1e-2, method=method)
-        assert torch.allclose(inverse.to_dense(), torch.linalg.inv(dense + 1e-2 * eye))
+        assert close(inverse.to_dense(), torch.linalg.inv(dense + 1e-2 * eye))
     vector = torch.randn(dense.shape[0])
-    assert torch.allclose(operator.inverse(1e-2) @ (operator @ vector + 1e-2 * vector), vector)
+    assert close(operator.inverse(1e-2) @ (operator @ vector + 1e-2 * vector), vector)
 
 
 def test_heuristic_damping_is_pi_damping_of_each_factor():
@@ -286,9 +296,9 @@ def test_heuristic_damping_is_pi_damping_of_each_factor():
             torch.linalg.inv(a + pi * damping**0.5 * eye_a),
         )
         stop = start + weight.shape[0]
-        assert torch.allclose(dense[start:stop, start:stop], weight)
+        assert close(dense[start:stop, start:stop], weight)
         bias = torch.linalg.inv(b + damping * eye_b)
-        assert torch.allclose(dense[stop : stop + b.shape[0], stop : stop + b.shape[0]], bias)
+        assert close(dense[stop : stop + b.shape[0], stop : stop + b.shape[0]], bias)
         start = stop + b.shape[0]
     with pytest.raises(ValueError, match="heuristic"):
         EKFACOperator(model, nn.CrossEntropyLoss(), batch("mlp", 8)).inverse(
@@ -301,11 +311,11 @@ def test_products_on_flat_matrices_and_parameter_lists():
     op = KFACOperator(model, nn.CrossEntropyLoss(), batch("mlp", 8))
     dense = op.to_dense()
     matrix = torch.randn(dense.shape[0], 3)
-    assert torch.allclose(op @ matrix, dense @ matrix)
+    assert close(op @ matrix, dense @ matrix)
     shaped = [torch.randn(*p.shape) for p in model.parameters()]
     flat = torch.cat([s.reshape(-1) for s in shaped])
     result = op @ shaped
-    assert torch.allclose(torch.cat([r.reshape(-1) for r in result]), dense @ flat)
+    assert close(torch.cat([r.reshape(-1) for r in result]), dense @ flat)
 
 
 def test_grouped_convolution_has_one_factor_pair_per_group():
@@ -319,10 +329,10 @@ def test_grouped_convolution_has_one_factor_pair_per_group():
     patches = nn.functional.unfold(inputs, 3).reshape(5, 2, 18, 16)  # [N, G, I, T]
     for g in range(2):
         x = patches[:, g].transpose(1, 2).reshape(-1, 18)
-        assert torch.allclose(block.A[g], x.T @ x / len(x))
+        assert close(block.A[g], x.T @ x / len(x))
     dense = op.to_dense()
     expected = torch.block_diag(*(torch.kron(block.B[g], block.A[g]) for g in range(2)))
-    assert torch.allclose(dense, expected)
+    assert close(dense, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +388,7 @@ def test_monte_carlo_operator_is_one_fixed_estimate():
     ggn = curvkit.GGNOperator(
         model, nn.CrossEntropyLoss(), data, mc_samples=3, generator=torch.Generator().manual_seed(0)
     )
-    assert torch.allclose(ekfac.trace(), ggn.to_dense().trace())
+    assert close(ekfac.trace(), ggn.to_dense().trace())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +404,7 @@ def test_dataset_of_unequal_batches_equals_one_batch(reduction: str):
     for cls in (KFACOperator, EKFACOperator):
         whole = cls(model, loss_fn, (inputs, targets), kfac_approx="reduce").to_dense()
         parts = cls(model, loss_fn, loader, kfac_approx="reduce").to_dense()
-        assert torch.allclose(parts, whole)
+        assert close(parts, whole)
 
 
 def test_state_dict_restores_the_factors():
@@ -407,7 +417,7 @@ def test_state_dict_restores_the_factors():
             model[0].weight.add_(1.0)  # the restored operator must not recompute
         restored = cls(model, nn.CrossEntropyLoss(), data)
         restored.load_state_dict(state)
-        assert torch.allclose(restored.to_dense(), op.to_dense())
+        assert close(restored.to_dense(), op.to_dense())
         with torch.no_grad():
             model[0].weight.sub_(1.0)
     other = KFACOperator(model, nn.CrossEntropyLoss(), data, kfac_approx="reduce")
@@ -434,7 +444,7 @@ def test_bias_alone_uses_the_weights_output_factor():
     data = batch("sequence", 6)
     full = KFACOperator(model, nn.CrossEntropyLoss(), data)
     bias = KFACOperator(model, nn.CrossEntropyLoss(), data, params=[model[0].bias])
-    assert torch.allclose(bias.to_dense(), full.factors["0"].B)
+    assert close(bias.to_dense(), full.factors["0"].B)
     assert bias.factors["0"].A is None and bias.factors["0"].params == {"bias": 0}
 
 
@@ -540,12 +550,12 @@ def test_fallback_is_the_exact_diagonal_or_block(fallback: str):
     for size in sizes:
         block = ggn[start : start + size, start : start + size]
         expected = block.diagonal().diag() if fallback == "diagonal" else block
-        assert torch.allclose(dense[start : start + size, start : start + size], expected)
+        assert close(dense[start : start + size, start : start + size], expected)
         start += size
     assert torch.all(dense[: sizes[0], sizes[0] :] == 0)
     eye = torch.eye(dense.shape[0])
-    assert torch.allclose(op.inverse(0.1).to_dense(), torch.linalg.inv(dense + 0.1 * eye))
-    assert torch.allclose(op.logdet(0.1), torch.logdet(dense + 0.1 * eye))
+    assert close(op.inverse(0.1).to_dense(), torch.linalg.inv(dense + 0.1 * eye))
+    assert close(op.logdet(0.1), torch.logdet(dense + 0.1 * eye))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,9 +563,10 @@ def test_fallback_is_the_exact_diagonal_or_block(fallback: str):
 
 
 def test_an_infeasible_exact_square_root_is_refused_before_it_is_built(monkeypatch):
-    monkeypatch.setattr(curvkit.quantities.kfac, "MAX_EXACT_COLUMN_BYTES", 1000)
+    """The one memory plan refuses KFAC's exact columns, as every quantity's."""
+    monkeypatch.setattr(curvkit.engines.memory, "MAX_GRADIENTS", 2)
     op = KFACOperator(mlp(), nn.CrossEntropyLoss(), batch("mlp", 64))
-    with pytest.raises(ValueError, match=r"3 columns per sample.*fisher_type='mc'"):
+    with pytest.raises(curvkit.engines.memory.MemoryPlanError, match=r"3 columns per sample"):
         op.to_dense()
 
 
@@ -573,7 +584,7 @@ def test_bad_arguments_raise_clear_errors():
         KFACOperator(model, loss_fn, data, fallback="skip")
     with pytest.raises(ValueError, match="fisher_type='mc' only"):
         KFACOperator(model, loss_fn, data, mc_samples=4)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="mc_samples >= 1"):
         KFACOperator(model, loss_fn, data, fisher_type="mc", mc_samples=0)
     with pytest.raises(TypeError, match="separate_weight_and_bias"):
         KFACOperator(model, loss_fn, data, separate_weight_and_bias="yes")
@@ -735,7 +746,7 @@ def test_two_ranks_give_the_single_process_factors(tmp_path):
     expected = _distributed_operators(batch("sequence", 7))
     for rank in range(2):
         for actual, wanted in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
-            assert torch.allclose(actual, wanted)
+            assert close(actual, wanted)
 
 
 def test_a_layer_called_twice_counts_its_calls_as_positions():
@@ -757,6 +768,6 @@ def test_a_layer_called_twice_counts_its_calls_as_positions():
     block = KFACOperator(model, nn.CrossEntropyLoss(), data).factors["fc"]
     with torch.no_grad():
         calls = torch.cat([inputs, torch.tanh(model.fc(inputs))])
-    assert torch.allclose(block.A, calls.T @ calls / len(calls))
+    assert close(block.A, calls.T @ calls / len(calls))
     ggn = curvkit.ggn_matrix(model, nn.CrossEntropyLoss(), data)
-    assert torch.allclose(EKFACOperator(model, nn.CrossEntropyLoss(), data).trace(), ggn.trace())
+    assert close(EKFACOperator(model, nn.CrossEntropyLoss(), data).trace(), ggn.trace())

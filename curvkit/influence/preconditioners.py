@@ -20,8 +20,10 @@ from curvkit.engines import Factor
 from curvkit.influence.factors import HEURISTIC_DAMPING, InfluenceFactors
 from curvkit.influence.layout import Block, join_flat, split_flat
 from curvkit.losses import LossFunction
-from curvkit.quantities.first_order import EFOperator, diag_ef
-from curvkit.quantities.ggn import GGNOperator, diag_ggn
+from curvkit.operators.ef import EFOperator
+from curvkit.operators.ggn import GGNOperator
+from curvkit.quantities.first_order import diag_ef
+from curvkit.quantities.ggn import diag_ggn
 
 __all__ = ["CG_TOLERANCE", "BlockPreconditioner", "ExactPreconditioner", "count_examples"]
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from curvkit.core import data as data_utils
-from curvkit.core.data import Data, Inputs
+from curvkit.core.data import Data
+from curvkit.core.validation import check_damping, check_int
 from curvkit.losses import LossFunction
-from curvkit.operators.base import CurvatureOperator
+from curvkit.operators.base import CurvatureOperator, FactorOperator
 from curvkit.operators.inverse import WoodburyInverse
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
-from curvkit.quantities.factor_products import block_diagonal_matmul
 
 __all__ = ["DEFAULT_MAX_GRAM_SIZE", "GGNOperator"]
 
@@ -32,7 +32,7 @@ DEFAULT_MAX_GRAM_SIZE = 4096
 
 
 @fill_argument_docs
-class GGNOperator(CurvatureOperator):
+class GGNOperator(FactorOperator):
     r"""The GGN as a linear operator on flat vectors, :math:`u \mapsto G u`.
 
     ``op @ v`` (``v`` of shape ``[D]``), ``op @ M`` (``M`` of shape ``[D, J]``) and ``op @ [...]``
@@ -81,7 +81,7 @@ class GGNOperator(CurvatureOperator):
         progress: bool | None = None,
         max_memory: int | None = None,
     ) -> None:
-        self._problem = Problem(
+        problem = Problem(
             model,
             loss_fn,
             data,
@@ -92,79 +92,12 @@ class GGNOperator(CurvatureOperator):
             max_memory=max_memory,
             name="GGNOperator",
         )
-        self._set_domain(self._problem.params)
-        if mc_samples > 0:
-            self._fix_random_state(generator)
+        self._set_problem(problem, generator=generator)
 
     def __repr__(self) -> str:
         mc_samples = self._problem.mc_samples
         kind = "exact" if mc_samples == 0 else f"Monte-Carlo ({mc_samples} samples)"
         return f"GGNOperator(shape={self.shape}, dtype={self.dtype}, device={self.device}, {kind})"
-
-    def _replay_generator(self) -> None:
-        """Give the problem a generator in the state taken at construction."""
-        generator = self._replayed_generator()
-        if generator is not None:
-            self._problem.generator = generator
-
-    def _param_blocks(self, matrix: Tensor) -> list[Tensor]:
-        """Split ``[D, J]`` into one ``[J, *param.shape]`` block per parameter."""
-        params = self._problem.params
-        sizes = [p.numel() for p in params]
-        return [
-            block.T.reshape(-1, *p.shape)
-            for block, p in zip(matrix.split(sizes), params, strict=True)
-        ]
-
-    def quadratic_forms(self, matrix: Tensor) -> Tensor:
-        r"""Return the forms :math:`u_j^\top G u_j = \lVert V^\top u_j \rVert^2` of the columns.
-
-        Half the work of a product: only :math:`V^\top U`, summed over the groups' blocks.
-
-        Args:
-            matrix: ``[D, J]``, of the operator's dtype and device.
-
-        Returns:
-            ``[J]``.
-
-        Raises:
-            ValueError: For an operand of another shape, dtype or device.
-        """
-        if matrix.dim() != 2 or matrix.shape[0] != self.shape[1]:
-            raise ValueError(
-                f"quadratic_forms takes a [{self.shape[1]}, J] matrix, got {tuple(matrix.shape)}"
-            )
-        self._check_operand(matrix)
-        problem = self._problem
-        blocks = self._param_blocks(matrix)
-        self._replay_generator()
-
-        def batch_forms(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-            outputs, factors = problem.factors(inputs, targets, reuse=True)
-            forms = matrix.new_zeros(matrix.shape[1])
-            for group_factors, group_blocks in zip(
-                problem.by_group(factors), problem.by_group(blocks), strict=True
-            ):
-                coefficients = sum(
-                    f.t_mat(b) for f, b in zip(group_factors, group_blocks, strict=True)
-                )
-                forms = forms + coefficients.square().sum((0, 1))
-            return outputs, [forms]
-
-        return problem.reduce(batch_forms, passes=2)[0]
-
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        problem = self._problem
-        blocks = self._param_blocks(matrix)
-        self._replay_generator()
-
-        def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-            outputs, factors = problem.factors(inputs, targets, reuse=True)
-            product = block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))
-            return outputs, product
-
-        product = problem.reduce(batch_product, passes=2)
-        return torch.cat([p.reshape(p.shape[0], -1) for p in product], dim=1).T
 
     def inverse(
         self, damping: float, *, method: str | None = None, **options: Any
@@ -207,7 +140,9 @@ class GGNOperator(CurvatureOperator):
         """
         if method not in (None, "woodbury"):
             return super().inverse(damping, method=method, **options)
-        max_gram_size = options.pop("max_gram_size", DEFAULT_MAX_GRAM_SIZE)
+        max_gram_size = check_int(
+            options.pop("max_gram_size", DEFAULT_MAX_GRAM_SIZE), "max_gram_size", minimum=1
+        )
         problem = self._problem
         one_batch = data_utils.is_batch(problem.data) and data_utils.distributed_world() == 1
         if method is None and not one_batch:
@@ -218,8 +153,17 @@ class GGNOperator(CurvatureOperator):
                 f"takes only max_gram_size, got {sorted(options)}; pass method='cg' for "
                 "conjugate gradients with these options"
             )
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-            raise ValueError(f"the Woodbury inverse needs a damping > 0, got {damping!r}")
+        damping = check_damping(
+            damping,
+            positive=True,
+            why=(
+                "the GGN is singular whenever D > N C' (its rank is at most the number of "
+                "columns of its square root), so its inverse needs a damping; pass damping > 0"
+                if method is None
+                else "the Woodbury inverse divides by it; pass damping > 0, or method='cg' "
+                "for a positive definite GGN"
+            ),
+        )
         if not one_batch and problem.mc_samples > 0:
             raise ValueError(
                 "method='woodbury' joins the batches into one, which would draw other "

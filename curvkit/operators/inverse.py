@@ -32,8 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.core.validation import check_damping, check_int, check_real
 from curvkit.engines import Factor
+from curvkit.operators import base
 from curvkit.operators.base import CurvatureOperator
+from curvkit.randomized.spectral import lanczos_top_eigenpairs
 
 __all__ = [
     "ConjugateGradientInverse",
@@ -64,25 +67,19 @@ class SolveInfo:
     converged: bool
 
 
-def _check_damping(damping: float, *, positive: bool, method: str) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"damping must be a float, got {damping!r}")
-    if not math.isfinite(damping) or damping < 0 or (positive and damping == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"method={method!r} needs a finite damping {bound}, got {damping}")
-    return float(damping)
+#: A conjugate-gradient direction whose Rayleigh quotient is at most this many units of rounding
+#: (the dtype's eps) times the largest one met is taken as a null direction of the damped
+#: operator: the products cannot tell it from zero.
+SINGULAR_EPS_UNITS = 10
 
 
-def _check_count(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_tolerance(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
-    return float(value)
+def _refuse_non_finite(matrix: Tensor) -> None:
+    """Refuse a right-hand side with NaN or inf: every comparison with NaN is false."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(
+            "the right-hand side of the inverse's product has NaN or infinite entries; the "
+            "solve would be meaningless: pass a finite operand"
+        )
 
 
 class InverseOperator(CurvatureOperator):
@@ -144,19 +141,20 @@ class ConjugateGradientInverse(InverseOperator):
         atol: float = 0.0,
         max_iters: int | None = None,
     ) -> None:
-        super().__init__(operator, _check_damping(damping, positive=False, method="cg"))
+        super().__init__(operator, check_damping(damping))
         self.operator = operator
-        self.tol = _check_tolerance(tol, "tol")
-        self.atol = _check_tolerance(atol, "atol")
+        self.tol = check_real(tol, "tol", minimum=0.0)
+        self.atol = check_real(atol, "atol", minimum=0.0)
         default_iters = min(10 * operator.shape[0], 1000)
-        self.max_iters = _check_count(
-            default_iters if max_iters is None else max_iters, "max_iters"
+        self.max_iters = check_int(
+            default_iters if max_iters is None else max_iters, "max_iters", minimum=1
         )
 
     def _apply(self, matrix: Tensor) -> Tensor:
         return self.operator @ matrix + self.damping * matrix
 
     def _matmat(self, matrix: Tensor) -> Tensor:
+        _refuse_non_finite(matrix)
         solution = torch.zeros_like(matrix)
         residual = matrix.clone()
         rhs_norms = torch.linalg.vector_norm(matrix, dim=0)
@@ -164,14 +162,20 @@ class ConjugateGradientInverse(InverseOperator):
         squared = residual.square().sum(0)
         active = (squared.sqrt() > targets).nonzero().squeeze(1)
         direction = residual[:, active]
-        iterations = 0
+        iterations, largest = 0, 0.0
+        floor = SINGULAR_EPS_UNITS * torch.finfo(matrix.dtype).eps
         while active.numel() and iterations < self.max_iters:
             product = self._apply(direction)
             curvature = (direction * product).sum(0)
-            if not bool((curvature > 0).all()):
+            # A Rayleigh quotient at rounding level of the largest one met is a null direction:
+            # dividing by it would return a solution of norm 1/eps instead of an error.
+            quotients = curvature / direction.square().sum(0)
+            largest = max(largest, float(quotients.abs().max()))
+            if not bool((quotients > floor * largest).all()):
                 raise ValueError(
                     f"conjugate gradients met a direction p with p^T (A + {self.damping} I) p "
-                    "<= 0: the damped operator is not positive definite; increase the damping"
+                    "<= 0 (to rounding): the damped operator is singular or not positive "
+                    "definite; give a damping > 0 (or a larger one)"
                 )
             step = squared[active] / curvature
             solution[:, active] += step * direction
@@ -235,22 +239,17 @@ class NeumannInverse(InverseOperator):
         max_iters: int = 100,
         tol: float = 1e-5,
     ) -> None:
-        super().__init__(operator, _check_damping(damping, positive=False, method="neumann"))
+        super().__init__(operator, check_damping(damping))
         self.operator = operator
-        self.max_iters = _check_count(max_iters, "max_iters")
-        self.tol = _check_tolerance(tol, "tol")
+        self.max_iters = check_int(max_iters, "max_iters", minimum=1)
+        self.tol = check_real(tol, "tol", minimum=0.0)
         if scale is None:
-            from curvkit.randomized.spectral import (
-                lanczos_top_eigenpairs,  # spectral imports this module
-            )
-
             top = lanczos_top_eigenpairs(operator, 1, max_iters=min(20, operator.shape[0]))
             scale = 1 / (float(top.eigenvalues[0]) + self.damping)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale must be a float > 0, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = check_real(scale, "scale", minimum=0.0, strict=True)
 
     def _matmat(self, matrix: Tensor) -> Tensor:
+        _refuse_non_finite(matrix)
         rhs_norms = torch.linalg.vector_norm(matrix, dim=0)
         denominators = torch.where(rhs_norms > 0, rhs_norms, 1)
         term = self.scale * matrix
@@ -314,7 +313,10 @@ class WoodburyInverse(InverseOperator):
         factor_groups: Sequence[Sequence[Factor]],
         damping: float,
     ) -> None:
-        super().__init__(like, _check_damping(damping, positive=True, method="woodbury"))
+        super().__init__(
+            like,
+            check_damping(damping, positive=True, why="the Woodbury inverse divides by it"),
+        )
         self._groups = [list(factors) for factors in factor_groups]
         self._choleskys = []
         for factors in self._groups:
@@ -388,3 +390,6 @@ def inverse(
             f"method={method!r} takes the options {sorted(allowed[method])}, got {sorted(unknown)}"
         )
     return _METHODS[method](operator, damping, **options)
+
+
+base.use_iterative_inverse(inverse)

@@ -23,8 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.core.data import Data
+from curvkit.core.validation import check_damping
 from curvkit.losses import LossFunction
-from curvkit.operators.base import CurvatureOperator
+from curvkit.operators.base import CurvatureOperator, DataOperator
+from curvkit.ops.linalg import lapack_dtype
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
 from curvkit.quantities.kfac import (
     FALLBACKS,
@@ -38,6 +40,7 @@ from curvkit.quantities.kfac import (
     check_coverage,
     compute_kfac_blocks,
     eigenvalue_corrections,
+    grouped,
     plan_layers,
 )
 
@@ -52,13 +55,39 @@ PieceApply = Callable[[Tensor], Tensor]
 EIGEN_METHODS = (None, "eigen", "exact")
 
 
-def _grouped(tensor: Tensor) -> Tensor:
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor
-
-
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _without_rounding(values: Tensor) -> Tensor:
+    r"""Eigenvalues of a positive semi-definite matrix with those at rounding level set to zero.
+
+    An eigenvalue within :math:`m \epsilon \lambda_{\max}` of zero (:math:`m` entries per group)
+    cannot be told from zero by the arithmetic that computed it: cross-entropy's output factor
+    always has a null vector, computed as about :math:`\pm 10^{-17}`. Zero makes the singular
+    operator's log-determinant :math:`-\infty` and lets :meth:`KFACOperator.inverse` refuse it.
+    """
+    if values.numel() == 0:
+        return values
+    flat = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(1, -1)
+    largest = flat.abs().amax(-1, keepdim=True)
+    tolerance = flat.shape[-1] * torch.finfo(values.dtype).eps * largest
+    return torch.where(flat.abs() <= tolerance, 0, flat).reshape(values.shape)
+
+
+def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """The eigenpairs of symmetric factors ``[..., m, m]``, rounding-level eigenvalues zero.
+
+    Computed in a dtype LAPACK has (half precision in float32), returned in ``matrix``'s.
+    """
+    values, vectors = torch.linalg.eigh(matrix.to(lapack_dtype(matrix.dtype)))
+    return _without_rounding(values).to(matrix.dtype), vectors.to(matrix.dtype)
+
+
+def _inv(matrix: Tensor) -> Tensor:
+    """The inverse of ``matrix`` ``[m, m]``, computed in a dtype LAPACK has."""
+    return torch.linalg.inv(matrix.to(lapack_dtype(matrix.dtype))).to(matrix.dtype)
 
 
 class _Spectrum:
@@ -92,7 +121,7 @@ class _Spectrum:
 
 def _layer_parts(block: KroneckerBlock, pieces: list[Tensor]) -> dict[str, Tensor]:
     """The operand's parts of one layer: ``weight`` ``[G, O, I, J]``, ``bias`` ``[G, O, J]``."""
-    b = _grouped(block.B)
+    b = grouped(block.B)
     groups, outputs = b.shape[0], b.shape[1]
     parts = {}
     for name, position in block.params.items():
@@ -116,7 +145,7 @@ def _scatter(block: KroneckerBlock, parts: dict[str, Tensor], out: list[Tensor |
 
 
 @fill_argument_docs
-class KFACOperator(CurvatureOperator):
+class KFACOperator(DataOperator):
     r"""KFAC: the Fisher/GGN approximated by one Kronecker product per layer.
 
     For every Linear and convolution layer (and any layer whose registered rule gives a
@@ -187,29 +216,28 @@ class KFACOperator(CurvatureOperator):
             raise TypeError(
                 f"separate_weight_and_bias must be a bool, got {separate_weight_and_bias!r}"
             )
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         if fisher_type != "mc" and mc_samples != 1:
             raise ValueError(
-                f"mc_samples={mc_samples} applies to fisher_type='mc' only; with "
+                f"mc_samples={mc_samples!r} applies to fisher_type='mc' only; with "
                 f"fisher_type={fisher_type!r} leave it at 1"
             )
-        user = Problem(model, loss_fn, data, params, progress=progress, name=self.name)
-        self._set_domain(user.params)
-        self._plans, engine_params = plan_layers(model, user.params)
-        check_coverage(model, self._plans, fallback=fallback, fisher_type=fisher_type)
-        self._problem = Problem(
+        problem = Problem(
             model,
             loss_fn,
             data,
-            engine_params,
+            params,
             mc_samples=mc_samples if fisher_type == "mc" else 0,
             generator=generator,
             progress=progress,
             name=self.name,
         )
-        if fisher_type == "mc":
-            self._fix_random_state(generator)
+        if fisher_type == "mc" and problem.mc_samples == 0:
+            raise ValueError("fisher_type='mc' needs mc_samples >= 1 (samples per data point)")
+        # The engine's parameters are the user's: a bias alone gets its output factor from its
+        # own factor (plan_layers).
+        self._plans, _ = plan_layers(model, problem.params)
+        check_coverage(model, self._plans, fallback=fallback, fisher_type=fisher_type)
+        self._set_problem(problem, generator=generator)
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.kfac_approx = kfac_approx
@@ -226,12 +254,6 @@ class KFACOperator(CurvatureOperator):
         )
 
     # -- computing the factors ---------------------------------------------------------------
-
-    def _replay_generator(self) -> None:
-        """Give the problem a generator in the state taken at construction (same samples)."""
-        generator = self._replayed_generator()
-        if generator is not None:
-            self._problem.generator = generator
 
     def _compute(self) -> None:
         self._replay_generator()
@@ -269,8 +291,8 @@ class KFACOperator(CurvatureOperator):
         if self._spectra is None:
             spectra = []
             for block in self._kronecker_blocks():
-                lb, qb = torch.linalg.eigh(_grouped(block.B))
-                la, qa = (None, None) if block.A is None else torch.linalg.eigh(_grouped(block.A))
+                lb, qb = _eigh(grouped(block.B))
+                la, qa = (None, None) if block.A is None else _eigh(grouped(block.A))
                 values = {}
                 if block.joint:
                     values["joint"] = lb.unsqueeze(-1) * la.unsqueeze(-2)
@@ -285,7 +307,7 @@ class KFACOperator(CurvatureOperator):
 
     def _fallback_eigenvalues(self) -> list[Tensor]:
         return [
-            block.matrix if block.kind == "diagonal" else torch.linalg.eigvalsh(block.matrix)
+            _without_rounding(block.matrix) if block.kind == "diagonal" else _eigh(block.matrix)[0]
             for block in self._fallback_blocks
         ]
 
@@ -320,8 +342,8 @@ class KFACOperator(CurvatureOperator):
 
     @staticmethod
     def _layer_product(block: KroneckerBlock) -> LayerApply:
-        a = None if block.A is None else _grouped(block.A)
-        b = _grouped(block.B)
+        a = None if block.A is None else grouped(block.A)
+        b = grouped(block.B)
 
         def apply(parts: dict[str, Tensor]) -> dict[str, Tensor]:
             out = {}
@@ -355,9 +377,9 @@ class KFACOperator(CurvatureOperator):
         r"""Return :math:`\operatorname{tr} F = \sum \operatorname{tr} A \operatorname{tr} B`."""
         total = self._zero()
         for block in self._kronecker_blocks():
-            tr_b = _grouped(block.B).diagonal(dim1=-2, dim2=-1).sum(-1)
+            tr_b = grouped(block.B).diagonal(dim1=-2, dim2=-1).sum(-1)
             if block.A is not None:
-                tr_a = _grouped(block.A).diagonal(dim1=-2, dim2=-1).sum(-1)
+                tr_a = grouped(block.A).diagonal(dim1=-2, dim2=-1).sum(-1)
                 total = total + (tr_a * tr_b).sum()
             if "bias" in block.params and not block.joint:
                 total = total + tr_b.sum()
@@ -371,9 +393,9 @@ class KFACOperator(CurvatureOperator):
         r"""Return :math:`\|F\|_F`, with :math:`\|A \otimes B\|_F = \|A\|_F \|B\|_F`."""
         total = self._zero()
         for block in self._kronecker_blocks():
-            sq_b = _grouped(block.B).square().sum(dim=(-2, -1))
+            sq_b = grouped(block.B).square().sum(dim=(-2, -1))
             if block.A is not None:
-                total = total + (_grouped(block.A).square().sum(dim=(-2, -1)) * sq_b).sum()
+                total = total + (grouped(block.A).square().sum(dim=(-2, -1)) * sq_b).sum()
             if "bias" in block.params and not block.joint:
                 total = total + sq_b.sum()
         for block in self._fallback_blocks:
@@ -387,10 +409,10 @@ class KFACOperator(CurvatureOperator):
             damping: :math:`\delta \ge 0`.
 
         Returns:
-            The log-determinant (``-inf`` for a singular matrix, ``nan`` if rounding made an
-            eigenvalue negative without damping).
+            The log-determinant, ``-inf`` for a singular matrix (eigenvalues within rounding of
+            zero count as zero).
         """
-        damping = _check_damping(damping)
+        damping = check_damping(damping)
         return sum((v + damping).log().sum() for v in self._eigenvalues()) + self._zero()
 
     def det(self, damping: float = 0.0) -> Tensor:
@@ -438,15 +460,18 @@ class KFACOperator(CurvatureOperator):
             The inverse operator.
 
         Raises:
-            ValueError: For a negative damping, or heuristic damping of EKFAC.
+            ValueError: For a negative damping, heuristic damping of EKFAC, or zero damping of a
+                singular operator (cross-entropy's output factor always has a null vector).
             TypeError: For ``options`` with the Kronecker inverse.
         """
         if method not in EIGEN_METHODS:
             return super().inverse(damping, method=method, **options)  # type: ignore[misc]
         if options:
             raise TypeError(f"unexpected options for the Kronecker inverse: {sorted(options)}")
-        damping = _check_damping(damping)
+        damping = check_damping(damping)
         spectra = self._spectra_for_values()
+        if damping == 0 and not heuristic_damping:
+            self._refuse_singular()
         if heuristic_damping:
             spectra = [_heuristic(s, damping, min_damping) for s in self._heuristic_spectra()]
         else:
@@ -466,13 +491,23 @@ class KFACOperator(CurvatureOperator):
                     block.name,
                     block.position,
                     "block",
-                    torch.linalg.inv(block.matrix + damping * eye),
+                    _inv(block.matrix + damping * eye),
                 )
             fallback.append(inverse)
         return KFACInverseOperator(self, spectra, fallback)
 
     def _heuristic_spectra(self) -> list[_Spectrum]:
         return self._kronecker_spectra()
+
+    def _refuse_singular(self) -> None:
+        """Refuse the undamped inverse of a singular operator: it would return about 1/eps."""
+        zeros = sum(int((v == 0).sum()) for v in self._eigenvalues())
+        if zeros:
+            raise ValueError(
+                f"{self.name} is singular ({zeros} of its {self.shape[0]} eigenvalues are zero to "
+                "rounding; cross-entropy's output factor always has a null vector), so its "
+                "inverse needs a damping: pass damping > 0, e.g. 1e-3 * op.trace() / op.shape[0]"
+            )
 
     # -- state --------------------------------------------------------------------------------
 
@@ -505,13 +540,25 @@ class KFACOperator(CurvatureOperator):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Use the factors of :meth:`state_dict` instead of computing them.
 
+        The whole state is checked before anything of this operator changes. Tensors are moved
+        to the operator's device; their dtype must be the operator's.
+
         Args:
             state_dict: From :meth:`state_dict` of an operator with the same settings, on a
                 model of the same architecture and the same parameters.
 
         Raises:
-            ValueError: If the settings, layers or factor shapes differ from this operator's.
+            ValueError: If the settings, the layers' or parameters' names, the factor shapes or
+                the dtype differ from this operator's, or an entry is missing.
         """
+        blocks, fallback = self._read_state(state_dict)
+        self._blocks, self._fallback_blocks, self._spectra = blocks, fallback, None
+
+    def _read_state(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[list[KroneckerBlock], list[FallbackBlock]]:
+        """The checked blocks of a state, on the operator's device."""
+        _require(state_dict, ("factors", "fallback_blocks"), self.name)
         for key in (
             "fisher_type",
             "mc_samples",
@@ -525,15 +572,33 @@ class KFACOperator(CurvatureOperator):
                     f"{getattr(self, key)!r}"
                 )
         blocks = [
-            KroneckerBlock(name, dict(f["params"]), f["A"], f["B"], f["joint"])
+            KroneckerBlock(
+                name,
+                dict(f["params"]),
+                self._state_tensor(f["A"]),
+                self._state_tensor(f["B"]),
+                f["joint"],
+            )
             for name, f in state_dict["factors"].items()
         ]
         fallback = [
-            FallbackBlock(name, f["position"], f["kind"], f["matrix"])
+            FallbackBlock(name, f["position"], f["kind"], self._state_tensor(f["matrix"]))
             for name, f in state_dict["fallback_blocks"].items()
         ]
         self._check_state(blocks, fallback)
-        self._blocks, self._fallback_blocks, self._spectra = blocks, fallback, None
+        return blocks, fallback
+
+    def _state_tensor(self, tensor: Tensor | None) -> Tensor | None:
+        """A state's tensor on the operator's device, refused in another dtype."""
+        if tensor is None:
+            return None
+        if tensor.dtype != self.dtype:
+            raise ValueError(
+                f"the state's factors have dtype {tensor.dtype}, this operator {self.dtype}: "
+                "load a state saved from an operator of the same dtype (or build this operator "
+                f"on a model in {tensor.dtype})"
+            )
+        return tensor.to(self.device)
 
     def _check_state(self, blocks: list[KroneckerBlock], fallback: list[FallbackBlock]) -> None:
         covered = sorted(
@@ -544,39 +609,66 @@ class KFACOperator(CurvatureOperator):
                 f"the state covers parameters {covered}, this operator has "
                 f"{len(self.param_shapes)}: was it made for other params?"
             )
+        names = self._param_names()
         for block in blocks:
-            b = _grouped(block.B)
             for name, position in block.params.items():
-                size = self.param_shapes[position].numel()
-                expected = (
-                    b.shape[0]
-                    * b.shape[1]
-                    * (1 if name == "bias" else _grouped(block.A).shape[-1] - block.joint)
-                )
-                if size != expected:
+                if f"{block.module}.{name}".lstrip(".") != names[position]:
                     raise ValueError(
-                        f"the factors of {block.module!r} do not fit its {name} of "
-                        f"shape {tuple(self.param_shapes[position])}"
+                        f"the state's factors of {block.module!r} cover its {name}, but this "
+                        f"operator's parameter {position} is {names[position]!r}: the state was "
+                        "made for another model or other params"
                     )
+        for block in fallback:
+            if block.name != names[block.position]:
+                raise ValueError(
+                    f"the state's fallback block {block.name!r} is for parameter "
+                    f"{block.position}, which is {names[block.position]!r} here: the state was "
+                    "made for another model or other params"
+                )
+        for block in blocks:
+            self._check_block_shapes(block)
+
+    def _param_names(self) -> list[str]:
+        """The qualified names of the operator's parameters, in order."""
+        names = {id(p): name for name, p in self._problem.model.named_parameters()}
+        return [names[id(p)] for p in self._problem.params]
+
+    def _check_block_shapes(self, block: KroneckerBlock) -> None:
+        b = grouped(block.B)
+        for name, position in block.params.items():
+            size = self.param_shapes[position].numel()
+            expected = (
+                b.shape[0]
+                * b.shape[1]
+                * (1 if name == "bias" else grouped(block.A).shape[-1] - block.joint)
+            )
+            if size != expected:
+                raise ValueError(
+                    f"the factors of {block.module!r} do not fit its {name} of "
+                    f"shape {tuple(self.param_shapes[position])}"
+                )
 
 
-def _check_damping(damping: float) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"damping must be a non-negative number, got {damping!r}")
-    return float(damping)
+def _require(state_dict: Mapping[str, Any], keys: tuple[str, ...], name: str) -> None:
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"the state lacks {', '.join(map(repr, missing))}: pass the state_dict() of a "
+            f"{name} with the same settings"
+        )
 
 
 def _heuristic(spectrum: _Spectrum, damping: float, min_damping: float) -> _Spectrum:
     r"""Inverse eigenvalues with :math:`\pi`-damping of the two factors (weights only)."""
     block = spectrum.block
     values = {}
-    lb = torch.linalg.eigvalsh(_grouped(block.B))
+    lb = _eigh(grouped(block.B))[0]
     if "bias" in spectrum.values:
         values["bias"] = 1.0 / (lb + damping)
     if block.A is not None:
-        la = torch.linalg.eigvalsh(_grouped(block.A))
-        mean_a = _grouped(block.A).diagonal(dim1=-2, dim2=-1).mean(-1)
-        mean_b = _grouped(block.B).diagonal(dim1=-2, dim2=-1).mean(-1)
+        la = _eigh(grouped(block.A))[0]
+        mean_a = grouped(block.A).diagonal(dim1=-2, dim2=-1).mean(-1)
+        mean_b = grouped(block.B).diagonal(dim1=-2, dim2=-1).mean(-1)
         pi = (mean_a / mean_b).sqrt()
         root = math.sqrt(damping)
         damp_a = (pi * root).clamp(min=min_damping)
@@ -647,8 +739,8 @@ class EKFACOperator(KFACOperator):
         blocks = self._kronecker_blocks()
         bases = []
         for block in blocks:
-            qb = torch.linalg.eigh(_grouped(block.B)).eigenvectors
-            qa = None if block.A is None else torch.linalg.eigh(_grouped(block.A)).eigenvectors
+            qb = _eigh(grouped(block.B))[1]
+            qa = None if block.A is None else _eigh(grouped(block.A))[1]
             bases.append((qa, qb))
         self._replay_generator()
         weights = {plan.module: plan.weight for plan in self._plans}
@@ -660,7 +752,7 @@ class EKFACOperator(KFACOperator):
             fisher_type=self.fisher_type,
         )
         self._corrected = [
-            _Spectrum(block, qa, qb, values)
+            _Spectrum(block, qa, qb, {k: _without_rounding(v) for k, v in values.items()})
             for block, (qa, qb), values in zip(blocks, bases, corrections, strict=True)
         ]
 
@@ -703,13 +795,29 @@ class EKFACOperator(KFACOperator):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # noqa: D102
-        super().load_state_dict(state_dict)
-        assert self._blocks is not None
-        self._corrected = [
+        blocks, fallback = self._read_state(state_dict)
+        _require(state_dict, ("eigenvectors", "corrections"), self.name)
+        missing = [
+            block.module
+            for block in blocks
+            if block.module not in state_dict["eigenvectors"]
+            or block.module not in state_dict["corrections"]
+        ]
+        if missing:
+            raise ValueError(
+                f"the state has no eigenbasis or corrections for {missing}: pass the "
+                "state_dict() of an EKFACOperator with the same settings"
+            )
+        corrected = [
             _Spectrum(
                 block,
-                *state_dict["eigenvectors"][block.module],
-                dict(state_dict["corrections"][block.module]),
+                *(self._state_tensor(q) for q in state_dict["eigenvectors"][block.module]),
+                {
+                    k: self._state_tensor(v)
+                    for k, v in state_dict["corrections"][block.module].items()
+                },
             )
-            for block in self._blocks
+            for block in blocks
         ]
+        self._blocks, self._fallback_blocks, self._spectra = blocks, fallback, None
+        self._corrected = corrected

@@ -8,7 +8,7 @@ that sums over samples never form the :math:`g_n` of a Linear or convolution wei
 
 - :func:`diag_ef`: :math:`\sum_n g_n \odot g_n` is the factor's diagonal, one matmul of inner
   size :math:`N` for a Linear weight;
-- :class:`EFOperator`: :math:`F u = V (V^\top u)`;
+- :class:`curvkit.operators.ef.EFOperator`: :math:`F u = V (V^\top u)`;
 - :func:`batch_l2_norms`: :math:`\lVert g_n \rVert^2` from the norms of the factor's two sides
   (:math:`\lVert b_n \otimes x_n \rVert^2 = \lVert b_n \rVert^2 \lVert x_n \rVert^2`);
 - :func:`gradient_variance`: the diagonal and the gradient :math:`\sum_n g_n`;
@@ -39,17 +39,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit import losses
+from curvkit import _moved, losses
 from curvkit.core import data as data_utils
 from curvkit.core.data import BatchQuantity, Data, Inputs
 from curvkit.core.model_io import sample_layout
 from curvkit.engines import Factor
 from curvkit.losses import LossFunction
-from curvkit.operators.base import CurvatureOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
-from curvkit.quantities.factor_products import block_diagonal_matmul
 
-__all__ = ["EFOperator", "batch_gradients", "batch_l2_norms", "diag_ef", "gradient_variance"]
+__all__ = ["batch_gradients", "batch_l2_norms", "diag_ef", "gradient_variance"]
 
 
 def _output_gradient(loss_fn: LossFunction, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -161,9 +159,10 @@ class _EFProblem(_GradientProblem):
         return [t * ratio[0] for t in result]
 
 
-def _ef_problem(
+def ef_problem(
     model: nn.Module, loss_fn: LossFunction, data: Data, params: Params, name: str, **kwargs: Any
 ) -> _GradientProblem:
+    """The call context whose columns are the empirical Fisher's (:class:`_EFProblem`)."""
     return _EFProblem(model, loss_fn, data, params, name=name, **kwargs)
 
 
@@ -197,7 +196,7 @@ def diag_ef(
     Raises:
         TypeError, ValueError: As :func:`curvkit.quantities.ggn.diag_ggn`.
     """
-    problem = _ef_problem(
+    problem = ef_problem(
         model,
         loss_fn,
         data,
@@ -208,58 +207,6 @@ def diag_ef(
     )
     diagonal = problem.reduce(problem.summed_over_chunks(lambda fs: [f.diag() for f in fs]))
     return problem.per_group(diagonal)
-
-
-@fill_argument_docs
-class EFOperator(CurvatureOperator):
-    r"""The empirical Fisher as a linear operator, :math:`u \mapsto R \sum_n g_n g_n^\top u`.
-
-    Scaled as curvlinops' ``EFLinearOperator`` (module docstring), with the interface of
-    :class:`~curvkit.operators.ggn.GGNOperator`: ``op @ v``, ``op @ M``, ``op @ [...]``,
-    ``op.to_dense()``, ``op.to_scipy()``. For one batch, the per-sample gradients' factors are
-    formed on the first product and kept (the operator is the empirical Fisher at the
-    parameters' values then); for an iterable of batches, each product is a pass over the data.
-    With param groups, the operator is block diagonal, one block per group.
-
-    Args:
-        model: {model}
-        loss_fn: {loss_fn}
-        data: {data}
-        params: {params}
-        progress: {progress}
-
-    Raises:
-        TypeError, ValueError: As :func:`diag_ef`; ``ValueError`` if ``params`` do not share
-            one dtype and device.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFunction,
-        data: Data,
-        *,
-        params: Params = None,
-        progress: bool | None = None,
-    ) -> None:
-        self._problem = _ef_problem(model, loss_fn, data, params, "EFOperator", progress=progress)
-        self._set_domain(self._problem.params)
-
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        problem = self._problem
-        sizes = [p.numel() for p in problem.params]
-        blocks = [
-            block.T.reshape(-1, *p.shape)
-            for block, p in zip(matrix.split(sizes), problem.params, strict=True)
-        ]
-
-        def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-            outputs, factors = problem.factors(inputs, targets, reuse=True)
-            product = block_diagonal_matmul(problem.by_group(factors), problem.by_group(blocks))
-            return outputs, product
-
-        product = problem.reduce(batch_product, passes=2)
-        return torch.cat([p.reshape(p.shape[0], -1) for p in product], dim=1).T
 
 
 # -- per-sample quantities -------------------------------------------------------------------
@@ -449,3 +396,8 @@ def gradient_variance(
         for square_sum, gradient_sum in zip(totals[::2], totals[1::2], strict=True)
     ]
     return problem.per_group(variance)
+
+
+def __getattr__(name: str) -> object:
+    """``EFOperator`` moved up to :mod:`curvkit.operators.ef`; its old path keeps working."""
+    return _moved.moved_attribute(__name__, name)

@@ -47,13 +47,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from curvkit import _moved
 from curvkit.core import data as data_utils
 from curvkit.core.data import Data, Inputs
 from curvkit.core.validation import check_int
 from curvkit.engines import Factor
 from curvkit.engines.autodiff import ggn_product
 from curvkit.losses import LossFunction
-from curvkit.operators.ggn import GGNOperator as GGNOperator
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
 from curvkit.quantities.factor_products import (
     CHUNK_ELEMENTS,
@@ -383,3 +383,8 @@ def _check_columns_chunk_size(chunk_size: int | None, dim: int) -> int:
     if chunk_size is None:
         return max(1, CHUNK_ELEMENTS // max(1, dim))
     return check_int(chunk_size, "chunk_size", minimum=1)
+
+
+def __getattr__(name: str) -> object:
+    """``GGNOperator`` lives in :mod:`curvkit.operators.ggn`; its old path keeps working."""
+    return _moved.moved_attribute(__name__, name)

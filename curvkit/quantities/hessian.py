@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvkit import _moved
 from curvkit.core.autograd import batched_grad
 from curvkit.core.data import Data
 from curvkit.core.model_io import Inputs, call_model, output_tensor, sample_layout
@@ -41,12 +42,11 @@ from curvkit.engines import DEFAULT_CHUNK_BYTES, iter_factors
 from curvkit.engines.guard import model_guard
 from curvkit.engines.safety import refuse_sample_mixing
 from curvkit.losses import LossFunction
-from curvkit.operators.base import CurvatureOperator
 from curvkit.quantities import elementwise
 from curvkit.quantities.context import Params, Problem, fill_argument_docs
 from curvkit.quantities.factor_products import CHUNK_ELEMENTS
 
-__all__ = ["HessianOperator", "diag_hessian", "hessian_matrix", "hessian_vector_product"]
+__all__ = ["batch_hessian_products", "diag_hessian", "hessian_matrix", "hessian_vector_product"]
 
 
 def _group_products(loss: Tensor, params: list[Tensor], blocks: list[Tensor]) -> list[Tensor]:
@@ -68,25 +68,40 @@ def _group_products(loss: Tensor, params: list[Tensor], blocks: list[Tensor]) ->
     return batched_grad(outputs, params, vectors)
 
 
+def batch_hessian_products(
+    problem: Problem, inputs: Inputs, targets: Tensor, blocks: list[Tensor | None]
+) -> tuple[Tensor, list[Tensor]]:
+    """One batch's Hessian products per parameter; groups whose blocks are ``None`` skipped.
+
+    Args:
+        problem: The call context.
+        inputs: The batch's inputs.
+        targets: The batch's targets.
+        blocks: One ``[J, *param.shape]`` block (or ``None``) per parameter.
+
+    Returns:
+        ``(outputs, products)``, one product per parameter of the groups not skipped.
+    """
+    refuse_sample_mixing(problem.model)
+    # The fused attention kernels have no double backward; the math kernel computes the
+    # same attention with differentiable operations.
+    with model_guard(problem.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        outputs = output_tensor(call_model(problem.model, inputs))
+        check_finite_outputs(outputs)
+        loss = problem.loss_fn(outputs, targets)
+        products: list[Tensor] = []
+        for group, group_blocks in zip(problem.groups, problem.by_group(blocks), strict=True):
+            if group_blocks[0] is not None:
+                products += _group_products(loss, group["params"], group_blocks)
+    return outputs.detach(), [p.detach() for p in products]
+
+
 def _reduce_products(problem: Problem, blocks: list[Tensor | None], passes: int) -> list[Tensor]:
     """Hessian products per parameter over the data; groups whose blocks are ``None`` skipped."""
-    grouped = problem.by_group(blocks)
-
-    def batch_product(inputs: Inputs, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        refuse_sample_mixing(problem.model)
-        # The fused attention kernels have no double backward; the math kernel computes the
-        # same attention with differentiable operations.
-        with model_guard(problem.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            outputs = output_tensor(call_model(problem.model, inputs))
-            check_finite_outputs(outputs)
-            loss = problem.loss_fn(outputs, targets)
-            products: list[Tensor] = []
-            for group, group_blocks in zip(problem.groups, grouped, strict=True):
-                if group_blocks[0] is not None:
-                    products += _group_products(loss, group["params"], group_blocks)
-        return outputs.detach(), [p.detach() for p in products]
-
-    return problem.reduce(batch_product, passes=passes)
+    return problem.reduce(
+        lambda inputs, targets: batch_hessian_products(problem, inputs, targets, blocks),
+        passes=passes,
+    )
 
 
 @fill_argument_docs
@@ -136,50 +151,6 @@ def hessian_vector_product(
     if isinstance(vector, Tensor):
         return torch.cat([p.reshape(-1) for p in product])
     return problem.per_group(product)
-
-
-@fill_argument_docs
-class HessianOperator(CurvatureOperator):
-    r"""The Hessian as a linear operator on flat vectors, :math:`u \mapsto \nabla^2_\theta L\, u`.
-
-    ``op @ v`` (``[D]``), ``op @ M`` (``[D, J]``, all :math:`J` products in one batched double
-    backward pass per batch) and ``op @ [...]`` (a list shaped like the parameters);
-    ``op.to_dense()`` and ``op.to_scipy()`` as for :class:`~curvkit.operators.ggn.GGNOperator`. Each
-    product is a pass over the data at the parameters' current values (an iterable of batches
-    must be re-iterable). With param groups, the operator is the block-diagonal Hessian.
-
-    Args:
-        model: {model}
-        loss_fn: {loss_fn}
-        data: {data}
-        params: {params}
-        progress: {progress}
-
-    Raises:
-        TypeError, ValueError: As :func:`hessian_vector_product`; ``ValueError`` if ``params``
-            do not share one dtype and device.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFunction,
-        data: Data,
-        *,
-        params: Params = None,
-        progress: bool | None = None,
-    ) -> None:
-        self._problem = Problem(model, loss_fn, data, params, progress=progress, name="Hessian")
-        self._set_domain(self._problem.params)
-
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        params = self._problem.params
-        blocks: list[Tensor | None] = [
-            block.T.reshape(-1, *p.shape)
-            for block, p in zip(matrix.split([p.numel() for p in params]), params, strict=True)
-        ]
-        product = _reduce_products(self._problem, blocks, passes=2)
-        return torch.cat([p.reshape(p.shape[0], -1) for p in product], dim=1).T
 
 
 @fill_argument_docs
@@ -326,7 +297,8 @@ def diag_hessian(
         curvkit.quantities.elementwise.NotElementwiseError: A ``ValueError`` for a model outside
         that
             class; use :func:`curvkit.randomized.estimators.hutchinson_diag` or
-            :func:`curvkit.randomized.estimators.xdiag` with :class:`HessianOperator` instead.
+            :func:`curvkit.randomized.estimators.xdiag` with
+            :class:`curvkit.operators.hessian.HessianOperator` instead.
         TypeError, ValueError: As :func:`curvkit.quantities.ggn.diag_ggn`.
     """
     problem = Problem(model, loss_fn, data, params, progress=progress, name="diag_hessian")
@@ -354,3 +326,8 @@ def diag_hessian(
         return outputs.detach(), diagonal
 
     return problem.per_group(problem.reduce(batch_diag))
+
+
+def __getattr__(name: str) -> object:
+    """``HessianOperator`` moved up to :mod:`curvkit.operators.hessian`; its old path works."""
+    return _moved.moved_attribute(__name__, name)

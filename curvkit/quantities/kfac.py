@@ -68,6 +68,7 @@ __all__ = [
     "check_coverage",
     "compute_kfac_blocks",
     "eigenvalue_corrections",
+    "grouped",
     "plan_layers",
 ]
 
@@ -85,9 +86,6 @@ FALLBACKS = ("diagonal", "block", "error")
 #: The modules whose ``bias`` adds to every output position, so that it shares the weight's
 #: output factor :math:`B`. A bias of any other module goes to the fallback.
 ADDITIVE_BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-#: Largest exact square root of the loss Hessian (bytes) built without refusal.
-MAX_EXACT_COLUMN_BYTES = 2**31
 
 #: Largest fallback block (bytes) built without refusal; larger ones should use the diagonal.
 MAX_FALLBACK_BLOCK_BYTES = 2**30
@@ -223,21 +221,13 @@ def _columns_for(
         return None
 
     def exact_columns(outputs: Tensor) -> Tensor:
-        # The closed-form square roots have one column per output entry of a sample.
-        columns = outputs[0].numel()
-        needed = columns * outputs.numel() * outputs.element_size()
-        if needed > MAX_EXACT_COLUMN_BYTES:
-            raise ValueError(
-                f"the exact square root of the loss Hessian has {columns} columns per sample, "
-                f"{needed / 2**30:.1f} GiB for this batch before they are pushed back through "
-                "the model; use fisher_type='mc' (mc_samples columns) or smaller batches"
-            )
+        # The call context's memory plan refuses columns beyond the budget before building them.
         return problem.columns(outputs, targets)
 
     return exact_columns
 
 
-def _grouped(tensor: Tensor) -> Tensor:
+def grouped(tensor: Tensor) -> Tensor:
     """``[G, m, m]`` from a factor stored as ``[m, m]`` (one group) or ``[G, m, m]``."""
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor
 

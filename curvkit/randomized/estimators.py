@@ -34,10 +34,12 @@ exact whenever the rank of :math:`A` is below the sketch size, as their sketch t
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import torch
 from torch import Tensor
+
+from curvkit.core.validation import check_int
+from curvkit.ops.linalg import all_finite
+from curvkit.randomized.operand import MatrixLike, Operand, check_distribution
 
 __all__ = [
     "hutchinson_diag",
@@ -52,19 +54,9 @@ __all__ = [
 #: more than a block of probes at a time (Hutchinson's).
 PROBE_BLOCK_ELEMENTS = 2**25
 
-_DISTRIBUTIONS = ("rademacher", "normal")
 
-
-class MatrixLike(Protocol):
-    """An operator with ``shape`` ``(D, D)`` and ``@`` on ``[D, J]`` tensors."""
-
-    shape: Any
-
-    def __matmul__(self, other: Tensor) -> Tensor: ...
-
-
-class _Probe:
-    """The validated operator, with its dimension, dtype, device and the probe distribution."""
+class _Probe(Operand):
+    """The validated operator with the estimator's probe count and distribution."""
 
     def __init__(
         self,
@@ -77,60 +69,19 @@ class _Probe:
         name: str,
         minimum: int = 1,
     ) -> None:
-        shape = getattr(operator, "shape", None)
-        if shape is None or not hasattr(operator, "__matmul__"):
-            raise TypeError(
-                f"{name} needs an operator with `shape` and `@` (a curvkit operator, a tensor, "
-                f"or any such object), got {type(operator).__name__}"
-            )
-        shape = tuple(shape)
-        if len(shape) != 2 or shape[0] != shape[1]:
-            raise ValueError(f"{name} needs a square operator, got shape {shape}")
-        if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int):
-            raise TypeError(f"num_matvecs must be an int, got {num_matvecs!r}")
-        if num_matvecs < minimum:
-            raise ValueError(f"{name} needs num_matvecs >= {minimum}, got {num_matvecs}")
-        if distribution not in _DISTRIBUTIONS:
-            raise ValueError(f"distribution must be 'rademacher' or 'normal', got {distribution!r}")
-        self.operator = operator
-        self.dim = int(shape[0])
-        self.num_matvecs = num_matvecs
-        self.distribution = distribution
-        self.generator = generator
-        self.dtype = dtype or getattr(operator, "dtype", None) or torch.float64
-        self.device = torch.device(device or getattr(operator, "device", None) or "cpu")
-        if generator is not None and generator.device.type != self.device.type:
-            raise ValueError(
-                f"the generator is on {generator.device}, the probes on {self.device}: pass a "
-                f"generator on {self.device.type}"
-            )
+        super().__init__(operator, name, dtype=dtype, device=device)
+        self.num_matvecs = check_int(num_matvecs, "num_matvecs", minimum=minimum)
+        self.distribution = check_distribution(distribution)
+        self.generator = self.check_generator(generator)
 
     def draw(self, num: int) -> Tensor:
         """``num`` probes as the columns of a ``[D, num]`` matrix."""
-        size, options = (self.dim, num), {"dtype": self.dtype, "device": self.device}
-        if self.distribution == "normal":
-            return torch.randn(size, generator=self.generator, **options)
-        signs = torch.randint(0, 2, size, generator=self.generator, **options)
-        return signs.mul_(2).sub_(1)
-
-    def matmul(self, matrix: Tensor) -> Tensor:
-        """``A @ matrix`` for ``matrix`` ``[D, J]``, checked to come back as ``[D, J]``."""
-        result = self.operator @ matrix
-        if not isinstance(result, Tensor) or result.shape != matrix.shape:
-            raise ValueError(
-                f"the operator's product with a [{self.dim}, {matrix.shape[1]}] matrix must be a "
-                f"tensor of that shape, got {getattr(result, 'shape', type(result).__name__)}"
-            )
-        return result
+        return self.random(num, self.distribution, self.generator)
 
     def probe_blocks(self) -> list[int]:
         """Split the ``num_matvecs`` Hutchinson probes into blocks of bounded memory."""
         step = max(1, PROBE_BLOCK_ELEMENTS // max(self.dim, 1))
         return [min(step, self.num_matvecs - s) for s in range(0, self.num_matvecs, step)]
-
-    def dense(self) -> Tensor:
-        """The matrix :math:`A` from :math:`D` products, for ``num_matvecs >= D``."""
-        return self.matmul(torch.eye(self.dim, dtype=self.dtype, device=self.device))
 
 
 def _orthonormal_basis(products: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -172,15 +123,19 @@ def hutchinson_trace(
         num_matvecs: The number :math:`m` of probes (products with :math:`A`).
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: The random number generator of the probes (torch's global one if ``None``).
-        dtype: The probes' dtype if the operator has none (default float64).
-        device: The probes' device if the operator has none (default CPU).
+        dtype: The probes' dtype if the operator has none (default float64); refused if it
+            differs from the operator's own.
+        device: The probes' device if the operator has none (default CPU); refused if it
+            differs from the operator's own.
 
     Returns:
         The estimate, a 0-dimensional tensor.
 
     Raises:
         TypeError, ValueError: For an operator without ``shape`` and ``@``, a non-square one,
-            ``num_matvecs < 1``, or an unknown distribution.
+            one of a dtype that is not floating point, ``num_matvecs < 1``, an unknown
+            distribution, a ``dtype``/``device`` other than the operator's, or products with
+            NaN or infinite entries.
     """
     probe = _Probe(
         operator, num_matvecs, distribution, generator, dtype, device, "hutchinson_trace"
@@ -195,6 +150,11 @@ def hutchinson_trace(
             total = total + (omega * probe.matmul(omega)).sum()
         else:
             total = total + forms(omega).sum()
+    if not all_finite(total):
+        raise ValueError(
+            "hutchinson_trace: the operator's quadratic forms have NaN or infinite entries; "
+            "check the operator (its model, loss and data) for non-finite values"
+        )
     return total / num_matvecs
 
 
@@ -221,8 +181,10 @@ def hutchinson_diag(
         num_matvecs: The number :math:`m` of probes.
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: The random number generator of the probes.
-        dtype: The probes' dtype if the operator has none (default float64).
-        device: The probes' device if the operator has none (default CPU).
+        dtype: The probes' dtype if the operator has none (default float64); refused if it
+            differs from the operator's own.
+        device: The probes' device if the operator has none (default CPU); refused if it
+            differs from the operator's own.
 
     Returns:
         The estimate, shape ``[D]``.
@@ -262,8 +224,10 @@ def hutchinson_squared_frobenius_norm(
         num_matvecs: The number :math:`m` of probes.
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: The random number generator of the probes.
-        dtype: The probes' dtype if the operator has none (default float64).
-        device: The probes' device if the operator has none (default CPU).
+        dtype: The probes' dtype if the operator has none (default float64); refused if it
+            differs from the operator's own.
+        device: The probes' device if the operator has none (default CPU); refused if it
+            differs from the operator's own.
 
     Returns:
         The estimate, a 0-dimensional tensor.
@@ -319,8 +283,10 @@ def hutchpp_trace(
         num_matvecs: The number :math:`m \ge 3` of products with :math:`A`.
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: The random number generator of the probes.
-        dtype: The probes' dtype if the operator has none (default float64).
-        device: The probes' device if the operator has none (default CPU).
+        dtype: The probes' dtype if the operator has none (default float64); refused if it
+            differs from the operator's own.
+        device: The probes' device if the operator has none (default CPU); refused if it
+            differs from the operator's own.
 
     Returns:
         The estimate, a 0-dimensional tensor.
@@ -389,8 +355,10 @@ def xtrace(
             one).
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: The random number generator of the probes.
-        dtype: The probes' dtype if the operator has none (default float64).
-        device: The probes' device if the operator has none (default CPU).
+        dtype: The probes' dtype if the operator has none (default float64); refused if it
+            differs from the operator's own.
+        device: The probes' device if the operator has none (default CPU); refused if it
+            differs from the operator's own.
 
     Returns:
         The estimate, a 0-dimensional tensor.
@@ -453,8 +421,10 @@ def xdiag(
         num_matvecs: The number :math:`m \ge 2` of products with :math:`A`.
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: The random number generator of the probes.
-        dtype: The probes' dtype if the operator has none (default float64).
-        device: The probes' device if the operator has none (default CPU).
+        dtype: The probes' dtype if the operator has none (default float64); refused if it
+            differs from the operator's own.
+        device: The probes' device if the operator has none (default CPU); refused if it
+            differs from the operator's own.
 
     Returns:
         The estimate, shape ``[D]``.

@@ -39,9 +39,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from curvkit.randomized.estimators import MatrixLike
+from curvkit.core.validation import check_int, check_real
+from curvkit.randomized.operand import MatrixLike, Operand, check_distribution
 
 __all__ = ["LanczosEigenpairs", "SpectralDensity", "lanczos_top_eigenpairs", "spectral_density"]
+
+#: Standard deviations of each node's Gaussian that :func:`spectral_density`'s grid holds beyond
+#: the outermost nodes (the mass beyond them is below 1e-9 of the node's weight).
+TAIL_SIGMAS = 6.0
 
 
 class SpectralDensity(NamedTuple):
@@ -67,58 +72,8 @@ class LanczosEigenpairs(NamedTuple):
     num_matvecs: int
 
 
-class _Operator:
-    """The validated operator: dimension, dtype, device, and checked products."""
-
-    def __init__(
-        self,
-        operator: MatrixLike,
-        dtype: torch.dtype | None,
-        device: torch.device | str | None,
-        name: str,
-    ) -> None:
-        shape = getattr(operator, "shape", None)
-        if shape is None or not hasattr(operator, "__matmul__"):
-            raise TypeError(
-                f"{name} needs an operator with `shape` and `@` (a curvkit operator, a tensor, "
-                f"or any such object), got {type(operator).__name__}"
-            )
-        shape = tuple(shape)
-        if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
-            raise ValueError(f"{name} needs a square, non-empty operator, got shape {shape}")
-        self.operator = operator
-        self.dim = int(shape[0])
-        self.dtype = dtype or getattr(operator, "dtype", None) or torch.float64
-        self.device = torch.device(device or getattr(operator, "device", None) or "cpu")
-
-    def matmul(self, matrix: Tensor) -> Tensor:
-        result = self.operator @ matrix
-        if not isinstance(result, Tensor) or result.shape != matrix.shape:
-            raise ValueError(
-                f"the operator's product with a {list(matrix.shape)} matrix must be a tensor of "
-                f"that shape, got {getattr(result, 'shape', type(result).__name__)}"
-            )
-        return result
-
-    def random(self, columns: int, distribution: str, generator: torch.Generator | None) -> Tensor:
-        size, options = (self.dim, columns), {"dtype": self.dtype, "device": self.device}
-        if distribution == "normal":
-            vectors = torch.randn(size, generator=generator, **options)
-        elif distribution == "rademacher":
-            vectors = torch.randint(0, 2, size, generator=generator, **options).mul_(2).sub_(1)
-        else:
-            raise ValueError(f"distribution must be 'rademacher' or 'normal', got {distribution!r}")
-        return vectors / torch.linalg.vector_norm(vectors, dim=0)
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _lanczos_quadrature(
-    op: _Operator, start: Tensor, num_iters: int, reorthogonalize: bool
+    op: Operand, start: Tensor, num_iters: int, reorthogonalize: bool
 ) -> tuple[Tensor, Tensor]:
     r"""Nodes and weights ``[R, K]`` of the Lanczos quadratures of the ``R`` columns of ``start``.
 
@@ -232,40 +187,29 @@ def spectral_density(
             ``[2, D]``, ``kappa <= 1``, negative ``margin``, non-positive ``epsilon``, both
             ``grid`` and ``num_points``, or boundaries with ``lambda_min > lambda_max``.
     """
-    op = _Operator(operator, dtype, device, "spectral_density")
-    _check_positive_int(num_repeats, "num_repeats")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or not 2 <= num_iters:
-        raise ValueError(f"num_iters must be an int >= 2, got {num_iters!r}")
-    if num_iters > op.dim:
-        raise ValueError(
-            f"num_iters={num_iters} exceeds the dimension D={op.dim}: Lanczos spans the whole "
-            f"space after D steps; pass num_iters <= {op.dim}"
-        )
-    kappa = kappa if kappa is not None else (1.04 if log_spectrum else 3.0)
-    if not kappa > 1:
-        raise ValueError(f"kappa must be > 1, got {kappa}")
-    if not margin >= 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    if log_spectrum and not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0 for the log spectrum, got {epsilon}")
-    if grid is not None and num_points is not None:
-        raise ValueError("pass grid or num_points, not both")
-    if grid is not None and (not isinstance(grid, Tensor) or grid.dim() != 1):
-        raise ValueError("grid must be a 1-D tensor of points")
-    if boundaries is not None and not boundaries[0] <= boundaries[1]:
-        raise ValueError(f"boundaries must be (lambda_min, lambda_max), got {boundaries}")
-
-    start = op.random(num_repeats, distribution, generator)
+    op = Operand(operator, "spectral_density", dtype=dtype, device=device)
+    kappa = _checked_kappa(
+        op,
+        num_iters,
+        num_repeats,
+        num_points,
+        grid,
+        kappa,
+        margin,
+        boundaries,
+        log_spectrum,
+        epsilon,
+    )
+    check_distribution(distribution)
+    start = op.random(num_repeats, distribution, op.check_generator(generator), normalized=True)
     nodes, weights = _lanczos_quadrature(op, start, num_iters, reorthogonalize)
     if log_spectrum:
         nodes = nodes.abs()
-    if boundaries is None:
-        # Nodes of exhausted Krylov spaces (weight zero) say nothing about the spectrum.
-        carried = nodes[weights > torch.finfo(weights.dtype).eps]
-        boundaries = (float(carried.min()), float(carried.max()))
-    low, high = boundaries
+    # Nodes of exhausted Krylov spaces (weight zero) say nothing about the spectrum.
+    carried = nodes[weights > torch.finfo(weights.dtype).eps]
+    low, high = boundaries or (float(carried.min()), float(carried.max()))
     if log_spectrum:
-        nodes = torch.log(nodes + epsilon)
+        nodes, carried = torch.log(nodes + epsilon), torch.log(carried + epsilon)
         low, high = math.log(low + epsilon), math.log(high + epsilon)
     width = high - low
     if width == 0:
@@ -273,6 +217,11 @@ def spectral_density(
         width = max(abs(high), 1.0)
     low, high = low - margin * width, high + margin * width
     sigma = (high - low) / ((num_iters - 1) * math.sqrt(8 * math.log(kappa)))
+    # The grid holds every carried node's Gaussian to TAIL_SIGMAS deviations, so that the
+    # density integrates to one over it even where the margin is narrower than the bumps (a
+    # crowded spectrum edge, such as a rank-deficient GGN's zeros).
+    low = min(low, float(carried.min()) - TAIL_SIGMAS * sigma)
+    high = max(high, float(carried.max()) + TAIL_SIGMAS * sigma)
     if grid is None:
         points = torch.linspace(low, high, num_points or 1024, dtype=op.dtype, device=op.device)
         out_grid = points.exp() if log_spectrum else points
@@ -285,6 +234,42 @@ def spectral_density(
     if log_spectrum:
         density = density / out_grid
     return SpectralDensity(out_grid, density)
+
+
+def _checked_kappa(
+    op: Operand,
+    num_iters: int,
+    num_repeats: int,
+    num_points: int | None,
+    grid: Tensor | None,
+    kappa: float | None,
+    margin: float,
+    boundaries: tuple[float, float] | None,
+    log_spectrum: bool,
+    epsilon: float,
+) -> float:
+    """Check :func:`spectral_density`'s options; return ``kappa`` with its default filled in."""
+    check_int(num_repeats, "num_repeats", minimum=1)
+    check_int(num_iters, "num_iters", minimum=2)
+    if num_iters > op.dim:
+        raise ValueError(
+            f"num_iters={num_iters} exceeds the dimension D={op.dim}: Lanczos spans the "
+            f"whole space after D steps; pass num_iters <= {op.dim}"
+        )
+    kappa = kappa if kappa is not None else (1.04 if log_spectrum else 3.0)
+    check_real(kappa, "kappa", minimum=1.0, strict=True)
+    check_real(margin, "margin", minimum=0.0)
+    if log_spectrum:
+        check_real(epsilon, "epsilon", minimum=0.0, strict=True)
+    if grid is not None and num_points is not None:
+        raise ValueError("pass grid or num_points, not both")
+    if num_points is not None:
+        check_int(num_points, "num_points", minimum=2)
+    if grid is not None and (not isinstance(grid, Tensor) or grid.dim() != 1):
+        raise ValueError("grid must be a 1-D tensor of points")
+    if boundaries is not None and not boundaries[0] <= boundaries[1]:
+        raise ValueError(f"boundaries must be (lambda_min, lambda_max), got {boundaries}")
+    return float(kappa)
 
 
 def lanczos_top_eigenpairs(
@@ -334,69 +319,100 @@ def lanczos_top_eigenpairs(
         TypeError, ValueError: For an operator without ``shape`` and ``@``, ``k`` outside
             ``[1, D]``, ``max_iters < k``, or an unknown ``which``.
     """
-    op = _Operator(operator, dtype, device, "lanczos_top_eigenpairs")
-    _check_positive_int(k, "k")
+    op = Operand(operator, "lanczos_top_eigenpairs", dtype=dtype, device=device)
+    check_int(k, "k", minimum=1)
     if k > op.dim:
         raise ValueError(f"k={k} exceeds the dimension D={op.dim}")
     if which not in ("largest", "magnitude"):
         raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}")
     if max_iters is None:
         max_iters = min(op.dim, max(10 * k, 50))
-    _check_positive_int(max_iters, "max_iters")
+    check_int(max_iters, "max_iters", minimum=1)
     if max_iters < k:
         raise ValueError(f"max_iters={max_iters} must be at least k={k}")
-    max_iters = min(max_iters, op.dim)
     eps = torch.finfo(op.dtype).eps
-    tol = math.sqrt(eps) if tol is None else tol
-
-    basis = torch.zeros(max_iters, op.dim, dtype=op.dtype, device=op.device)
-    alphas = torch.zeros(max_iters, dtype=op.dtype, device=op.device)
-    betas = torch.zeros(max_iters, dtype=op.dtype, device=op.device)
-    basis[0] = op.random(1, "normal", generator)[:, 0]
-    steps = 0
-    check_every = max(1, k // 2)
-
-    def ritz(size: int) -> tuple[Tensor, Tensor]:
-        tridiagonal = torch.diag(alphas[:size])
-        if size > 1:
-            tridiagonal = tridiagonal + torch.diag(betas[: size - 1], 1)
-            tridiagonal = tridiagonal + torch.diag(betas[: size - 1], -1)
-        values, vectors = torch.linalg.eigh(tridiagonal)
-        key = values.abs() if which == "magnitude" else values
-        order = key.argsort(descending=True)[:k]
-        return values[order], vectors[:, order]
-
-    while steps < max_iters:
-        work = op.matmul(basis[steps].unsqueeze(1))[:, 0]
-        alphas[steps] = work @ basis[steps]
-        previous = basis[: steps + 1]
-        for _ in range(2):
-            work = work - previous.T @ (previous @ work)
-        steps += 1
-        norm = torch.linalg.vector_norm(work)
-        scale = float(alphas[:steps].abs().max().clamp_min(norm))
-        if steps == max_iters:
-            betas[steps - 1] = norm
-            break
-        if float(norm) <= eps**0.75 * max(scale, eps):
-            # An invariant subspace (to eps^(3/4) of the scale): restart orthogonally; beta = 0
-            # decouples T, and the residuals measured at the end include the dropped coupling.
-            betas[steps - 1] = 0
-            fresh = op.random(1, "normal", generator)[:, 0]
-            for _ in range(2):
-                fresh = fresh - previous.T @ (previous @ fresh)
-            basis[steps] = fresh / torch.linalg.vector_norm(fresh)
-            continue
-        betas[steps - 1] = norm
-        basis[steps] = work / norm
-        if steps >= k and steps % check_every == 0:
-            values, vectors = ritz(steps)
-            bounds = (norm * vectors[-1]).abs()
-            if bool((bounds <= tol * values.abs().max().clamp_min(eps)).all()):
-                break
-
-    values, vectors = ritz(steps)
-    eigenvectors = basis[:steps].T @ vectors
+    tol = math.sqrt(eps) if tol is None else check_real(tol, "tol", minimum=0.0)
+    lanczos = _Lanczos(op, min(max_iters, op.dim), k, which, op.check_generator(generator))
+    steps = lanczos.run(tol)
+    values, vectors = lanczos.ritz(steps)
+    eigenvectors = lanczos.basis[:steps].T @ vectors
     eigenvectors = eigenvectors / torch.linalg.vector_norm(eigenvectors, dim=0)
     residuals = torch.linalg.vector_norm(op.matmul(eigenvectors) - eigenvectors * values, dim=0)
     return LanczosEigenpairs(values, eigenvectors, residuals, steps + k)
+
+
+class _Lanczos:
+    """Fully reorthogonalised Lanczos, restarted on an exhausted Krylov space."""
+
+    def __init__(
+        self,
+        op: Operand,
+        max_iters: int,
+        k: int,
+        which: str,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.op, self.max_iters, self.k, self.which, self.generator = (
+            op,
+            max_iters,
+            k,
+            which,
+            generator,
+        )
+        options = {"dtype": op.dtype, "device": op.device}
+        self.basis = torch.zeros(max_iters, op.dim, **options)
+        self.alphas = torch.zeros(max_iters, **options)
+        self.betas = torch.zeros(max_iters, **options)
+
+    def ritz(self, size: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` wanted Ritz values and their vectors in the basis of the first ``size``."""
+        tridiagonal = torch.diag(self.alphas[:size])
+        if size > 1:
+            tridiagonal = tridiagonal + torch.diag(self.betas[: size - 1], 1)
+            tridiagonal = tridiagonal + torch.diag(self.betas[: size - 1], -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)
+        key = values.abs() if self.which == "magnitude" else values
+        order = key.argsort(descending=True)[: self.k]
+        return values[order], vectors[:, order]
+
+    def _fresh(self, previous: Tensor) -> Tensor:
+        """A random unit vector orthogonal to ``previous``'s rows."""
+        fresh = self.op.random(1, "normal", self.generator, normalized=True)[:, 0]
+        for _ in range(2):
+            fresh = fresh - previous.T @ (previous @ fresh)
+        return fresh / torch.linalg.vector_norm(fresh)
+
+    def run(self, tol: float) -> int:
+        """Grow the basis until the wanted Ritz pairs converge; return the number of steps."""
+        basis, alphas, betas = self.basis, self.alphas, self.betas
+        eps = torch.finfo(self.op.dtype).eps
+        basis[0] = self.op.random(1, "normal", self.generator, normalized=True)[:, 0]
+        check_every = max(1, self.k // 2)
+        steps = 0
+        while steps < self.max_iters:
+            work = self.op.matmul(basis[steps].unsqueeze(1))[:, 0]
+            alphas[steps] = work @ basis[steps]
+            previous = basis[: steps + 1]
+            for _ in range(2):
+                work = work - previous.T @ (previous @ work)
+            steps += 1
+            norm = torch.linalg.vector_norm(work)
+            scale = float(alphas[:steps].abs().max().clamp_min(norm))
+            if steps == self.max_iters:
+                betas[steps - 1] = norm
+                break
+            if float(norm) <= eps**0.75 * max(scale, eps):
+                # An invariant subspace (to eps^(3/4) of the scale): restart orthogonally;
+                # beta = 0 decouples T, and the residuals measured at the end include the
+                # dropped coupling.
+                betas[steps - 1] = 0
+                basis[steps] = self._fresh(previous)
+                continue
+            betas[steps - 1] = norm
+            basis[steps] = work / norm
+            if steps >= self.k and steps % check_every == 0:
+                values, vectors = self.ritz(steps)
+                bounds = (norm * vectors[-1]).abs()
+                if bool((bounds <= tol * values.abs().max().clamp_min(eps)).all()):
+                    break
+        return steps
