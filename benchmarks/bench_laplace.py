@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-child")
     parser.add_argument("--only", choices=["time", "memory"])
+    parser.add_argument("--cases", nargs="*", help="only the timed cases whose name has one")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
@@ -194,6 +195,8 @@ def main() -> None:
     }
     if args.only != "memory":
         for case, build in cases.items():
+            if args.cases and not any(part in case for part in args.cases):
+                continue
             timings = time_round_robin({m: build(m) for m in methods()}, repeats)
             base = timings[methods()[0]]
             for name, seconds in timings.items():
