@@ -148,7 +148,15 @@ def memory_child(method: str) -> None:
                 backend_kwargs={"max_memory": 2**30},
             )
         else:
-            la = make_laplace(method, model, "diag")
+            from curvkit.laplace import Laplace
+
+            la = Laplace(
+                model,
+                "classification",
+                subset_of_weights="all",
+                hessian_structure="diag",
+                max_memory=2**30,
+            )
         la.fit(loader)
         result["fit"] = "ok"
         la(x[:2], pred_type="glm", link_approx="probit")
