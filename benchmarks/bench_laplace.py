@@ -148,7 +148,15 @@ def memory_child(method: str) -> None:
                 backend_kwargs={"max_memory": 2**30},
             )
         else:
-            la = make_laplace(method, model, "diag")
+            from curvkit.laplace import Laplace
+
+            la = Laplace(
+                model,
+                "classification",
+                subset_of_weights="all",
+                hessian_structure="diag",
+                max_memory=2**30,
+            )
         la.fit(loader)
         result["fit"] = "ok"
         la(x[:2], pred_type="glm", link_approx="probit")
@@ -180,6 +188,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-child")
     parser.add_argument("--only", choices=["time", "memory"])
+    parser.add_argument("--cases", nargs="*", help="only the timed cases whose name has one")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
@@ -194,6 +203,8 @@ def main() -> None:
     }
     if args.only != "memory":
         for case, build in cases.items():
+            if args.cases and not any(part in case for part in args.cases):
+                continue
             timings = time_round_robin({m: build(m) for m in methods()}, repeats)
             base = timings[methods()[0]]
             for name, seconds in timings.items():

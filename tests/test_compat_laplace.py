@@ -391,3 +391,42 @@ def test_the_laplace_extra_and_ci_remove_torchvision_after_installing() -> None:
     script = (root / ".ci" / "run").read_text()
     install = script.index('-e ".[test]"')
     assert script.index("python -m pip uninstall -y torchvision") > install
+
+
+class _DictModel(nn.Module):
+    """A model that takes laplace-torch's dict batch as one positional input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.net = model
+
+    def forward(self, data):
+        return self.net(data["features"])
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_dict_batches_give_the_tensor_batches_numbers(structure: str) -> None:
+    x, y = _data("mlp", "classification", 6)
+    samples = [{"features": x[i], "labels": y[i]} for i in range(6)]
+    loader = DataLoader(samples, batch_size=3)
+    la = _fit(
+        _DictModel(_model("mlp")),
+        "classification",
+        structure,
+        "all",
+        CurvkitGGN,
+        loader,
+        dict_key_x="features",
+    )
+    ref = _fit(
+        _model("mlp"),
+        "classification",
+        structure,
+        "all",
+        CurvkitGGN,
+        DataLoader(TensorDataset(x, y), batch_size=3),
+    )
+    _close(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
+    _close(la({"features": x[:2]}, pred_type="glm"), ref(x[:2], pred_type="glm"))
+    with pytest.raises(KeyError):
+        CurvkitGGN(_DictModel(_model("mlp")), "classification").diag(next(iter(loader)), y[:3])

@@ -47,6 +47,18 @@ def _flat(tensors: Iterable[Tensor], leading: int = 0) -> Tensor:
     return torch.cat([t.reshape(*t.shape[:leading], -1) for t in tensors], dim=-1)
 
 
+class _MappingInput(nn.Module):
+    """Calls the wrapped model with its keyword inputs as one dict, as laplace-torch does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> Any:
+        """Return ``model(inputs)``."""
+        return self.model(inputs)
+
+
 class _CurvkitInterface(CurvatureInterface):
     """What the three backends share: the batch, the parameters, the loss and the Jacobians."""
 
@@ -68,10 +80,17 @@ class _CurvkitInterface(CurvatureInterface):
         self.low_rank = low_rank
         self.max_memory = max_memory
 
-    @staticmethod
-    def _batch(x: Inputs, y: Tensor) -> tuple[Any, Tensor]:
-        # laplace-torch calls model(x) with a dict as one positional input.
-        return ((x,), y) if isinstance(x, MutableMapping) else (x, y)
+    def _args(self, x: Inputs, y: Tensor) -> tuple[nn.Module, nn.Module, tuple[Any, Tensor]]:
+        """``(model, loss_fn, (inputs, targets))`` for curvkit's functions on one batch.
+
+        laplace-torch calls ``model(x)`` with a dict batch as one positional input, and reads
+        its inputs under ``dict_key_x`` (a ``KeyError`` where they are not); curvkit takes a
+        dict as keyword inputs, hence the adapter.
+        """
+        if isinstance(x, MutableMapping):
+            x[self.dict_key_x]
+            return _MappingInput(self.model), self.lossfunc, (dict(x), y)
+        return self.model, self.lossfunc, (x, y)
 
     def _loss(self, x: Inputs, y: Tensor) -> Tensor:
         with torch.no_grad():
@@ -86,9 +105,7 @@ class _CurvkitInterface(CurvatureInterface):
     def _dense_subnetwork(self, x: Inputs, y: Tensor) -> Tensor:
         """The GGN's rows and columns at the subnetwork's indices, column by column."""
         indices = self.subnetwork_indices.tolist()
-        columns = curvkit.ggn_columns(
-            self.model, self.lossfunc, self._batch(x, y), params=self.params, indices=indices
-        )
+        columns = curvkit.ggn_columns(*self._args(x, y), params=self.params, indices=indices)
         return torch.stack([column for _, column in columns], dim=1)[indices]
 
     def jacobians(self, x: Inputs, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
@@ -116,8 +133,8 @@ class _CurvkitInterface(CurvatureInterface):
             )
             check_jacobians(outputs, num_params, self.max_memory)
             return super().jacobians(x, enable_backprop=enable_backprop)
-        inputs = (x,) if isinstance(x, MutableMapping) else x
-        return jacobians(self.model, inputs, self.params, self.max_memory)
+        model, _, (inputs, _) = self._args(x, torch.empty(0))
+        return jacobians(model, inputs, self.params, self.max_memory)
 
     def last_layer_jacobians(
         self, x: Inputs, enable_backprop: bool = False
@@ -147,18 +164,14 @@ class _CurvkitInterface(CurvatureInterface):
         Returns:
             ``(Gs, loss)``.
         """
-        grads = curvkit.batch_gradients(
-            self.model, self.lossfunc, self._batch(x, y), params=self.params
-        )
+        grads = curvkit.batch_gradients(*self._args(x, y), params=self.params)
         with torch.no_grad():
             loss = self.lossfunc(self.model(x), y)
         return self._select(_flat(grads, leading=1)), loss
 
     def _kfac(self, x: Inputs, y: Tensor, N: int, fisher_type: str, **kwargs: Any) -> CurvkitKron:
         operator = curvkit.KFACOperator(
-            self.model,
-            self.lossfunc,
-            self._batch(x, y),
+            *self._args(x, y),
             params=self.params,
             fisher_type=fisher_type,
             fallback="block",
@@ -224,26 +237,20 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
 
     def full(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(c * loss, c * G)`` of the batch, ``G`` ``[P, P]`` (sub-matrix for a subnetwork)."""
-        batch = self._batch(x, y)
+        args = self._args(x, y)
         if self.stochastic:
-            operator = curvkit.GGNOperator(
-                self.model, self.lossfunc, batch, params=self.params, mc_samples=self.num_samples
-            )
+            operator = curvkit.GGNOperator(*args, params=self.params, mc_samples=self.num_samples)
             ggn = self._select(self._select(operator.to_dense()).T)
         elif self.subnetwork_indices is not None:
             ggn = self._dense_subnetwork(x, y)
         else:
-            ggn = curvkit.ggn_matrix(
-                self.model, self.lossfunc, batch, params=self.params, max_memory=self.max_memory
-            )
+            ggn = curvkit.ggn_matrix(*args, params=self.params, max_memory=self.max_memory)
         return self._loss(x, y), self.factor * ggn
 
     def diag(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(c * loss, c * diag G)`` of the batch (Monte-Carlo with ``stochastic=True``)."""
         diagonal = curvkit.diag_ggn(
-            self.model,
-            self.lossfunc,
-            self._batch(x, y),
+            *self._args(x, y),
             params=self.params,
             mc_samples=self._mc_samples,
             max_memory=self.max_memory,
@@ -300,7 +307,7 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
         if self.subnetwork_indices is not None:
             grads, _ = self.gradients(x, y)
             return self._loss(x, y), self.factor * grads.square().sum(0)
-        diagonal = curvkit.diag_ef(self.model, self.lossfunc, self._batch(x, y), params=self.params)
+        diagonal = curvkit.diag_ef(*self._args(x, y), params=self.params)
         return self._loss(x, y), self.factor * _flat(diagonal)
 
     def kron(self, x: Inputs, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, CurvkitKron]:
@@ -314,15 +321,11 @@ class CurvkitHessian(_CurvkitInterface):
 
     def full(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(c * loss, c * H)`` of the batch."""
-        hessian = curvkit.hessian_matrix(
-            self.model, self.lossfunc, self._batch(x, y), params=self.params
-        )
+        hessian = curvkit.hessian_matrix(*self._args(x, y), params=self.params)
         hessian = self._select(self._select(hessian).T)
         return self._loss(x, y), self.factor * hessian
 
     def diag(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(c * loss, c * diag H)`` of the batch."""
-        diagonal = curvkit.diag_hessian(
-            self.model, self.lossfunc, self._batch(x, y), params=self.params
-        )
+        diagonal = curvkit.diag_hessian(*self._args(x, y), params=self.params)
         return self._loss(x, y), self.factor * self._select(_flat(diagonal))

@@ -11,7 +11,8 @@ computes them with curvkit's engine: the identity pushed back as square-root col
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +71,7 @@ class _IdentityColumns:
 
 def jacobians(
     model: nn.Module,
-    inputs: Tensor | tuple,
+    inputs: Tensor | tuple | Mapping[str, Any],
     params: Sequence[Tensor],
     max_memory: int | None,
 ) -> tuple[Tensor, Tensor]:
@@ -78,7 +79,7 @@ def jacobians(
 
     Args:
         model: The model; its outputs must be ``[B, C]``.
-        inputs: Its input tensor, or a tuple of positional inputs.
+        inputs: Its input tensor, a tuple of positional inputs or a dict of keyword inputs.
         params: The parameters, in the order of the Jacobians' last axis.
         max_memory: The budget in bytes (``None``: curvkit's default).
 
@@ -89,9 +90,14 @@ def jacobians(
         ValueError: If the outputs are not ``[B, C]``.
         MemoryPlanError: If the Jacobians do not fit the budget (:func:`check_jacobians`).
     """
-    positional = inputs if isinstance(inputs, tuple) else (inputs,)
-    with torch.no_grad():
-        outputs = model(*positional)
+    if isinstance(inputs, Mapping):
+        engine_inputs: Any = dict(inputs)
+        with torch.no_grad():
+            outputs = model(**inputs)
+    else:
+        engine_inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        with torch.no_grad():
+            outputs = model(*engine_inputs)
     if not isinstance(outputs, Tensor) or outputs.dim() != 2:
         raise ValueError(
             "laplace-torch's Jacobians need outputs of shape [batch, outputs], got "
@@ -103,7 +109,7 @@ def jacobians(
     js = outputs.new_empty(outputs.shape[1], outputs.shape[0], num_params)
     chunks = iter_factors(
         model,
-        positional,
+        engine_inputs,
         list(params),
         lambda _: _IdentityColumns(outputs),
         column_chunk_size=lambda k, b: plan.column_chunk_size(k, b, outputs.device, whole=False),
