@@ -31,3 +31,5 @@ def test_readme_quick_start_is_two_commands():
     assert len(commands) == 2
     assert "curvkit demo" in commands[0]
     assert "pytest" in commands[1]
+    # The peers pull a torchvision that breaks `import laplace` beside the CPU torch (.ci/run too).
+    assert "pip uninstall -y torchvision" in commands[1]
